@@ -1,0 +1,37 @@
+# vmctl: everything a developer or CI needs, from a fresh clone.
+#   make run    set up .venv and start the agent on /run/vmctl/agent.sock (root)
+#   make test   lint, then the whole suite (root: it reads other processes and sets up zram swap)
+#   make proto  regenerate the Python stubs from proto/
+#   make bench  (see bench/README.md)
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+AGENT_ARGS  ?=
+
+.PHONY: setup run test lint proto clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard src/vmctl_server/csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/vmctl-agent $(AGENT_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests scripts
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+proto: $(STAMP)
+	$(PY) scripts/gen_proto.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info src/vmctl_server/_native*.so .pytest_cache .hypothesis
