@@ -1,0 +1,284 @@
+"""AdviseRanges without gRPC: validate, check the cookie, split, advise.
+
+Order matters. Everything that can be checked without the process (fields,
+alignment, overlap) is checked first; then the cookie's signature, then the
+process's identity through a pidfd, then the live layout against the
+cookie's digest, then every range against that layout. Only when all of it
+passes does the first process_madvise call run, so an invalid request changes
+nothing. The re-read and the calls are not one atomic step (the kernel offers
+none): a mapping can change in the few microseconds between them. The pidfd
+at least guarantees the calls reach the process that was checked, or none.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import itertools
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from vmctl_server import procfs, syscalls
+from vmctl_server.cookie import CookieSigner
+from vmctl_server.errors import (
+    AccessDenied,
+    CookieInvalid,
+    CookieRequired,
+    InvalidRequest,
+    KernelUnsupported,
+    LayoutChanged,
+    ProcessChanged,
+    ProcessGone,
+)
+from vmctl_server.layout import KIND_ANONYMOUS, KIND_FILE, Layout, layout_digest
+from vmctl_server.snapshot import SnapshotReader, check_pid, read_identity
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+# Values of vmctl.v1.Advice, by name, with the madvise(2) number each means.
+ADVICES = {
+    "cold": (1, syscalls.MADV_COLD),
+    "pageout": (2, syscalls.MADV_PAGEOUT),
+    "willneed": (3, syscalls.MADV_WILLNEED),
+    "collapse": (4, syscalls.MADV_COLLAPSE),
+}
+ADVICE_BY_NUMBER = {number: name for name, (number, _madv) in ADVICES.items()}
+
+# Values of vmctl.v1.Filter: which VMA kinds each admits.
+FILTER_NONE = 0
+FILTER_ANONYMOUS = 1
+FILTER_FILE = 2
+FILTER_KINDS = {
+    FILTER_NONE: (KIND_ANONYMOUS, KIND_FILE),
+    FILTER_ANONYMOUS: (KIND_ANONYMOUS,),
+    FILTER_FILE: (KIND_FILE,),
+}
+
+DEFAULT_MAX_RANGES = 1 << 18  # above vm.max_map_count, so "every VMA" always fits
+
+
+@dataclass(frozen=True)
+class AdviceRequest:
+    pid: int
+    ranges: Sequence[tuple[int, int]]
+    advice: int  # vmctl.v1.Advice value
+    cookie: bytes = b""
+    filter: int = FILTER_NONE
+    dry_run: bool = False
+
+
+@dataclass
+class RangeOutcome:
+    start: int
+    end: int
+    advised_bytes: int = 0
+    skipped_bytes: int = 0
+    errno: int = 0
+
+    @property
+    def error(self) -> str:
+        return errno_mod.errorcode.get(self.errno, str(self.errno)) if self.errno else ""
+
+
+@dataclass
+class AdviceResult:
+    pid: int
+    start_time: int
+    comm: str
+    requested_bytes: int
+    advised_bytes: int
+    syscalls: int
+    dry_run: bool
+    ranges: list[RangeOutcome] = field(default_factory=list)
+
+
+@dataclass
+class RangePlan:
+    """One requested range split into the per-VMA segments to advise."""
+
+    outcome: RangeOutcome
+    segments: list[tuple[int, int]]
+
+
+def check_ranges(ranges: Sequence[tuple[int, int]], max_ranges: int) -> None:
+    """Everything about the ranges that needs no process: count, alignment,
+    emptiness, wrap-around, overlap."""
+    if not ranges:
+        raise InvalidRequest("no ranges given", reason="NO_RANGES", field="ranges")
+    if len(ranges) > max_ranges:
+        raise InvalidRequest(
+            f"{len(ranges)} ranges exceed the limit of {max_ranges}", reason="TOO_MANY_RANGES", field="ranges"
+        )
+    mask = PAGE_SIZE - 1
+    for i, (start, end) in enumerate(ranges):
+        where = {"field": f"ranges[{i}]", "range": f"0x{start:x}-0x{end:x}"}
+        if start & mask or end & mask:
+            raise InvalidRequest(
+                f"range {i} (0x{start:x}-0x{end:x}) is not page aligned ({PAGE_SIZE} bytes)",
+                reason="RANGE_UNALIGNED",
+                **where,
+            )
+        if end == start:
+            raise InvalidRequest(f"range {i} at 0x{start:x} is empty", reason="RANGE_EMPTY", **where)
+        if end < start:
+            raise InvalidRequest(
+                f"range {i} ends (0x{end:x}) before it starts (0x{start:x})", reason="RANGE_WRAPS", **where
+            )
+    order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
+    for before, after in itertools.pairwise(order):
+        if ranges[after][0] < ranges[before][1]:
+            raise InvalidRequest(
+                f"ranges {before} and {after} overlap", reason="RANGE_OVERLAP", field=f"ranges[{after}]"
+            )
+
+
+def plan_ranges(layout: Layout, ranges: Sequence[tuple[int, int]], filter_: int) -> list[RangePlan]:
+    """Split each range at VMA boundaries; keep the parts the filter admits.
+
+    A range must lie wholly inside mapped memory: a hole means the caller's
+    picture of the process is wrong, and advising "around" it would hide that.
+    Kernel-provided SPECIAL mappings are never advised; their bytes count as
+    skipped, like those the filter leaves out.
+    """
+    admitted = FILTER_KINDS[filter_]
+    plans = []
+    for i, (start, end) in enumerate(ranges):
+        outcome = RangeOutcome(start, end)
+        segments: list[tuple[int, int]] = []
+        cursor = start
+        v = layout.first_at_or_after(start)
+        while cursor < end:
+            if v >= len(layout) or layout.starts[v] > cursor:
+                raise InvalidRequest(
+                    f"range {i} (0x{start:x}-0x{end:x}) is not inside mapped memory: nothing is mapped at 0x{cursor:x}",
+                    reason="RANGE_UNMAPPED",
+                    field=f"ranges[{i}]",
+                    range=f"0x{start:x}-0x{end:x}",
+                    address=f"0x{cursor:x}",
+                )
+            piece_end = min(end, layout.ends[v])
+            if layout.kinds[v] in admitted:
+                segments.append((cursor, piece_end))
+            else:
+                outcome.skipped_bytes += piece_end - cursor
+            cursor = piece_end
+            v += 1
+        plans.append(RangePlan(outcome, segments))
+    return plans
+
+
+def split_for_calls(segments: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Cut segments larger than one process_madvise call may carry."""
+    pieces = []
+    for start, end in segments:
+        while end - start > syscalls.MAX_RW_COUNT:
+            pieces.append((start, start + syscalls.MAX_RW_COUNT))
+            start += syscalls.MAX_RW_COUNT
+        pieces.append((start, end))
+    return pieces
+
+
+AdviseLoop = Callable[[int, list[tuple[int, int]], int], syscalls.AdviseOutcome]
+
+
+class Advisor:
+    def __init__(
+        self,
+        signer: CookieSigner,
+        reader: SnapshotReader,
+        advise_loop: AdviseLoop,
+        supported_advices: frozenset[int],
+        require_cookie: bool = True,
+        max_ranges: int = DEFAULT_MAX_RANGES,
+    ) -> None:
+        self.signer = signer
+        self.reader = reader
+        self.advise_loop = advise_loop
+        self.supported_advices = supported_advices
+        self.require_cookie = require_cookie
+        self.max_ranges = max_ranges
+
+    def advise(self, request: AdviceRequest) -> AdviceResult:
+        check_pid(request.pid)
+        if request.advice not in ADVICE_BY_NUMBER:
+            raise InvalidRequest(f"unknown advice {request.advice}", reason="UNKNOWN_ADVICE", field="advice")
+        if request.filter not in FILTER_KINDS:
+            raise InvalidRequest(f"unknown filter {request.filter}", reason="UNKNOWN_FILTER", field="filter")
+        check_ranges(request.ranges, self.max_ranges)
+        name = ADVICE_BY_NUMBER[request.advice]
+        if request.advice not in self.supported_advices:
+            raise KernelUnsupported(f"this kernel does not accept {name} advice for another process", advice=name)
+        claims = None
+        if request.cookie:
+            claims = self.signer.verify(request.cookie)
+            if claims.boot_id != procfs.boot_id_bytes():
+                raise CookieInvalid("cookie was issued on another host or before a reboot", field="cookie")
+            if claims.pid != request.pid:
+                raise CookieInvalid(
+                    f"cookie is for pid {claims.pid}, not {request.pid}", field="cookie", cookie_pid=claims.pid
+                )
+        elif self.require_cookie:
+            raise CookieRequired("a cookie from GetVmaInfo is required: read the layout first", field="cookie")
+
+        pidfd = syscalls.pidfd_open(request.pid)
+        try:
+            identity = read_identity(request.pid)
+            if claims is not None:
+                if identity.start_time != claims.start_time:
+                    raise ProcessChanged(
+                        f"pid {request.pid} is now another process (started at tick {identity.start_time},"
+                        f" the cookie's at {claims.start_time})",
+                        pid=request.pid,
+                    )
+                if identity.exec_id != claims.exec_id:
+                    raise ProcessChanged(
+                        f"process {request.pid} has exec'd since the cookie was issued", pid=request.pid
+                    )
+            records = self.reader.read_layout(request.pid)
+            if claims is not None and layout_digest(records) != claims.layout_digest:
+                raise LayoutChanged(
+                    f"the address space of process {request.pid} changed since the cookie was issued; read it again",
+                    pid=request.pid,
+                )
+            plans = plan_ranges(Layout.from_records(records), request.ranges, request.filter)
+            result = AdviceResult(
+                pid=request.pid,
+                start_time=identity.start_time,
+                comm=identity.comm,
+                requested_bytes=sum(end - start for start, end in request.ranges),
+                advised_bytes=0,
+                syscalls=0,
+                dry_run=request.dry_run,
+                ranges=[plan.outcome for plan in plans],
+            )
+            if request.dry_run:
+                for plan in plans:
+                    plan.outcome.advised_bytes = sum(end - start for start, end in plan.segments)
+            else:
+                self._apply(pidfd, plans, ADVICES[name][1], result)
+            result.advised_bytes = sum(r.advised_bytes for r in result.ranges)
+            return result
+        finally:
+            os.close(pidfd)
+
+    def _apply(self, pidfd: int, plans: list[RangePlan], madv: int, result: AdviceResult) -> None:
+        owners: list[RangeOutcome] = []
+        iovecs: list[tuple[int, int]] = []
+        for plan in plans:
+            pieces = split_for_calls(plan.segments)
+            iovecs += pieces
+            owners += [plan.outcome] * len(pieces)
+        if not iovecs:
+            return
+        outcome = self.advise_loop(pidfd, iovecs, madv)
+        result.syscalls = outcome.syscalls
+        for owner, advised, err in zip(owners, outcome.advised, outcome.errors, strict=True):
+            owner.advised_bytes += advised
+            if err and not owner.errno:
+                owner.errno = err
+        if not any(outcome.advised):
+            first = next((e for e in outcome.errors if e), 0)
+            if first == errno_mod.ESRCH:
+                raise ProcessGone(f"process {result.pid} exited before it could be advised", pid=result.pid)
+            if first == errno_mod.EPERM:
+                raise AccessDenied("the kernel refused process_madvise: the agent needs CAP_SYS_NICE and ptrace access")

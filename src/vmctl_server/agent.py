@@ -1,0 +1,242 @@
+"""vmctl-agent: the entry point that wires the core to a gRPC server."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from vmctl_client.proto import vmctl_pb2 as pb
+from vmctl_server import __version__, capabilities, syscalls
+from vmctl_server.advice import DEFAULT_MAX_RANGES, AdviseLoop, Advisor
+from vmctl_server.cookie import CookieSigner
+from vmctl_server.service import SERVICE_NAME, VmControlService, rpc_handler
+from vmctl_server.snapshot import SnapshotReader, SourceSupport, table_backend
+
+log = logging.getLogger("vmctl.agent")
+DEFAULT_LISTEN = "unix:///run/vmctl/agent.sock"
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    text: str  # as given
+    grpc_target: str  # as grpc.Server.add_*_port wants it
+    unix_path: str | None
+
+
+def parse_listen(text: str) -> ListenAddress:
+    if text.startswith("unix://"):
+        path = text[len("unix://") :]
+        if not path.startswith("/"):
+            raise argparse.ArgumentTypeError(f"{text}: a unix socket needs an absolute path (unix:///run/x.sock)")
+        return ListenAddress(text, f"unix://{path}", path)
+    if text.startswith("tcp://"):
+        host_port = text[len("tcp://") :]
+        host, sep, port = host_port.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise argparse.ArgumentTypeError(f"{text}: expected tcp://HOST:PORT")
+        return ListenAddress(text, host_port, None)
+    raise argparse.ArgumentTypeError(f"{text}: expected unix:///PATH or tcp://HOST:PORT")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmctl-agent",
+        description="Node agent: serves vmctl.v1.VmControl (GetVmaInfo, AdviseRanges, ListProcesses, GetNodeInfo)"
+        " plus gRPC health and reflection. Needs root, or CAP_SYS_PTRACE and CAP_SYS_NICE.",
+    )
+    parser.add_argument(
+        "--listen",
+        action="append",
+        type=parse_listen,
+        metavar="ADDR",
+        help=f"unix:///PATH or tcp://HOST:PORT; repeat for several (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--cookie-key-file",
+        metavar="PATH",
+        help="HMAC key for cookies; created (mode 0600) if absent. Keeps cookies valid across restarts"
+        " (default: a random key per run)",
+    )
+    parser.add_argument("--tls-cert", metavar="PEM", help="server certificate for tcp:// listeners")
+    parser.add_argument("--tls-key", metavar="PEM", help="server private key for tcp:// listeners")
+    parser.add_argument("--client-ca", metavar="PEM", help="CA that signs client certificates (mutual TLS)")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow tcp:// without TLS (anyone who reaches the port can advise any process)",
+    )
+    parser.add_argument("--no-native", action="store_true", help="use the pure-Python parsers and loops")
+    parser.add_argument("--workers", type=int, default=8, help="concurrent calls served (default 8)")
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help=f"largest request accepted (default {DEFAULT_MAX_MESSAGE_BYTES})",
+    )
+    parser.add_argument(
+        "--max-ranges",
+        type=int,
+        default=DEFAULT_MAX_RANGES,
+        help=f"ranges per AdviseRanges (default {DEFAULT_MAX_RANGES})",
+    )
+    parser.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=f"vmctl-agent {__version__}")
+    return parser
+
+
+def _claim_unix_path(path: str) -> None:
+    """Create the socket's directory, and refuse to steal a live agent's socket.
+
+    gRPC unlinks whatever is at the path before binding, which would silently
+    orphan a running agent; a stale socket (nobody accepting) is fine to replace.
+    """
+    os.makedirs(os.path.dirname(path) or "/", mode=0o755, exist_ok=True)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise SystemExit(f"vmctl-agent: {path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # stale: left by an agent that did not shut down
+    else:
+        raise SystemExit(f"vmctl-agent: another agent is already serving {path}")
+    finally:
+        probe.close()
+
+
+def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials:
+    with open(args.tls_key, "rb") as f:
+        key = f.read()
+    with open(args.tls_cert, "rb") as f:
+        cert = f.read()
+    client_ca = None
+    if args.client_ca:
+        with open(args.client_ca, "rb") as f:
+            client_ca = f.read()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca))
+
+
+def _check_tls_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.client_ca and not args.tls_cert:
+        parser.error("--client-ca needs --tls-cert and --tls-key")
+    has_tcp = any(a.unix_path is None for a in args.listen)
+    if has_tcp and not args.tls_cert and not args.insecure:
+        parser.error("tcp:// listeners need --tls-cert and --tls-key (or --insecure, for a trusted test network only)")
+
+
+def _select_backend(no_native: bool) -> tuple[object, AdviseLoop]:
+    if not no_native:
+        try:
+            from vmctl_server import nativetable
+
+            return table_backend(native=True), nativetable.advise_segments
+        except ImportError as exc:
+            log.warning("native extension unavailable, using the pure-Python paths: %s", exc)
+    return table_backend(native=False), syscalls.advise_segments
+
+
+def build_server(args: argparse.Namespace) -> tuple[grpc.Server, health.HealthServicer]:
+    signer = (
+        CookieSigner.from_key_file(args.cookie_key_file) if args.cookie_key_file else CookieSigner.with_random_key()
+    )
+    caps = capabilities.probe()
+    if not caps.advice_permitted:
+        log.warning("remote advice will fail: %s", "; ".join(f"{k}: {v}" for k, v in caps.probe_errors.items()))
+    backend, advise_loop = _select_backend(args.no_native)
+    reader = SnapshotReader(backend, SourceSupport(pagemap_scan=caps.pagemap_scan, procmap_query=caps.procmap_query))
+    advisor = Advisor(signer, reader, advise_loop, caps.advices, max_ranges=args.max_ranges)
+    service = VmControlService(reader, advisor, signer, caps)
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="vmctl-rpc"),
+        options=[
+            ("grpc.max_receive_message_length", args.max_message_bytes),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),  # a second agent on the same port must fail, not share it
+        ],
+    )
+    server.add_generic_rpc_handlers((rpc_handler(service),))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["VmControl"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server,
+    )
+    for address in args.listen:
+        try:
+            if address.unix_path is not None:
+                _claim_unix_path(address.unix_path)
+                old_umask = os.umask(0o177)  # the socket is born 0600: only root may talk to the agent
+                try:
+                    server.add_insecure_port(address.grpc_target)
+                finally:
+                    os.umask(old_umask)
+                os.chmod(address.unix_path, 0o600)
+            elif args.tls_cert:
+                server.add_secure_port(address.grpc_target, _server_credentials(args))
+            else:
+                log.warning("SERVING PLAINTEXT on %s (--insecure): no authentication, no encryption", address.text)
+                server.add_insecure_port(address.grpc_target)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {address.text}: {exc}") from exc
+    return server, health_servicer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.listen = args.listen or [parse_listen(DEFAULT_LISTEN)]
+    _check_tls_args(parser, args)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        server, health_servicer = build_server(args)
+    except (OSError, ValueError) as exc:
+        print(f"vmctl-agent: {exc}", file=sys.stderr)
+        return 1
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+
+    server.start()
+    for name in (SERVICE_NAME, ""):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("vmctl-agent %s serving on %s", __version__, ", ".join(a.text for a in args.listen))
+
+    stop.wait()
+    log.info("shutting down: letting in-flight calls finish (up to %.0fs)", args.shutdown_grace)
+    health_servicer.enter_graceful_shutdown()
+    server.stop(args.shutdown_grace).wait()
+    for address in args.listen:
+        if address.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(address.unix_path)
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""What can go wrong, as plain exceptions the core raises.
+
+The core (procfs, snapshot, cookie, advice) knows nothing of gRPC: it raises
+these, and ``status.py`` alone turns them into status codes. Each carries a
+machine-readable ``reason`` and metadata naming the field or range at fault.
+"""
+
+from __future__ import annotations
+
+
+class VmctlFault(Exception):
+    """Base class: a request the agent refuses, with a reason and details."""
+
+    reason = "INTERNAL"
+
+    def __init__(self, message: str, *, reason: str | None = None, **metadata: object) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = {key: str(value) for key, value in metadata.items()}
+
+
+class InvalidRequest(VmctlFault):
+    """A malformed field: the request can never succeed as sent."""
+
+    reason = "INVALID_ARGUMENT"
+
+
+class CookieInvalid(VmctlFault):
+    """The cookie is not one this agent issued for this process, or was edited."""
+
+    reason = "COOKIE_INVALID"
+
+
+class CookieRequired(VmctlFault):
+    """AdviseRanges without a cookie while the agent requires one."""
+
+    reason = "COOKIE_REQUIRED"
+
+
+class LayoutChanged(VmctlFault):
+    """The address space no longer has the layout the cookie names."""
+
+    reason = "LAYOUT_CHANGED"
+
+
+class ProcessGone(VmctlFault):
+    """No such process, or it exited (a zombie included)."""
+
+    reason = "PROCESS_GONE"
+
+
+class ProcessChanged(VmctlFault):
+    """The pid now names another process (reused), or the process exec'd."""
+
+    reason = "PROCESS_CHANGED"
+
+
+class NoAddressSpace(VmctlFault):
+    """A kernel thread: there is no user address space to read or advise."""
+
+    reason = "NO_ADDRESS_SPACE"
+
+
+class AccessDenied(VmctlFault):
+    """The kernel refused the agent (missing capability or ptrace access)."""
+
+    reason = "ACCESS_DENIED"
+
+
+class KernelUnsupported(VmctlFault):
+    """This kernel lacks the syscall, ioctl or advice asked for."""
+
+    reason = "KERNEL_UNSUPPORTED"

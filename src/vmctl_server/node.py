@@ -1,0 +1,106 @@
+"""ListProcesses and GetNodeInfo as plain values, from cheap sources only."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from vmctl_server import __version__, procfs
+from vmctl_server.capabilities import Capabilities
+from vmctl_server.errors import AccessDenied, ProcessGone
+
+# The last cgroup path component of a container carries its 64-hex id:
+# docker/<id>, docker-<id>.scope, cri-containerd-<id>.scope, crio-<id>.scope,
+# libpod-<id>.scope, or a bare <id> under kubepods (cgroupfs driver).
+_CONTAINER_ID = re.compile(r"(?:^|[-/])([0-9a-f]{64})(?:\.scope)?$")
+
+
+def container_id(cgroup_path: str) -> str:
+    match = _CONTAINER_ID.search(cgroup_path)
+    return match.group(1) if match else ""
+
+
+@dataclass(frozen=True)
+class ProcessSummary:
+    pid: int
+    start_time: int
+    comm: str
+    cgroup: str
+    container_id: str
+    rss_bytes: int
+    swap_bytes: int
+    vma_count: int
+    uid: int
+    ppid: int
+
+
+def _summarize(pid: int, cgroup_prefix: str) -> ProcessSummary | None:
+    cgroup = procfs.read_cgroup_v2(pid)
+    if not cgroup.startswith(cgroup_prefix):
+        return None
+    stat = procfs.read_stat(pid)
+    if stat.is_kernel_thread or stat.is_zombie:
+        return None
+    status = procfs.read_status(pid)
+    return ProcessSummary(
+        pid=pid,
+        start_time=stat.start_time,
+        comm=stat.comm,
+        cgroup=cgroup,
+        container_id=container_id(cgroup),
+        rss_bytes=status.rss_bytes,
+        swap_bytes=status.swap_bytes,
+        vma_count=procfs.count_vmas(pid),
+        uid=status.uid,
+        ppid=stat.ppid,
+    )
+
+
+def list_processes(cgroup_prefix: str = "") -> list[ProcessSummary]:
+    """User processes (no kernel threads, no zombies) whose cgroup v2 path
+    starts with ``cgroup_prefix``. Processes that exit mid-read are left out."""
+    summaries = []
+    for pid in procfs.list_pids():
+        try:
+            summary = _summarize(pid, cgroup_prefix)
+        except (ProcessGone, AccessDenied):
+            continue
+        if summary is not None:
+            summaries.append(summary)
+    return summaries
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    hostname: str
+    kernel: str
+    machine: str
+    boot_id: str
+    mem_total_bytes: int
+    mem_available_bytes: int
+    swap_total_bytes: int
+    swap_free_bytes: int
+    memory_pressure: dict[str, dict[str, float]] | None
+    capabilities: Capabilities
+    agent_version: str
+    page_size: int
+
+
+def node_info(capabilities: Capabilities) -> NodeInfo:
+    uname = os.uname()
+    meminfo = procfs.read_meminfo()
+    return NodeInfo(
+        hostname=uname.nodename,
+        kernel=uname.release,
+        machine=uname.machine,
+        boot_id=procfs.boot_id(),
+        mem_total_bytes=meminfo.get("MemTotal", 0),
+        mem_available_bytes=meminfo.get("MemAvailable", 0),
+        swap_total_bytes=meminfo.get("SwapTotal", 0),
+        swap_free_bytes=meminfo.get("SwapFree", 0),
+        memory_pressure=procfs.read_memory_pressure(),
+        capabilities=capabilities,
+        agent_version=__version__,
+        page_size=os.sysconf("SC_PAGE_SIZE"),
+    )

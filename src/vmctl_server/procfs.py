@@ -1,0 +1,205 @@
+"""The one module that reads /proc.
+
+Every read expects the process to vanish mid-way (psutil's ``_pslinux.py``
+lesson): ``ENOENT``/``ESRCH`` become :class:`ProcessGone`, ``EACCES``/``EPERM``
+become :class:`AccessDenied`. Values come back as plain Python types.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+
+from vmctl_server.errors import AccessDenied, NoAddressSpace, ProcessGone
+
+PROC = "/proc"
+PF_KTHREAD = 0x00200000  # include/linux/sched.h: the task is a kernel thread
+AT_RANDOM = 25  # auxv key: address of 16 random bytes the kernel puts on a new stack
+_AUXV_PAIR = struct.Struct("=QQ")
+
+
+def _gone_or_denied(pid: int, exc: OSError) -> Exception:
+    if exc.errno in (errno.ENOENT, errno.ESRCH):
+        return ProcessGone(f"process {pid} does not exist", pid=pid)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return AccessDenied(f"the agent may not read /proc/{pid}: {exc.strerror}", pid=pid)
+    return exc
+
+
+def read_bytes(pid: int, name: str) -> bytes:
+    """The whole of /proc/PID/NAME, or ProcessGone / AccessDenied."""
+    try:
+        with open(f"{PROC}/{pid}/{name}", "rb", buffering=0) as f:
+            return f.read()
+    except OSError as exc:
+        raise _gone_or_denied(pid, exc) from exc
+
+
+def open_fd(pid: int, name: str, flags: int = os.O_RDONLY) -> int:
+    """An fd on /proc/PID/NAME (for the ioctls), or ProcessGone / AccessDenied."""
+    try:
+        return os.open(f"{PROC}/{pid}/{name}", flags | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _gone_or_denied(pid, exc) from exc
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    flags: int
+    start_time: int  # clock ticks since boot
+
+    @property
+    def is_kernel_thread(self) -> bool:
+        return bool(self.flags & PF_KTHREAD)
+
+    @property
+    def is_zombie(self) -> bool:
+        return self.state in ("Z", "X", "x")
+
+
+def parse_stat(pid: int, data: bytes) -> ProcStat:
+    # comm may hold spaces and ')' itself; it ends at the last ')'.
+    open_paren = data.index(b"(")
+    close_paren = data.rindex(b")")
+    comm = data[open_paren + 1 : close_paren].decode("utf-8", "backslashreplace")
+    fields = data[close_paren + 2 :].split()
+    # fields[0] is field 3 (state) of proc(5).
+    return ProcStat(
+        pid=pid,
+        comm=comm,
+        state=fields[0].decode(),
+        ppid=int(fields[1]),
+        flags=int(fields[6]),
+        start_time=int(fields[19]),
+    )
+
+
+def read_stat(pid: int) -> ProcStat:
+    data = read_bytes(pid, "stat")
+    if not data:
+        raise ProcessGone(f"process {pid} does not exist", pid=pid)
+    return parse_stat(pid, data)
+
+
+def require_user_process(stat: ProcStat) -> None:
+    """Refuse kernel threads and zombies: neither has a user address space."""
+    if stat.is_kernel_thread:
+        raise NoAddressSpace(
+            f"pid {stat.pid} ({stat.comm}) is a kernel thread and has no user address space",
+            pid=stat.pid,
+        )
+    if stat.is_zombie:
+        raise ProcessGone(f"process {stat.pid} ({stat.comm}) has exited (zombie)", pid=stat.pid)
+
+
+def exec_id(pid: int) -> bytes:
+    """16 bytes that change whenever the process execs.
+
+    The start time survives exec, so it cannot tell an exec'd process from the
+    one the cookie named. The auxiliary vector is written afresh by every exec
+    (with ASLR its addresses differ each time), and AT_RANDOM points at 16
+    bytes the kernel draws from its RNG for each new image, so even without
+    ASLR two images of the same program differ.
+    """
+    auxv = read_bytes(pid, "auxv")
+    if not auxv:
+        raise ProcessGone(f"process {pid} has no address space any more", pid=pid)
+    digest = hashlib.sha256(auxv)
+    random_addr = next(
+        (value for key, value in _AUXV_PAIR.iter_unpack(auxv[: len(auxv) // 16 * 16]) if key == AT_RANDOM),
+        None,
+    )
+    if random_addr is not None:
+        try:
+            fd = os.open(f"{PROC}/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _gone_or_denied(pid, exc) from exc
+        try:
+            digest.update(os.pread(fd, 16, random_addr))
+        except OSError:
+            pass  # unreadable (the process is exiting): the auxv alone still differs per exec under ASLR
+        finally:
+            os.close(fd)
+    return digest.digest()[:16]
+
+
+@functools.cache
+def boot_id() -> str:
+    with open(f"{PROC}/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def boot_id_bytes() -> bytes:
+    return bytes.fromhex(boot_id().replace("-", ""))
+
+
+def list_pids() -> list[int]:
+    return sorted(int(name) for name in os.listdir(PROC) if name.isdigit())
+
+
+def read_cgroup_v2(pid: int) -> str:
+    """The cgroup v2 path (the ``0::`` line), or "" if the process has none."""
+    for line in read_bytes(pid, "cgroup").decode("utf-8", "backslashreplace").splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return ""
+
+
+@dataclass(frozen=True)
+class ProcStatus:
+    uid: int
+    rss_bytes: int
+    swap_bytes: int
+
+
+def read_status(pid: int) -> ProcStatus:
+    uid = rss_kb = swap_kb = 0
+    for line in read_bytes(pid, "status").splitlines():
+        key, _, value = line.partition(b":")
+        if key == b"Uid":
+            uid = int(value.split()[0])
+        elif key == b"VmRSS":
+            rss_kb = int(value.split()[0])
+        elif key == b"VmSwap":
+            swap_kb = int(value.split()[0])
+    return ProcStatus(uid=uid, rss_bytes=rss_kb * 1024, swap_bytes=swap_kb * 1024)
+
+
+def count_vmas(pid: int) -> int:
+    """VMA count from /proc/PID/maps: no page-table walk, one line per VMA."""
+    return read_bytes(pid, "maps").count(b"\n")
+
+
+def read_meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes, by key."""
+    values: dict[str, int] = {}
+    with open(f"{PROC}/meminfo", "rb") as f:
+        for line in f:
+            key, _, rest = line.partition(b":")
+            parts = rest.split()
+            if parts:
+                scale = 1024 if len(parts) > 1 and parts[1] == b"kB" else 1
+                values[key.decode()] = int(parts[0]) * scale
+    return values
+
+
+def read_memory_pressure() -> dict[str, dict[str, float]] | None:
+    """/proc/pressure/memory as {"some": {...}, "full": {...}}, or None without PSI."""
+    try:
+        with open(f"{PROC}/pressure/memory") as f:
+            text = f.read()
+    except OSError:
+        return None
+    pressure: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        kind, *pairs = line.split()
+        pressure[kind] = {key: float(value) for key, value in (pair.split("=") for pair in pairs)}
+    return pressure
