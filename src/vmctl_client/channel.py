@@ -1,0 +1,94 @@
+"""Targets, credentials and channel options shared by every client."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+DEFAULT_TARGET = "unix:///run/vmctl/agent.sock"
+TARGET_ENV = "VMCTL_TARGET"
+DEFAULT_TIMEOUT = 30.0
+
+# Reads are idempotent: retry them with backoff when the agent is briefly
+# unreachable. Advice is never retried blindly (it is not idempotent in
+# effect: a retry after a lost reply would advise twice).
+_SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [
+                {"service": "vmctl.v1.VmControl", "method": "GetVmaInfo"},
+                {"service": "vmctl.v1.VmControl", "method": "ListProcesses"},
+                {"service": "vmctl.v1.VmControl", "method": "GetNodeInfo"},
+            ],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),  # a 65,530-VMA snapshot is several MB
+    ("grpc.max_send_message_length", 256 << 20),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
+]
+
+
+def default_target() -> str:
+    return os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """PEM file paths for TLS to a tcp target; ``server_name`` overrides the
+    name checked in the agent's certificate."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca or self.cert)
+
+
+def grpc_target(target: str) -> str:
+    """``unix:///path`` stays; ``tcp://host:port`` and ``host:port`` become ``host:port``."""
+    if target.startswith("unix:"):
+        return target
+    if target.startswith("tcp://"):
+        return target[len("tcp://") :]
+    if "://" in target:
+        raise ValueError(f"unsupported target {target!r}: use unix:///PATH, tcp://HOST:PORT or HOST:PORT")
+    return target
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def channel_args(target: str, tls: TlsOptions | None) -> tuple[str, object | None, list[tuple[str, object]]]:
+    """(grpc target, credentials or None for plaintext, options)."""
+    address = grpc_target(target)
+    options = list(CHANNEL_OPTIONS)
+    if tls is None or not tls.enabled or address.startswith("unix:"):
+        return address, None, options
+    import grpc
+
+    if bool(tls.cert) != bool(tls.key):
+        raise ValueError("a client certificate needs its key (and the key its certificate)")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca), private_key=_read(tls.key), certificate_chain=_read(tls.cert)
+    )
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return address, credentials, options

@@ -1,0 +1,105 @@
+"""Exceptions the client raises, each carrying the agent's reason.
+
+The agent attaches a ``google.rpc.ErrorInfo`` to every refusal; its ``reason``
+picks the class, so callers can ``except StaleCookieError`` and re-read.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+class VmctlError(Exception):
+    """Any failed call. ``code`` is the gRPC status name, ``reason`` the agent's."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "UNKNOWN",
+        reason: str = "",
+        metadata: dict[str, str] | None = None,
+        target: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.reason = reason
+        self.metadata = metadata or {}
+        self.target = target
+
+    def to_json(self) -> dict:
+        return {
+            "code": self.code,
+            "reason": self.reason,
+            "message": self.message,
+            **({"metadata": self.metadata} if self.metadata else {}),
+        }
+
+
+class StaleCookieError(VmctlError):
+    """The cookie no longer names the process's layout: read it again."""
+
+
+class ProcessChangedError(StaleCookieError):
+    """The pid now names another process, or the process exec'd."""
+
+
+class ProcessGoneError(VmctlError):
+    """The process does not exist (any more)."""
+
+
+class PermissionDeniedError(VmctlError):
+    """The agent (or the kernel beneath it) refused the caller."""
+
+
+class InvalidRequestError(VmctlError):
+    """The request was malformed; sending it again cannot help."""
+
+
+class AgentUnavailableError(VmctlError):
+    """No agent answered at the target."""
+
+
+_BY_REASON: dict[str, type[VmctlError]] = {
+    "LAYOUT_CHANGED": StaleCookieError,
+    "PROCESS_CHANGED": ProcessChangedError,
+    "PROCESS_GONE": ProcessGoneError,
+}
+_BY_CODE: dict[grpc.StatusCode, type[VmctlError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.NOT_FOUND: ProcessGoneError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: PermissionDeniedError,
+    grpc.StatusCode.UNAVAILABLE: AgentUnavailableError,
+}
+
+
+def error_info(call: grpc.Call) -> error_details_pb2.ErrorInfo | None:
+    status = rpc_status.from_call(call)
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def from_rpc_error(exc: grpc.RpcError, target: str = "") -> VmctlError:
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    message = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
+    info = error_info(exc) if isinstance(exc, grpc.Call) else None
+    reason = info.reason if info else ""
+    cls = _BY_REASON.get(reason) or _BY_CODE.get(code, VmctlError)
+    if cls is AgentUnavailableError and target.startswith("unix:"):
+        message = (
+            f"no vmctl agent answers at {target} ({message}). Start one with `sudo vmctl-agent`"
+            " (or `make run` in a checkout), or pick another with --target / VMCTL_TARGET"
+        )
+    elif cls is AgentUnavailableError:
+        message = f"no vmctl agent answers at {target}: {message}"
+    return cls(message, code=code.name, reason=reason, metadata=dict(info.metadata) if info else {}, target=target)

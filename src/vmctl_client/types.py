@@ -1,0 +1,258 @@
+"""Typed results: thin views over the protobuf replies.
+
+A 65,530-VMA snapshot is one protobuf message; :class:`VmaList` wraps its
+entries lazily, so nothing is built per VMA until it is looked at.
+Attributes are named by lowercase words (``rss``, ``pss``, ``swap``) in bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import overload
+
+from vmctl_client.proto import vmctl_pb2 as pb
+
+# Attribute words by the VmaAttr group that fills them.
+LAYOUT_WORDS = ("start", "end", "perms", "offset", "dev_major", "dev_minor", "inode", "path", "kind")
+GROUP_WORDS: dict[int, tuple[str, ...]] = {
+    pb.VMA_ATTR_BUILD_ID: ("build_id",),
+    pb.VMA_ATTR_RESIDENCY: ("rss", "swap"),
+    pb.VMA_ATTR_ACCOUNTING: (
+        "pss",
+        "pss_dirty",
+        "referenced",
+        "anonymous",
+        "shared_clean",
+        "shared_dirty",
+        "private_clean",
+        "private_dirty",
+        "ksm",
+        "lazy_free",
+        "anon_huge_pages",
+        "shmem_pmd_mapped",
+        "file_pmd_mapped",
+        "shared_hugetlb",
+        "private_hugetlb",
+        "swap_pss",
+        "locked",
+        "kernel_page_size",
+        "mmu_page_size",
+        "thp_eligible",
+        "vm_flags",
+    ),
+}
+GROUP_NAMES = {
+    "layout": pb.VMA_ATTR_LAYOUT,
+    "build_id": pb.VMA_ATTR_BUILD_ID,
+    "residency": pb.VMA_ATTR_RESIDENCY,
+    "accounting": pb.VMA_ATTR_ACCOUNTING,
+    "all": pb.VMA_ATTR_LAYOUT | pb.VMA_ATTR_BUILD_ID | pb.VMA_ATTR_RESIDENCY | pb.VMA_ATTR_ACCOUNTING,
+}
+WORD_GROUP = {word: group for group, words in GROUP_WORDS.items() for word in words}
+WORD_GROUP.update(dict.fromkeys(LAYOUT_WORDS, pb.VMA_ATTR_LAYOUT))
+ATTR_WORDS = sorted(set(WORD_GROUP) | set(GROUP_NAMES))
+# Words whose proto field carries a _bytes suffix.
+_NOT_BYTES = {"build_id", "thp_eligible", "vm_flags"}
+KIND_NAMES = {pb.VMA_KIND_ANONYMOUS: "anonymous", pb.VMA_KIND_FILE: "file", pb.VMA_KIND_SPECIAL: "special"}
+ADVICE_NAMES = {
+    "cold": pb.ADVICE_COLD,
+    "pageout": pb.ADVICE_PAGEOUT,
+    "willneed": pb.ADVICE_WILLNEED,
+    "collapse": pb.ADVICE_COLLAPSE,
+}
+FILTER_NAMES = {"none": pb.FILTER_UNSPECIFIED, "anonymous": pb.FILTER_ANONYMOUS, "file": pb.FILTER_FILE}
+
+
+def attr_mask(attrs: Sequence[str] | str | int | None) -> int:
+    """The VmaAttr mask for attribute words ("rss", "pss", "accounting", ...)."""
+    if attrs is None:
+        return pb.VMA_ATTR_LAYOUT
+    if isinstance(attrs, int):
+        return attrs
+    if isinstance(attrs, str):
+        attrs = [a for a in attrs.split(",") if a.strip()]
+    mask = pb.VMA_ATTR_LAYOUT
+    for word in attrs:
+        word = word.strip().lower()
+        if word in GROUP_NAMES:
+            mask |= GROUP_NAMES[word]
+        elif word in WORD_GROUP:
+            mask |= WORD_GROUP[word]
+        else:
+            raise ValueError(f"unknown attribute {word!r}; known: {', '.join(ATTR_WORDS)}")
+    return mask
+
+
+def words_for_mask(mask: int) -> list[str]:
+    return [word for group, words in GROUP_WORDS.items() if mask & group for word in words]
+
+
+def _field(word: str) -> str:
+    return word if word in _NOT_BYTES else f"{word}_bytes"
+
+
+class Vma:
+    """One VMA. Layout fields always; attributes in bytes when they were asked for."""
+
+    __slots__ = ("_m",)
+
+    def __init__(self, message: pb.Vma) -> None:
+        self._m = message
+
+    start = property(lambda self: self._m.start)
+    end = property(lambda self: self._m.end)
+    perms = property(lambda self: self._m.perms)
+    offset = property(lambda self: self._m.offset)
+    dev_major = property(lambda self: self._m.dev_major)
+    dev_minor = property(lambda self: self._m.dev_minor)
+    inode = property(lambda self: self._m.inode)
+    kind = property(lambda self: KIND_NAMES.get(self._m.kind, "unknown"))
+
+    @property
+    def path(self) -> str:
+        return self._m.path
+
+    @property
+    def raw_path(self) -> bytes:
+        """The exact bytes of the path (differs from ``path`` only for non-UTF-8 names)."""
+        return self._m.raw_path or self._m.path.encode()
+
+    @property
+    def size(self) -> int:
+        return self._m.end - self._m.start
+
+    @property
+    def message(self) -> pb.Vma:
+        return self._m
+
+    def __getattr__(self, word: str) -> object:
+        if word in WORD_GROUP and word not in LAYOUT_WORDS:
+            return getattr(self._m, _field(word))
+        raise AttributeError(word)
+
+    def __repr__(self) -> str:
+        return f"Vma(0x{self.start:x}-0x{self.end:x} {self.perms} {self.path!r})"
+
+    def to_json(self, words: Sequence[str]) -> dict:
+        m = self._m
+        data: dict = {
+            "start": m.start,
+            "end": m.end,
+            "perms": m.perms,
+            "offset": m.offset,
+            "dev_major": m.dev_major,
+            "dev_minor": m.dev_minor,
+            "inode": m.inode,
+            "path": m.path,
+            "kind": self.kind,
+        }
+        for word in words:
+            value = getattr(m, _field(word))
+            data[word] = value.hex() if isinstance(value, bytes) else value
+        return data
+
+
+class VmaList(Sequence[Vma]):
+    """A lazy sequence of :class:`Vma` over the reply's repeated field."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Sequence[pb.Vma]) -> None:
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> Vma: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Vma]: ...
+    def __getitem__(self, index: int | slice) -> Vma | list[Vma]:
+        if isinstance(index, slice):
+            return [Vma(m) for m in self._items[index]]
+        return Vma(self._items[index])
+
+    def __iter__(self) -> Iterator[Vma]:
+        return (Vma(m) for m in self._items)
+
+
+@dataclass(frozen=True)
+class ProcessRef:
+    pid: int
+    start_time: int
+    comm: str
+
+    @classmethod
+    def from_pb(cls, m: pb.Process) -> ProcessRef:
+        return cls(m.pid, m.start_time, m.comm)
+
+    def to_json(self) -> dict:
+        return {"pid": self.pid, "start_time": self.start_time, "comm": self.comm}
+
+
+class VmaInfo:
+    """GetVmaInfo's answer: ``process``, ``cookie``, ``result_attrs``, ``vmas``."""
+
+    def __init__(self, reply: pb.GetVmaInfoResponse) -> None:
+        self.reply = reply
+        self.process = ProcessRef.from_pb(reply.process)
+        self.cookie: bytes = reply.cookie
+        self.result_mask: int = reply.result_mask
+        self.result_attrs: list[str] = words_for_mask(reply.result_mask)
+        self.vmas = VmaList(reply.vmas)
+
+    @property
+    def cookie_b64(self) -> str:
+        return base64.b64encode(self.cookie).decode()
+
+    def to_json(self) -> dict:
+        words = self.result_attrs
+        return {
+            "process": self.process.to_json(),
+            "cookie": self.cookie_b64,
+            "result_attrs": words,
+            "vmas": [Vma(m).to_json(words) for m in self.reply.vmas],
+        }
+
+
+@dataclass(frozen=True)
+class RangeResult:
+    start: int
+    end: int
+    advised_bytes: int
+    skipped_bytes: int
+    error: str
+
+    def to_json(self) -> dict:
+        return {
+            "start": self.start,
+            "end": self.end,
+            "advised_bytes": self.advised_bytes,
+            "skipped_bytes": self.skipped_bytes,
+            "error": self.error or None,
+        }
+
+
+class AdviceResult:
+    """AdviseRanges's answer: ``advised_bytes``, ``syscalls``, ``ranges``."""
+
+    def __init__(self, reply: pb.AdviseRangesResponse) -> None:
+        self.reply = reply
+        self.process = ProcessRef.from_pb(reply.process)
+        self.requested_bytes: int = reply.requested_bytes
+        self.advised_bytes: int = reply.advised_bytes
+        self.syscalls: int = reply.syscalls
+        self.dry_run: bool = reply.dry_run
+        self.ranges = [RangeResult(r.start, r.end, r.advised_bytes, r.skipped_bytes, r.error) for r in reply.ranges]
+
+    def to_json(self) -> dict:
+        return {
+            "process": self.process.to_json(),
+            "requested_bytes": self.requested_bytes,
+            "advised_bytes": self.advised_bytes,
+            "syscalls": self.syscalls,
+            "dry_run": self.dry_run,
+            "ranges": [r.to_json() for r in self.ranges],
+        }
