@@ -19,9 +19,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vmctl_client.proto import vmctl_pb2 as pb
-from vmctl_server import __version__, capabilities, syscalls
+from vmctl_server import __version__, capabilities, logs, metrics, operations, syscalls
 from vmctl_server.advice import DEFAULT_MAX_RANGES, AdviseLoop, Advisor
 from vmctl_server.cookie import CookieSigner
+from vmctl_server.observe import ObservingInterceptor
 from vmctl_server.service import SERVICE_NAME, VmControlService, rpc_handler
 from vmctl_server.snapshot import SnapshotReader, SourceSupport, table_backend
 
@@ -50,6 +51,13 @@ def parse_listen(text: str) -> ListenAddress:
             raise argparse.ArgumentTypeError(f"{text}: expected tcp://HOST:PORT")
         return ListenAddress(text, host_port, None)
     raise argparse.ArgumentTypeError(f"{text}: expected unix:///PATH or tcp://HOST:PORT")
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    try:
+        return operations.parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format", default=logs.DEFAULT_FORMAT, choices=logs.FORMATS, help="one line per record (default text)"
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics (default: off)",
+    )
+    parser.add_argument(
+        "--health-listen",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="plaintext gRPC serving only grpc.health.v1.Health, for kubelet grpc probes (default: off)",
+    )
     parser.add_argument("--version", action="version", version=f"vmctl-agent {__version__}")
     return parser
 
@@ -164,12 +187,19 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, health.HealthSe
     if not caps.advice_permitted:
         log.warning("remote advice will fail: %s", "; ".join(f"{k}: {v}" for k, v in caps.probe_errors.items()))
     backend, advise_loop = _select_backend(args.no_native)
+    metrics.describe_agent(
+        native_tables=backend.native,  # type: ignore[attr-defined]
+        native_advise_loop=advise_loop is not syscalls.advise_segments,
+        pagemap_scan=caps.pagemap_scan,
+        procmap_query=caps.procmap_query,
+    )
     reader = SnapshotReader(backend, SourceSupport(pagemap_scan=caps.pagemap_scan, procmap_query=caps.procmap_query))
     advisor = Advisor(signer, reader, advise_loop, caps.advices, max_ranges=args.max_ranges)
     service = VmControlService(reader, advisor, signer, caps)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="vmctl-rpc"),
+        interceptors=[ObservingInterceptor()],  # first: it also sees calls inner layers refuse
         options=[
             ("grpc.max_receive_message_length", args.max_message_bytes),
             ("grpc.max_send_message_length", -1),
@@ -208,11 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.listen = args.listen or [parse_listen(DEFAULT_LISTEN)]
     _check_tls_args(parser, args)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logs.configure(args.log_level, args.log_format)
     try:
         server, health_servicer = build_server(args)
+        stop_listeners = operations.start_listeners(args.health_listen, args.metrics_listen, health_servicer)
     except (OSError, ValueError) as exc:
         print(f"vmctl-agent: {exc}", file=sys.stderr)
         return 1
@@ -230,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("shutting down: letting in-flight calls finish (up to %.0fs)", args.shutdown_grace)
     health_servicer.enter_graceful_shutdown()
     server.stop(args.shutdown_grace).wait()
+    for stop_listener in stop_listeners:
+        stop_listener()
     for address in args.listen:
         if address.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):

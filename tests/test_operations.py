@@ -1,0 +1,177 @@
+"""Operations: the Prometheus endpoint read back over HTTP after real calls,
+and the plaintext health-only listener the kubelet's grpc probes use."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from conftest import expect_error
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from vmctl_client.proto import vmctl_pb2 as pb
+from vmctl_client.proto import vmctl_pb2_grpc
+
+MiB = 1 << 20
+
+
+def _logged_port(agent, field: str) -> int:
+    """The port the agent reports binding (it was started with port 0)."""
+    for line in agent.log().splitlines():
+        if line.startswith("{"):
+            value = json.loads(line).get(field)
+            if value is not None:
+                return int(value)
+    raise AssertionError(f"the agent logged no {field}:\n{agent.log()}")
+
+
+class Scrape:
+    """One GET of /metrics, parsed with prometheus-client's own parser."""
+
+    def __init__(self, port: int) -> None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            assert reply.status == 200
+            text = reply.read().decode()
+        self.samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                self.samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def calls(self, method: str, code: str) -> float:
+        return self.value("vmctl_grpc_calls_total", service="vmctl.v1.VmControl", method=method, code=code)
+
+
+@pytest.fixture
+def metered_agent(start_agent):
+    agent = start_agent("--metrics-listen", "127.0.0.1:0", "--log-format", "json")
+    return agent, _logged_port(agent, "metrics_port")
+
+
+def test_metrics_count_real_calls_by_method_code_reason_and_cookie_outcome(metered_agent, target):
+    agent, port = metered_agent
+    start, end = target.map_anon(4 * MiB)
+    with agent.client() as client:
+        info = client.get_vma_info(target.pid, attrs=("rss",))
+        applied = client.advise_ranges(target.pid, [(start, end)], advice="cold", cookie=info.cookie)
+        dry = client.advise_ranges(target.pid, [(start, end)], advice="pageout", cookie=info.cookie, dry_run=True)
+        garbled = bytes(b ^ 0xFF for b in info.cookie)
+        expect_error(
+            lambda: client.advise_ranges(target.pid, [(start, end)], advice="cold", cookie=garbled),
+            "INVALID_ARGUMENT",
+            "COOKIE_INVALID",
+        )
+        expect_error(
+            lambda: client.advise_ranges(target.pid, [(start + 1, end)], advice="cold", cookie=info.cookie),
+            "INVALID_ARGUMENT",
+            "RANGE_UNALIGNED",
+        )
+        target.map_anon(MiB)  # the layout moves: the cookie is stale
+        expect_error(
+            lambda: client.advise_ranges(target.pid, [(start, end)], advice="cold", cookie=info.cookie),
+            "FAILED_PRECONDITION",
+            "LAYOUT_CHANGED",
+        )
+        expect_error(lambda: client.advise_ranges(target.pid, [(start, end)], advice="cold"), "INVALID_ARGUMENT")
+    target.verify()
+    assert applied.advised_bytes == end - start and applied.syscalls >= 1
+    assert dry.advised_bytes == end - start
+
+    m = Scrape(port)
+    assert m.calls("GetVmaInfo", "OK") == 1
+    assert m.calls("AdviseRanges", "OK") == 2
+    assert m.calls("AdviseRanges", "INVALID_ARGUMENT") == 3
+    assert m.calls("AdviseRanges", "FAILED_PRECONDITION") == 1
+    for reason, count in (("COOKIE_INVALID", 1), ("RANGE_UNALIGNED", 1), ("LAYOUT_CHANGED", 1), ("COOKIE_REQUIRED", 1)):
+        assert m.value("vmctl_grpc_refusals_total", method="AdviseRanges", reason=reason) == count, reason
+    cookie = {o: m.value("vmctl_cookie_checks_total", outcome=o) for o in ("ok", "invalid", "layout_changed")}
+    assert cookie == {"ok": 2, "invalid": 1, "layout_changed": 1}
+    assert m.value("vmctl_cookie_checks_total", outcome="required") == 1
+    assert m.value("vmctl_cookie_checks_total", outcome="process_changed") == 0
+    # Bytes count only advice that ran: the dry run advised nothing.
+    assert m.value("vmctl_advised_bytes_total", advice="cold") == applied.advised_bytes
+    assert m.value("vmctl_advice_requested_bytes_total", advice="cold") == applied.requested_bytes
+    assert m.value("vmctl_process_madvise_calls_total", advice="cold") == applied.syscalls
+    assert m.value("vmctl_advised_bytes_total", advice="pageout") == 0
+    latency = "vmctl_grpc_call_duration_seconds_count"
+    assert m.value(latency, service="vmctl.v1.VmControl", method="AdviseRanges", code="INVALID_ARGUMENT") == 3
+    assert m.value(latency, service="vmctl.v1.VmControl", method="GetVmaInfo", code="OK") == 1
+    assert m.value("vmctl_grpc_calls_in_flight", service="vmctl.v1.VmControl", method="AdviseRanges") == 0
+    assert m.value("vmctl_agent_path", component="tables", path="native") == 1
+    assert m.value("vmctl_agent_path", component="advise_loop", path="native") == 1
+    assert m.value("process_resident_memory_bytes") > 0
+
+
+def test_in_flight_calls_and_the_fallback_path_are_visible(start_agent, target):
+    agent = start_agent("--no-native", "--metrics-listen", "127.0.0.1:0", "--log-format", "json")
+    port = _logged_port(agent, "metrics_port")
+    limit = int(pathlib.Path("/proc/sys/vm/max_map_count").read_text())
+    target.call("many_vmas", limit=limit)  # the pure-Python smaps parse of these takes a second or more
+    done = threading.Event()
+
+    def slow_read() -> None:
+        try:
+            with agent.client() as client:
+                client.get_vma_info(target.pid, attrs=("accounting",))
+        finally:
+            done.set()
+
+    reader = threading.Thread(target=slow_read)
+    reader.start()
+    seen_in_flight = 0.0
+    try:
+        while not done.is_set() and not seen_in_flight:
+            seen_in_flight = Scrape(port).value(
+                "vmctl_grpc_calls_in_flight", service="vmctl.v1.VmControl", method="GetVmaInfo"
+            )
+            time.sleep(0.01)
+    finally:
+        reader.join(120)
+    assert seen_in_flight == 1, "the slow read was never seen in flight"
+    after = Scrape(port)
+    assert after.value("vmctl_grpc_calls_in_flight", service="vmctl.v1.VmControl", method="GetVmaInfo") == 0
+    assert after.calls("GetVmaInfo", "OK") == 1
+    assert after.value("vmctl_agent_path", component="tables", path="python") == 1
+    assert after.value("vmctl_agent_path", component="tables", path="native") == 0
+    assert after.value("vmctl_agent_path", component="advise_loop", path="python") == 1
+
+
+def test_health_listener_serves_only_health_and_reports_draining(start_agent, target):
+    agent = start_agent("--health-listen", "127.0.0.1:0", "--log-format", "json")
+    port = _logged_port(agent, "health_port")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "vmctl.v1.VmControl"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as refused:
+            vmctl_pb2_grpc.VmControlStub(channel).GetVmaInfo(pb.GetVmaInfoRequest(pid=target.pid), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+        # While the agent drains, the probe port says NOT_SERVING before it goes away.
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        agent.proc.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
+    assert agent.proc.wait(30) == 0, agent.log()
+
+
+def test_operations_listeners_reject_bad_addresses():
+    for flag, value in (("--metrics-listen", "nowhere"), ("--health-listen", "127.0.0.1:99999")):
+        result = subprocess.run(
+            [sys.executable, "-m", "vmctl_server.agent", flag, value], capture_output=True, text=True, timeout=30
+        )
+        assert result.returncode == 2, result.stderr
+        assert "expected HOST:PORT" in result.stderr
