@@ -1,0 +1,347 @@
+"""The deployment files: Kubernetes overlays rendered by kubectl and validated
+against Kubernetes schemas, their security invariants, the container build
+checked statically and its build context built for real, and the systemd unit
+verified by systemd-analyze. (tests/test_privileges.py runs the agent under
+the privileges these files grant.)"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fnmatch
+import json
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import kubernetes_validate
+import pytest
+import tomllib
+import yaml
+from deploy_files import (
+    DOCKERFILE,
+    OVERLAYS,
+    ROOT,
+    UNIT,
+    agent_container,
+    only,
+    render,
+    require_tool,
+    unit_settings,
+)
+
+from vmctl_server import agent as agent_cli
+
+# kubectl here is 1.32; also the newest schemas kubernetes-validate bundles (it works offline from them).
+SCHEMA_VERSIONS = ("1.32.0", kubernetes_validate.utils.latest_version())
+CAPABILITIES = {"SYS_PTRACE", "SYS_NICE", "DAC_READ_SEARCH"}
+OVERLAY_IDS = [p.name for p in OVERLAYS]
+
+
+def test_the_overlays_are_the_documented_two():
+    assert OVERLAY_IDS == ["cluster-mtls", "node-local"]
+
+
+# ---- Kubernetes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
+def test_overlay_renders_and_validates_against_kubernetes_schemas(overlay, version):
+    docs = render(overlay)
+    assert {d["kind"] for d in docs} >= {"Namespace", "ServiceAccount", "ConfigMap", "DaemonSet"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_schema_check_rejects_a_broken_manifest():
+    """A check that cannot fail proves nothing: a misspelt field and a wrong type must be caught."""
+    daemonset = only(render(OVERLAYS[0]), "DaemonSet")
+    misspelt = copy.deepcopy(daemonset)
+    misspelt["spec"]["template"]["spec"]["hostPid"] = misspelt["spec"]["template"]["spec"].pop("hostPID")
+    wrong_type = copy.deepcopy(daemonset)
+    wrong_type["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"]["port"] = "health"
+    for broken in (misspelt, wrong_type):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(broken, SCHEMA_VERSIONS[0], strict=True)
+
+
+def _agent_args(docs: tuple[dict, ...]) -> argparse.Namespace:
+    """The container's arguments, parsed and checked by the agent's own CLI."""
+    container = agent_container(docs)
+    assert "command" not in container, "the image's ENTRYPOINT runs vmctl-agent"
+    parser = agent_cli.build_parser()
+    args = parser.parse_args(container["args"])  # an unknown or malformed flag exits here
+    agent_cli._check_tls_args(parser, args)
+    return args
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
+def test_daemonset_security_invariants(overlay):
+    docs = render(overlay)
+    daemonset = only(docs, "DaemonSet")
+    pod = daemonset["spec"]["template"]["spec"]
+    container = agent_container(docs)
+    security = container["securityContext"]
+
+    assert pod["hostPID"] is True
+    assert not pod.get("hostNetwork") and not pod.get("hostIPC")
+    assert security["privileged"] is False
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert set(security["capabilities"]["add"]) == CAPABILITIES
+    seccomp = security.get("seccompProfile") or pod["securityContext"]["seccompProfile"]
+    assert seccomp == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["runAsUser"] == 0  # see the comment in base/daemonset.yaml
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists"} in pod["tolerations"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= container["resources"][kind].keys()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
+def test_probes_use_the_health_only_port(overlay):
+    docs = render(overlay)
+    container = agent_container(docs)
+    args = _agent_args(docs)
+    assert args.health_listen, "kubelet grpc probes need --health-listen"
+    health_port = args.health_listen[1]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == health_port, probe
+    assert container["readinessProbe"]["grpc"]["service"] == "vmctl.v1.VmControl"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
+def test_no_plaintext_vmcontrol_port(overlay):
+    """Every TCP listener for VmControl is mutual TLS; the other ports carry only health and metrics."""
+    docs = render(overlay)
+    container = agent_container(docs)
+    args = _agent_args(docs)
+    assert not args.insecure
+    tcp_ports = {int(a.text.rsplit(":", 1)[1]) for a in args.listen if a.unix_path is None}
+    if tcp_ports:
+        assert args.tls_cert and args.tls_key and args.client_ca, "TCP listeners need mutual TLS"
+    declared = {p["containerPort"] for p in container.get("ports", [])}
+    assert declared == tcp_ports | {args.health_listen[1], args.metrics_listen[1]}
+    assert not any(p.get("hostPort") for p in container.get("ports", []))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
+def test_every_path_the_agent_uses_is_mounted(overlay):
+    docs = render(overlay)
+    container = agent_container(docs)
+    pod = only(docs, "DaemonSet")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    args = _agent_args(docs)
+
+    def mount_of(path: str) -> dict:
+        found = [m for where, m in mounts.items() if path.startswith(where.rstrip("/") + "/")]
+        assert found, f"{path} is on the read-only root filesystem"
+        return found[0]
+
+    sockets = [a.unix_path for a in args.listen if a.unix_path]
+    assert sockets == ["/run/vmctl/agent.sock"]
+    socket_volume = volumes[mount_of(sockets[0])["name"]]
+    assert socket_volume["hostPath"]["path"] == "/run/vmctl"
+    key_mount = mount_of(args.cookie_key_file)
+    assert not key_mount.get("readOnly") and "hostPath" in volumes[key_mount["name"]]
+    for tls_file in filter(None, (args.tls_cert, args.tls_key, args.client_ca)):
+        assert volumes[mount_of(tls_file)["name"]]["secret"]["defaultMode"] == 0o400
+    policy = getattr(args, "policy", None)
+    if policy:
+        assert "configMap" in volumes[mount_of(policy)["name"]]
+
+
+def test_node_local_has_no_network_access_to_vmcontrol():
+    docs = render(next(p for p in OVERLAYS if p.name == "node-local"))
+    assert not [d for d in docs if d["kind"] in ("Service", "NetworkPolicy")]
+    assert all(a.unix_path for a in _agent_args(docs).listen)
+
+
+def test_cluster_overlay_discovery_and_network_policy():
+    docs = render(next(p for p in OVERLAYS if p.name == "cluster-mtls"))
+    daemonset, service, policy = (only(docs, k) for k in ("DaemonSet", "Service", "NetworkPolicy"))
+    pod_labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    grpc_port = next(p["containerPort"] for p in agent_container(docs)["ports"] if p["name"] == "grpc")
+
+    assert service["spec"]["clusterIP"] == "None"  # headless: DNS lists every agent
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert {p["port"] for p in service["spec"]["ports"]} >= {grpc_port}
+
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    admitted_to_grpc = []
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), "a rule without 'from' admits everyone"
+        for peer in rule["from"]:
+            assert set(peer) == {"namespaceSelector"} and peer["namespaceSelector"]["matchLabels"], peer
+        if grpc_port in {p["port"] for p in rule["ports"]}:
+            admitted_to_grpc += [peer["namespaceSelector"]["matchLabels"] for peer in rule["from"]]
+    assert admitted_to_grpc == [{"vmctl.dev/controller": "true"}]
+
+
+def test_policy_configmap_has_the_policy_shape():
+    config_map = only(render(OVERLAYS[0]), "ConfigMap")
+    policy = yaml.safe_load(config_map["data"]["policy.yaml"])
+    assert policy["require_cookie"] is True
+    assert isinstance(policy["protected_pids"], list)
+    verbs = {"read", "advise"}
+    advices = {"cold", "pageout", "willneed", "collapse"}
+    for rule in policy["rules"]:
+        assert rule["identities"] and set(rule["verbs"]) <= verbs
+        assert set(rule.get("advices", [])) <= advices
+        assert set(rule.get("targets", {})) <= {"cgroup_prefixes", "uids", "comm"}
+
+
+# ---- container image -------------------------------------------------------------
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    instructions, pending = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = pending + raw.strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            instructions.append((keyword.upper(), rest.strip()))
+    return instructions
+
+
+def _console_scripts() -> dict[str, str]:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["scripts"]
+
+
+def test_dockerfile_is_multi_stage_pinned_and_runs_the_agent():
+    instructions = _dockerfile_instructions()
+    bases = [rest.split()[0] for keyword, rest in instructions if keyword == "FROM"]
+    assert len(bases) == 2, "a build stage and a runtime stage"
+    for image in bases:
+        assert "latest" not in image
+        pinned_tag = re.fullmatch(r"python:\d+\.\d+\.\d+-slim-[a-z]+", image)
+        assert pinned_tag or re.search(r"@sha256:[0-9a-f]{64}$", image), f"{image} is not pinned"
+    stages = " ".join(f"{k} {r}" for k, r in instructions).split("FROM ")[1:]
+    assert "gcc" in stages[0] and "pip wheel" in stages[0], "the extension is compiled in the build stage"
+    assert "gcc" not in stages[1] and "--from=build" in stages[1], "the runtime gets wheels, not a compiler"
+    for keyword, rest in instructions:
+        assert keyword != "ADD", "COPY only: no remote or auto-extracting ADD"
+        if keyword == "RUN":
+            assert not re.search(r"\b(curl|wget)\b", rest), "nothing fetched outside the package managers"
+    entrypoints = [json.loads(rest) for keyword, rest in instructions if keyword == "ENTRYPOINT"]
+    assert len(entrypoints) == 1 and isinstance(entrypoints[0], list), "exec form"
+    assert entrypoints[0] == ["vmctl-agent"]
+    assert _console_scripts()["vmctl-agent"] == "vmctl_server.agent:main"
+    cmd = [json.loads(rest) for keyword, rest in instructions if keyword == "CMD"][-1]
+    agent_cli.build_parser().parse_args(cmd)
+
+
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parents decides."""
+    parents = [str(p) for p in reversed(pathlib.PurePosixPath(path).parents) if str(p) != "."]
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        glob = pattern.removeprefix("!").rstrip("/")
+        if any(fnmatch.fnmatchcase(candidate, glob) for candidate in [*parents, path]):
+            ignored = not negate
+    return ignored
+
+
+def test_the_build_context_builds_a_wheel_with_the_extension_and_the_agent(tmp_path):
+    """Stage one for real, minus the network: the files the Dockerfile COPYs, after
+    .dockerignore, build a wheel holding the compiled extension and vmctl-agent."""
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    context = [path for path in tracked if not _dockerignored(path, patterns)]
+    assert not _dockerignored("src/vmctl_server/agent.py", patterns)
+    assert _dockerignored("src/vmctl_server/_native.abi3.so", patterns), "the host's build must stay out"
+    build_stage = _dockerfile_instructions()[: [k for k, _ in _dockerfile_instructions()].index("FROM", 1)]
+    copied = [rest.split()[:-1] for keyword, rest in build_stage if keyword == "COPY"]
+    source = tmp_path / "src-tree"
+    for sources in copied:
+        for src in sources:
+            matched = [p for p in context if p == src or p.startswith(src.rstrip("/") + "/")]
+            assert matched, f"COPY {src}: not in the build context"
+            for path in matched:
+                (source / path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / path, source / path)
+    wheels = tmp_path / "wheels"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), "."],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = wheels.glob("vmctl-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        assert any(re.fullmatch(r"vmctl_server/_native\..*\.so", n) for n in names), names
+        entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "vmctl-agent = vmctl_server.agent:main" in entry_points
+
+
+# ---- systemd ---------------------------------------------------------------------
+
+
+def _unit_for_this_host(tmp_path: pathlib.Path, text: str | None = None) -> pathlib.Path:
+    """The unit with ExecStart pointing at this checkout's vmctl-agent:
+    systemd-analyze verify checks that the binary exists and is executable."""
+    agent_binary = pathlib.Path(sys.executable).parent / "vmctl-agent"
+    assert agent_binary.exists(), f"{agent_binary}: run make setup"
+    unit = tmp_path / UNIT.name
+    unit.write_text((text or UNIT.read_text()).replace("/opt/vmctl/bin/vmctl-agent", str(agent_binary)))
+    return unit
+
+
+def _verify(unit: pathlib.Path) -> subprocess.CompletedProcess:
+    analyze = require_tool("systemd-analyze", "systemd")
+    return subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60)
+
+
+def test_systemd_unit_verifies_cleanly(tmp_path):
+    result = _verify(_unit_for_this_host(tmp_path))
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    # systemd-analyze only warns about unknown keys and bad values, so warnings are failures here;
+    # this shows they are seen.
+    broken = UNIT.read_text().replace("ProtectSystem=strict", "ProtectSystem=strictest")
+    assert "protect system value" in _verify(_unit_for_this_host(tmp_path, broken)).stderr
+
+
+def test_systemd_unit_exposure_is_low(tmp_path):
+    analyze = require_tool("systemd-analyze", "systemd")
+    unit = _unit_for_this_host(tmp_path)
+    review = [analyze, "security", "--offline=yes", "--no-pager", str(unit)]
+    result = subprocess.run([*review, "--threshold=25"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr  # "2.5 OK" or better on systemd's 0-10 scale
+
+
+def test_systemd_unit_matches_the_agent_cli_and_the_daemonset():
+    settings = unit_settings()
+    exec_start = settings["ExecStart"][0].split()
+    assert exec_start[0].endswith("/vmctl-agent")
+    args = agent_cli.build_parser().parse_args(exec_start[1:])
+    assert [a.unix_path for a in args.listen] == ["/run/vmctl/agent.sock"]
+    assert args.cookie_key_file.startswith("/var/lib/vmctl/") and settings["StateDirectory"] == ["vmctl"]
+    assert settings["RuntimeDirectory"] == ["vmctl"]
+    assert args.metrics_listen[0] == "127.0.0.1", "metrics stay on the host unless opened on purpose"
+    unit_caps = {c.removeprefix("CAP_") for c in settings["AmbientCapabilities"][0].split()}
+    assert unit_caps == set(settings["CapabilityBoundingSet"][0].replace("CAP_", "").split()) == CAPABILITIES
+    for setting in ("ProtectProc", "ProcSubset", "PrivateUsers"):
+        assert setting not in settings, f"{setting}= would hide processes or void the capabilities"
