@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from vmctl_server import metrics
 
 log = logging.getLogger("vmctl.agent")
+HEALTH_STOP_GRACE = 1.0  # lets a watcher receive NOT_SERVING before the listener closes
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -58,7 +59,7 @@ def start_listeners(
     stops: list[Callable[[], object]] = []
     if health_listen:
         server, port = serve_health(*health_listen, servicer)
-        stops.append(lambda: server.stop(0).wait())
+        stops.append(lambda: server.stop(HEALTH_STOP_GRACE).wait())
         log.info("health probes on %s:%d", health_listen[0], port, extra={"fields": {"health_port": port}})
     if metrics_listen:
         httpd = metrics.serve(*metrics_listen)
