@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -10,32 +9,18 @@ DEFAULT_TARGET = "unix:///run/vmctl/agent.sock"
 TARGET_ENV = "VMCTL_TARGET"
 DEFAULT_TIMEOUT = 30.0
 
-# Reads are idempotent: retry them with backoff when the agent is briefly
-# unreachable. Advice is never retried blindly (it is not idempotent in
-# effect: a retry after a lost reply would advise twice).
-_SERVICE_CONFIG = {
-    "methodConfig": [
-        {
-            "name": [
-                {"service": "vmctl.v1.VmControl", "method": "GetVmaInfo"},
-                {"service": "vmctl.v1.VmControl", "method": "ListProcesses"},
-                {"service": "vmctl.v1.VmControl", "method": "GetNodeInfo"},
-            ],
-            "retryPolicy": {
-                "maxAttempts": 4,
-                "initialBackoff": "0.1s",
-                "maxBackoff": "2s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }
-    ]
-}
-CHANNEL_OPTIONS = [
+# Retries are the clients' own (calls.Attempts): reads only, on UNAVAILABLE,
+# inside the call's deadline. gRPC's reconnect backoff starts at 1 s, longer
+# than those retries wait, so a retry would meet the channel still backing off
+# and fail at once; 100 ms lets it find an agent that has just come back.
+# (Not grpc.min_reconnect_backoff_ms: gRPC uses that as the minimum connect
+# timeout, and a small one fails every connection slower than it.)
+CHANNEL_OPTIONS: list[tuple[str, object]] = [
     ("grpc.max_receive_message_length", -1),  # a 65,530-VMA snapshot is several MB
     ("grpc.max_send_message_length", 256 << 20),
-    ("grpc.enable_retries", 1),
-    ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
+    ("grpc.enable_retries", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 
@@ -59,13 +44,16 @@ class TlsOptions:
 
 
 def grpc_target(target: str) -> str:
-    """``unix:///path`` stays; ``tcp://host:port`` and ``host:port`` become ``host:port``."""
-    if target.startswith("unix:"):
+    """``unix:///path`` (and an unexpanded ``dns:///name:port``) stays;
+    ``tcp://host:port`` and ``host:port`` become ``host:port``."""
+    if target.startswith(("unix:", "dns:")):
         return target
     if target.startswith("tcp://"):
         return target[len("tcp://") :]
     if "://" in target:
-        raise ValueError(f"unsupported target {target!r}: use unix:///PATH, tcp://HOST:PORT or HOST:PORT")
+        raise ValueError(
+            f"unsupported target {target!r}: use unix:///PATH, tcp://HOST:PORT, HOST:PORT or dns:///NAME:PORT"
+        )
     return target
 
 

@@ -2,57 +2,31 @@
 
 from __future__ import annotations
 
-import base64
-from collections.abc import Iterable, Sequence
-from typing import Any
+import time
+from collections.abc import Iterable
+from typing import TypeVar
 
 import grpc
 
+from vmctl_client import calls
+from vmctl_client.calls import READ_RETRY, Attempts, Attrs, Call, RangeLike, RetryPolicy
 from vmctl_client.channel import DEFAULT_TIMEOUT, TlsOptions, channel_args, default_target
-from vmctl_client.errors import VmctlError, from_rpc_error
-from vmctl_client.proto import vmctl_pb2 as pb
+from vmctl_client.errors import from_rpc_error
 from vmctl_client.proto import vmctl_pb2_grpc as pb_grpc
-from vmctl_client.types import ADVICE_NAMES, FILTER_NAMES, AdviceResult, VmaInfo, attr_mask
+from vmctl_client.types import AdviceResult, NodeInfo, ProcessInfo, VmaInfo
 
-RangeLike = tuple[int, int] | Any  # (start, end) or anything with .start and .end, e.g. a Vma
-
-
-def advise_request(
-    pid: int,
-    ranges: Iterable[RangeLike],
-    advice: str | int,
-    cookie: bytes | str | None,
-    filter: str | int | None,
-    dry_run: bool,
-) -> pb.AdviseRangesRequest:
-    """The AdviseRangesRequest for friendly arguments (shared with AsyncClient)."""
-    if isinstance(advice, str):
-        try:
-            advice = ADVICE_NAMES[advice.lower()]
-        except KeyError:
-            raise ValueError(f"unknown advice {advice!r}; known: {', '.join(ADVICE_NAMES)}") from None
-    if filter is None:
-        filter = pb.FILTER_UNSPECIFIED
-    elif isinstance(filter, str):
-        try:
-            filter = FILTER_NAMES[filter.lower()]
-        except KeyError:
-            raise ValueError(f"unknown filter {filter!r}; known: {', '.join(FILTER_NAMES)}") from None
-    if isinstance(cookie, str):
-        cookie = base64.b64decode(cookie, validate=True)
-    request = pb.AdviseRangesRequest(pid=pid, advice=advice, cookie=cookie or b"", filter=filter, dry_run=dry_run)
-    add = request.ranges.add
-    for item in ranges:
-        if isinstance(item, tuple):
-            add(start=item[0], end=item[1])
-        else:
-            add(start=item.start, end=item.end)
-    return request
+T = TypeVar("T")
 
 
 class Client:
-    """One agent. ``target`` is ``unix:///PATH`` or ``host:port`` (TLS when
-    ``tls`` names a CA or client certificate); every call has a deadline."""
+    """One agent. ``target`` is ``unix:///PATH``, ``HOST:PORT`` or
+    ``tcp://HOST:PORT`` (TLS when ``tls`` names a CA or client certificate).
+
+    Every call has a deadline: ``timeout`` seconds (per call, overridable), and
+    never later than ``deadline`` (a ``time.monotonic()`` instant, e.g. a
+    per-host budget for several calls). Reads are retried with backoff on
+    ``UNAVAILABLE`` per ``retry``; advice never is.
+    """
 
     def __init__(
         self,
@@ -60,9 +34,13 @@ class Client:
         *,
         tls: TlsOptions | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        deadline: float | None = None,
+        retry: RetryPolicy = READ_RETRY,
     ) -> None:
         self.target = target or default_target()
         self.timeout = timeout
+        self.deadline = deadline
+        self.retry = retry
         address, credentials, options = channel_args(self.target, tls)
         if credentials is None:
             self._channel = grpc.insecure_channel(address, options=options)
@@ -79,19 +57,22 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
-        try:
-            return method(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.target) from None
+    def _invoke(self, call: Call[T], timeout: float | None) -> T:
+        attempts = Attempts(call, timeout or self.timeout, self.deadline, self.retry, self.target)
+        method = getattr(self._stub, call.method)
+        while True:
+            try:
+                return call.wrap(method(call.request, timeout=attempts.timeout()))
+            except grpc.RpcError as exc:
+                delay = attempts.backoff(exc)
+                if delay is None:
+                    raise from_rpc_error(exc, self.target) from None
+            time.sleep(delay)
 
-    def get_vma_info(
-        self, pid: int, attrs: Sequence[str] | str | int | None = None, *, timeout: float | None = None
-    ) -> VmaInfo:
+    def get_vma_info(self, pid: int, attrs: Attrs = None, *, timeout: float | None = None) -> VmaInfo:
         """A snapshot of ``pid``'s VMAs with the attributes named in ``attrs``
         (words such as "rss", "pss", "swap", or groups "residency", "accounting")."""
-        request = pb.GetVmaInfoRequest(pid=pid, attr_mask=attr_mask(attrs))
-        return VmaInfo(self._call(self._stub.GetVmaInfo, request, timeout))
+        return self._invoke(calls.get_vma_info(pid, attrs), timeout)
 
     def advise_ranges(
         self,
@@ -106,15 +87,12 @@ class Client:
     ) -> AdviceResult:
         """Apply ``advice`` to ``ranges`` of ``pid``, refused unless ``cookie``
         (from :meth:`get_vma_info`) still names the process's layout."""
-        request = advise_request(pid, ranges, advice, cookie, filter, dry_run)
-        return AdviceResult(self._call(self._stub.AdviseRanges, request, timeout))
+        return self._invoke(calls.advise_ranges(pid, ranges, advice, cookie, filter, dry_run), timeout)
 
-    def list_processes(self, cgroup_prefix: str | None = None, *, timeout: float | None = None) -> list:
-        request = pb.ListProcessesRequest(cgroup_prefix=cgroup_prefix or "")
-        return list(self._call(self._stub.ListProcesses, request, timeout).processes)
+    def list_processes(self, cgroup_prefix: str | None = None, *, timeout: float | None = None) -> list[ProcessInfo]:
+        """User processes whose cgroup v2 path starts with ``cgroup_prefix``."""
+        return self._invoke(calls.list_processes(cgroup_prefix), timeout)
 
-    def node_info(self, *, timeout: float | None = None) -> pb.GetNodeInfoResponse:
-        return self._call(self._stub.GetNodeInfo, pb.GetNodeInfoRequest(), timeout)
-
-
-__all__ = ["Client", "VmctlError"]
+    def node_info(self, *, timeout: float | None = None) -> NodeInfo:
+        """Host, kernel, memory, PSI and the kernel capabilities the agent probed."""
+        return self._invoke(calls.node_info(), timeout)

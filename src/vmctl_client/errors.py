@@ -78,7 +78,10 @@ _BY_CODE: dict[grpc.StatusCode, type[VmctlError]] = {
 
 
 def error_info(call: grpc.Call) -> error_details_pb2.ErrorInfo | None:
-    status = rpc_status.from_call(call)
+    try:
+        status = rpc_status.from_call(call)
+    except ValueError:  # a status detail that disagrees with the call's own code: ignore it
+        return None
     if status is None:
         return None
     for detail in status.details:
@@ -90,9 +93,12 @@ def error_info(call: grpc.Call) -> error_details_pb2.ErrorInfo | None:
 
 
 def from_rpc_error(exc: grpc.RpcError, target: str = "") -> VmctlError:
-    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-    message = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
-    info = error_info(exc) if isinstance(exc, grpc.Call) else None
+    """The VmctlError for a failed call, from a sync ``grpc.Call`` error or a
+    ``grpc.aio.AioRpcError`` (which has the same methods but not the type)."""
+    is_call = callable(getattr(exc, "code", None)) and callable(getattr(exc, "trailing_metadata", None))
+    code = exc.code() if is_call else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
+    message = (exc.details() if is_call else None) or str(exc)  # type: ignore[attr-defined]
+    info = error_info(exc) if is_call else None  # type: ignore[arg-type]
     reason = info.reason if info else ""
     cls = _BY_REASON.get(reason) or _BY_CODE.get(code, VmctlError)
     if cls is AgentUnavailableError and target.startswith("unix:"):
@@ -102,4 +108,6 @@ def from_rpc_error(exc: grpc.RpcError, target: str = "") -> VmctlError:
         )
     elif cls is AgentUnavailableError:
         message = f"no vmctl agent answers at {target}: {message}"
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        message = f"{target} did not answer in time ({message}): host down, link down, or agent overloaded"
     return cls(message, code=code.name, reason=reason, metadata=dict(info.metadata) if info else {}, target=target)

@@ -1,0 +1,93 @@
+"""The asyncio client for one vmctl agent (grpc.aio): the same calls,
+arguments, results, errors, deadlines and retries as :class:`Client`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import TypeVar
+
+import grpc
+
+from vmctl_client import calls
+from vmctl_client.calls import READ_RETRY, Attempts, Attrs, Call, RangeLike, RetryPolicy
+from vmctl_client.channel import DEFAULT_TIMEOUT, TlsOptions, channel_args, default_target
+from vmctl_client.errors import from_rpc_error
+from vmctl_client.proto import vmctl_pb2_grpc as pb_grpc
+from vmctl_client.types import AdviceResult, NodeInfo, ProcessInfo, VmaInfo
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """One agent, from a coroutine. Create it inside the event loop that uses
+    it, and close it there (``async with AsyncClient(...) as c``)."""
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        tls: TlsOptions | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        deadline: float | None = None,
+        retry: RetryPolicy = READ_RETRY,
+    ) -> None:
+        self.target = target or default_target()
+        self.timeout = timeout
+        self.deadline = deadline
+        self.retry = retry
+        address, credentials, options = channel_args(self.target, tls)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        self._stub = pb_grpc.VmControlStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _invoke(self, call: Call[T], timeout: float | None) -> T:
+        attempts = Attempts(call, timeout or self.timeout, self.deadline, self.retry, self.target)
+        method = getattr(self._stub, call.method)
+        while True:
+            try:
+                return call.wrap(await method(call.request, timeout=attempts.timeout()))
+            except grpc.RpcError as exc:
+                delay = attempts.backoff(exc)
+                if delay is None:
+                    raise from_rpc_error(exc, self.target) from None
+            await asyncio.sleep(delay)
+
+    async def get_vma_info(self, pid: int, attrs: Attrs = None, *, timeout: float | None = None) -> VmaInfo:
+        """See :meth:`Client.get_vma_info`."""
+        return await self._invoke(calls.get_vma_info(pid, attrs), timeout)
+
+    async def advise_ranges(
+        self,
+        pid: int,
+        ranges: Iterable[RangeLike],
+        advice: str | int = "pageout",
+        *,
+        cookie: bytes | str | None = None,
+        filter: str | int | None = None,
+        dry_run: bool = False,
+        timeout: float | None = None,
+    ) -> AdviceResult:
+        """See :meth:`Client.advise_ranges`; never retried."""
+        return await self._invoke(calls.advise_ranges(pid, ranges, advice, cookie, filter, dry_run), timeout)
+
+    async def list_processes(
+        self, cgroup_prefix: str | None = None, *, timeout: float | None = None
+    ) -> list[ProcessInfo]:
+        """See :meth:`Client.list_processes`."""
+        return await self._invoke(calls.list_processes(cgroup_prefix), timeout)
+
+    async def node_info(self, *, timeout: float | None = None) -> NodeInfo:
+        """See :meth:`Client.node_info`."""
+        return await self._invoke(calls.node_info(), timeout)

@@ -1,0 +1,160 @@
+"""What each RPC sends, how its reply is wrapped, and the deadline and retry
+rules: everything :class:`~vmctl_client.Client` and
+:class:`~vmctl_client.AsyncClient` share. No I/O here; the two clients differ
+only in how they wait.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from vmctl_client.errors import VmctlError
+from vmctl_client.proto import vmctl_pb2 as pb
+from vmctl_client.types import (
+    ADVICE_NAMES,
+    FILTER_NAMES,
+    AdviceResult,
+    NodeInfo,
+    ProcessInfo,
+    VmaInfo,
+    attr_mask,
+)
+
+T = TypeVar("T")
+RangeLike = tuple[int, int] | Any  # (start, end) or anything with .start and .end, e.g. a Vma
+Attrs = Sequence[str] | str | int | None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff for reads that meet ``UNAVAILABLE`` (the agent restarting, a
+    connection reset). ``attempts`` counts the first try. The waits grow
+    exponentially with full jitter, so a fleet of controllers does not retry in
+    step; all of them fit inside the call's one deadline."""
+
+    attempts: int = 4
+    initial_backoff: float = 0.1
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+
+    def backoff(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (0 for the first)."""
+        return random.uniform(0, min(self.max_backoff, self.initial_backoff * self.multiplier**retry))
+
+
+READ_RETRY = RetryPolicy()
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One RPC: the stub method's name, its request, how to wrap the reply,
+    and whether it may be sent again (reads may; advice never: a retry after a
+    lost reply would advise twice)."""
+
+    method: str
+    request: Any
+    wrap: Callable[[Any], T]
+    retryable: bool
+
+
+def get_vma_info(pid: int, attrs: Attrs) -> Call[VmaInfo]:
+    return Call("GetVmaInfo", pb.GetVmaInfoRequest(pid=pid, attr_mask=attr_mask(attrs)), VmaInfo, retryable=True)
+
+
+def advise_ranges(
+    pid: int,
+    ranges: Iterable[RangeLike],
+    advice: str | int,
+    cookie: bytes | str | None,
+    filter: str | int | None,
+    dry_run: bool,
+) -> Call[AdviceResult]:
+    return Call("AdviseRanges", advise_request(pid, ranges, advice, cookie, filter, dry_run), AdviceResult, False)
+
+
+def list_processes(cgroup_prefix: str | None) -> Call[list[ProcessInfo]]:
+    request = pb.ListProcessesRequest(cgroup_prefix=cgroup_prefix or "")
+    return Call("ListProcesses", request, lambda reply: [ProcessInfo(p) for p in reply.processes], retryable=True)
+
+
+def node_info() -> Call[NodeInfo]:
+    return Call("GetNodeInfo", pb.GetNodeInfoRequest(), NodeInfo, retryable=True)
+
+
+def _enum(value: str | int, names: dict[str, int], what: str) -> int:
+    if not isinstance(value, str):
+        return value
+    try:
+        return names[value.lower()]
+    except KeyError:
+        raise ValueError(f"unknown {what} {value!r}; known: {', '.join(names)}") from None
+
+
+def advise_request(
+    pid: int,
+    ranges: Iterable[RangeLike],
+    advice: str | int,
+    cookie: bytes | str | None,
+    filter: str | int | None,
+    dry_run: bool,
+) -> pb.AdviseRangesRequest:
+    """The AdviseRangesRequest for friendly arguments: names for advice and
+    filter, the cookie as bytes or base64, ranges as tuples or Vmas."""
+    if isinstance(cookie, str):
+        cookie = base64.b64decode(cookie, validate=True)
+    request = pb.AdviseRangesRequest(
+        pid=pid,
+        advice=_enum(advice, ADVICE_NAMES, "advice"),
+        cookie=cookie or b"",
+        filter=pb.FILTER_UNSPECIFIED if filter is None else _enum(filter, FILTER_NAMES, "filter"),
+        dry_run=dry_run,
+    )
+    add = request.ranges.add
+    for item in ranges:
+        if isinstance(item, tuple):
+            add(start=item[0], end=item[1])
+        else:
+            add(start=item.start, end=item.end)
+    return request
+
+
+class Attempts:
+    """The deadline and retries of one call. The call's deadline is ``timeout``
+    from now, or the client's own ``deadline`` (a per-host budget in a fleet)
+    when that comes first; every attempt and every backoff fits inside it."""
+
+    def __init__(self, call: Call, timeout: float, deadline: float | None, policy: RetryPolicy, target: str) -> None:
+        self.call = call
+        self.target = target
+        self.policy = policy if call.retryable else RetryPolicy(attempts=1)
+        self.deadline = time.monotonic() + timeout
+        if deadline is not None:
+            self.deadline = min(self.deadline, deadline)
+        self.tries = 0
+
+    def timeout(self) -> float:
+        """Seconds left for the next attempt; DEADLINE_EXCEEDED when none are."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise VmctlError(
+                f"{self.target}: no time left for {self.call.method} (deadline passed)",
+                code="DEADLINE_EXCEEDED",
+                target=self.target,
+            )
+        self.tries += 1
+        return left
+
+    def backoff(self, error: grpc.RpcError) -> float | None:
+        """Seconds to wait before trying again, or None to give up with ``error``."""
+        code = error.code() if callable(getattr(error, "code", None)) else None
+        if code != grpc.StatusCode.UNAVAILABLE or self.tries >= self.policy.attempts:
+            return None
+        delay = self.policy.backoff(self.tries - 1)
+        return delay if time.monotonic() + delay < self.deadline else None

@@ -1,0 +1,250 @@
+"""Reclaim, the controller workflow: read, choose, advise with the cookie, and
+on a moved layout read again and retry (bounded, with jitter).
+
+For one process::
+
+    report = reclaim(client, pid=1234)                        # pageout of private anonymous memory
+    report = reclaim(client, cgroup="/kubepods.slice/...")    # every process in a cgroup
+
+``report.to_json()`` has the ``advise`` keys (``requested_bytes``,
+``advised_bytes``, ``syscalls``, ``ranges``) summed over the processes, plus
+rss and swap before and after, and each process's own account.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vmctl_client.client import Client
+from vmctl_client.errors import ProcessChangedError, ProcessGoneError, StaleCookieError, VmctlError
+from vmctl_client.types import RangeResult, Vma, VmaInfo
+
+DEFAULT_RETRIES = 3
+# Jitter for re-reads after LAYOUT_CHANGED: a process that is mapping memory
+# right now is likely to go on for a moment; waiting a little (and not in step
+# with other controllers) gives the next snapshot a better chance to hold.
+RETRY_BASE_SECONDS = 0.02
+KINDS_BY_FILTER = {"anonymous": ("anonymous",), "file": ("file",), "none": ("anonymous", "file")}
+
+# Per-process outcomes, from best to worst.
+DONE, GONE, CHANGED, STALE, ERROR = "done", "gone", "changed", "stale", "error"
+
+
+@dataclass
+class ProcessReclaim:
+    """What reclaim did to one process."""
+
+    pid: int
+    comm: str = ""
+    start_time: int = 0
+    status: str = DONE
+    attempts: int = 0
+    vmas_chosen: int = 0
+    requested_bytes: int = 0
+    advised_bytes: int = 0
+    syscalls: int = 0
+    ranges: list[RangeResult] = field(default_factory=list)
+    rss_before: int = 0
+    swap_before: int = 0
+    rss_after: int = 0
+    swap_after: int = 0
+    error: VmctlError | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "pid": self.pid,
+            "comm": self.comm,
+            "start_time": self.start_time,
+            "status": self.status,
+            "attempts": self.attempts,
+            "vmas_chosen": self.vmas_chosen,
+            "requested_bytes": self.requested_bytes,
+            "advised_bytes": self.advised_bytes,
+            "syscalls": self.syscalls,
+            "rss_before": self.rss_before,
+            "swap_before": self.swap_before,
+            "rss_after": self.rss_after,
+            "swap_after": self.swap_after,
+            "error": self.error.to_json() if self.error else None,
+        }
+
+
+@dataclass
+class ReclaimReport:
+    """Reclaim over one process or a cgroup on one host."""
+
+    advice: str
+    filter: str
+    dry_run: bool
+    cgroup: str | None
+    processes: list[ProcessReclaim]
+
+    def _sum(self, name: str) -> int:
+        return sum(getattr(p, name) for p in self.processes)
+
+    @property
+    def requested_bytes(self) -> int:
+        return self._sum("requested_bytes")
+
+    @property
+    def advised_bytes(self) -> int:
+        return self._sum("advised_bytes")
+
+    @property
+    def syscalls(self) -> int:
+        return self._sum("syscalls")
+
+    @property
+    def worst_status(self) -> str:
+        order = (DONE, GONE, CHANGED, STALE, ERROR)
+        return max((p.status for p in self.processes), key=order.index, default=DONE)
+
+    def to_json(self) -> dict:
+        return {
+            "advice": self.advice,
+            "filter": self.filter,
+            "dry_run": self.dry_run,
+            "cgroup": self.cgroup,
+            "requested_bytes": self.requested_bytes,
+            "advised_bytes": self.advised_bytes,
+            "syscalls": self.syscalls,
+            "rss_before": self._sum("rss_before"),
+            "swap_before": self._sum("swap_before"),
+            "rss_after": self._sum("rss_after"),
+            "swap_after": self._sum("swap_after"),
+            "attempts": self._sum("attempts"),
+            "ranges": [{"pid": p.pid, **r.to_json()} for p in self.processes for r in p.ranges],
+            "processes": [p.to_json() for p in self.processes],
+        }
+
+
+def choose_ranges(info: VmaInfo, filter: str, min_rss: int) -> list[Vma]:
+    """The VMAs worth advising: of a kind the filter admits (never the
+    kernel's special mappings), with at least ``min_rss`` bytes resident
+    (and at least one page: advising what is not resident does nothing)."""
+    kinds = KINDS_BY_FILTER[filter]
+    floor = max(min_rss, 1)
+    return [vma for vma in info.vmas if vma.kind in kinds and vma.rss >= floor]
+
+
+def _residency(info: VmaInfo) -> tuple[int, int]:
+    rss = swap = 0
+    for vma in info.vmas:
+        rss += vma.rss
+        swap += vma.swap
+    return rss, swap
+
+
+def reclaim_process(
+    client: Client,
+    pid: int,
+    *,
+    advice: str = "pageout",
+    filter: str = "anonymous",
+    min_rss: int = 0,
+    retries: int = DEFAULT_RETRIES,
+    dry_run: bool = False,
+    start_time: int | None = None,
+) -> ProcessReclaim:
+    """Reclaim one process. ``start_time`` (from ListProcesses) pins the
+    process: a pid now naming another one is left alone (``changed``).
+    Raises what the agent raises, except LAYOUT_CHANGED, retried up to
+    ``retries`` times before it is raised as :class:`StaleCookieError`."""
+    outcome = ProcessReclaim(pid)
+    for attempt in range(retries + 1):
+        outcome.attempts = attempt + 1
+        info = client.get_vma_info(pid, ("rss", "swap"))
+        if start_time is not None and info.process.start_time != start_time:
+            raise ProcessChangedError(
+                f"pid {pid} names another process than the one listed",
+                code="FAILED_PRECONDITION",
+                reason="PROCESS_CHANGED",
+            )
+        outcome.comm, outcome.start_time = info.process.comm, info.process.start_time
+        outcome.rss_before, outcome.swap_before = _residency(info)
+        chosen = choose_ranges(info, filter, min_rss)
+        outcome.vmas_chosen = len(chosen)
+        if not chosen:
+            outcome.rss_after, outcome.swap_after = outcome.rss_before, outcome.swap_before
+            return outcome
+        try:
+            result = client.advise_ranges(pid, chosen, advice, cookie=info.cookie, filter=filter, dry_run=dry_run)
+        except ProcessChangedError:
+            raise
+        except StaleCookieError:
+            if attempt == retries:
+                raise
+            time.sleep(random.uniform(0, RETRY_BASE_SECONDS * 2**attempt))
+            continue
+        outcome.requested_bytes = result.requested_bytes
+        outcome.advised_bytes = result.advised_bytes
+        outcome.syscalls = result.syscalls
+        outcome.ranges = result.ranges
+        break
+    after = client.get_vma_info(pid, ("rss", "swap"))
+    outcome.rss_after, outcome.swap_after = _residency(after)
+    return outcome
+
+
+def _failed(pid: int, error: VmctlError) -> ProcessReclaim:
+    if isinstance(error, ProcessChangedError):
+        status = CHANGED
+    elif isinstance(error, StaleCookieError):
+        status = STALE
+    elif isinstance(error, ProcessGoneError):
+        status = GONE
+    else:
+        status = ERROR
+    return ProcessReclaim(pid, status=status, error=error)
+
+
+def reclaim(
+    client: Client,
+    *,
+    pid: int | None = None,
+    cgroup: str | None = None,
+    advice: str = "pageout",
+    filter: str = "anonymous",
+    min_rss: int = 0,
+    retries: int = DEFAULT_RETRIES,
+    dry_run: bool = False,
+    on_start: Callable[[int], None] | None = None,
+    on_process: Callable[[ProcessReclaim], None] | None = None,
+) -> ReclaimReport:
+    """Reclaim ``pid``, or every process whose cgroup v2 path starts with
+    ``cgroup``, one after another. For one pid, errors are raised; for a
+    cgroup, each process's error is its own entry (a process that exits
+    meanwhile is ``gone``, one whose pid was reused ``changed``).
+    ``on_start(count)`` and ``on_process(outcome)`` report progress."""
+    if (pid is None) == (cgroup is None):
+        raise ValueError("reclaim takes a pid or a cgroup prefix, not both")
+    if filter not in KINDS_BY_FILTER:
+        raise ValueError(f"unknown filter {filter!r}; known: {', '.join(KINDS_BY_FILTER)}")
+    one = functools.partial(
+        reclaim_process, client, advice=advice, filter=filter, min_rss=min_rss, retries=retries, dry_run=dry_run
+    )
+    report = ReclaimReport(advice, filter, dry_run, cgroup, [])
+    if pid is not None:
+        if on_start:
+            on_start(1)
+        report.processes.append(one(pid))
+        if on_process:
+            on_process(report.processes[-1])
+        return report
+    members = client.list_processes(cgroup)
+    if on_start:
+        on_start(len(members))
+    for member in members:
+        try:
+            outcome = one(member.pid, start_time=member.start_time)
+        except VmctlError as error:
+            outcome = _failed(member.pid, error)
+            outcome.comm, outcome.start_time = member.comm, member.start_time
+        report.processes.append(outcome)
+        if on_process:
+            on_process(outcome)
+    return report
