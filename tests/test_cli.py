@@ -6,12 +6,15 @@ import base64
 import json
 import os
 import pathlib
+import pty
 import subprocess
 import sys
 
 from conftest import PAGE
 
 from vmctl_server.cookie import COOKIE_SIZE
+
+CGROUP2 = pathlib.Path("/sys/fs/cgroup/unified")
 
 
 def vmctl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -194,3 +197,139 @@ def test_several_targets_report_per_host_and_the_worst_status(agent, tmp_path):
     assert [r["target"] for r in results] == [agent.address, dead]
     assert "processes" in results[0]["result"]
     assert results[1]["error"]["code"] == "UNAVAILABLE"
+
+
+# ---- reclaim ---------------------------------------------------------------------
+
+
+def test_reclaim_a_pid_pages_out_and_reports_before_and_after(agent, target, zram_swap):
+    start, end = target.map_anon(256 * PAGE, seed=41)
+    run = vmctl("--target", agent.address, "reclaim", str(target.pid), "-o", "json")
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""  # piped: no progress bar
+    data = json.loads(run.stdout)
+    assert {"requested_bytes", "advised_bytes", "syscalls", "ranges", "processes"} <= set(data)
+    assert (data["advice"], data["filter"], data["dry_run"], data["cgroup"]) == ("pageout", "anonymous", False, None)
+    assert data["advised_bytes"] >= end - start and data["syscalls"] >= 1
+    assert any(r["start"] == start and r["end"] == end and r["pid"] == target.pid for r in data["ranges"])
+    (process,) = data["processes"]
+    assert process["pid"] == target.pid and process["status"] == "done" and process["attempts"] == 1
+    assert process["swap_after"] - process["swap_before"] >= end - start
+    assert process["rss_before"] - process["rss_after"] >= end - start
+    assert data["swap_after"] == process["swap_after"] and data["rss_before"] == process["rss_before"]
+    assert target.smaps_region(start)["Swap"] * 1024 == end - start
+    target.verify()
+
+
+def test_reclaim_table_and_min_rss(agent, target):
+    target.map_anon(16 * PAGE, seed=42)
+    run = vmctl("--target", agent.address, "reclaim", str(target.pid), "--advice", "cold", "--min-rss", "1T")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].split() == ["PID", "COMM", "STATUS", "TRIES", "ADVISED", "CALLS", "RSS", "SWAP"]
+    comm = pathlib.Path(f"/proc/{target.pid}/comm").read_text().strip()
+    assert lines[1].split()[:6] == [str(target.pid), comm, "done", "1", "0B", "0"]
+    assert lines[-1].startswith(f"pid {target.pid}, cold (anonymous): advised 0B of 0B requested in 0 process_madvise")
+    some = vmctl("--target", agent.address, "reclaim", str(target.pid), "--advice", "cold", "--min-rss", "64k")
+    assert some.returncode == 0 and "advised 0B" not in some.stdout
+
+
+def test_reclaim_a_cgroup_on_one_host(agent, spawn_target, tmp_path):
+    members, outsider = [spawn_target(), spawn_target()], spawn_target()
+    for i, member in enumerate(members):
+        member.map_anon(32 * PAGE, seed=43 + i)
+    cgroup = CGROUP2 / f"vmctl-test-cli-{tmp_path.name}"
+    cgroup.mkdir()
+    try:
+        for member in members:
+            (cgroup / "cgroup.procs").write_text(str(member.pid))
+        prefix = f"/{cgroup.name}"
+        run = vmctl("--target", agent.address, "reclaim", "--cgroup", prefix, "--advice", "cold", "-o", "json")
+        assert run.returncode == 0, run.stderr
+        data = json.loads(run.stdout)
+        assert data["cgroup"] == prefix
+        assert sorted(p["pid"] for p in data["processes"]) == sorted(m.pid for m in members)
+        assert outsider.pid not in {r["pid"] for r in data["ranges"]}
+        assert data["advised_bytes"] == sum(p["advised_bytes"] for p in data["processes"]) >= 2 * 32 * PAGE
+        table = vmctl("--target", agent.address, "reclaim", "--cgroup", prefix, "--advice", "cold", "--dry-run")
+        assert table.returncode == 0, table.stderr
+        assert f"cgroup {prefix}: 2 process(es), cold (anonymous): would advise" in table.stdout
+    finally:
+        for pid in (cgroup / "cgroup.procs").read_text().split():
+            (CGROUP2 / "cgroup.procs").write_text(pid)
+        cgroup.rmdir()
+
+
+def test_reclaim_usage_errors_exit_2(agent, target):
+    assert vmctl("reclaim").returncode == 2  # neither a pid nor --cgroup
+    assert vmctl("reclaim", str(target.pid), "--cgroup", "/").returncode == 2
+    assert vmctl("reclaim", str(target.pid), "--min-rss", "lots").returncode == 2
+    assert vmctl("reclaim", str(target.pid), "--retries", "-1").returncode == 2
+    assert vmctl("reclaim", str(target.pid), "--advice", "willneed").returncode == 2
+
+
+def test_a_progress_bar_on_a_terminal_and_none_when_piped(agent, target):
+    args = ["--target", agent.address, "reclaim", str(target.pid), "--advice", "cold", "-o", "json"]
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vmctl_client.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            env={**os.environ, "TERM": "xterm", "COLUMNS": "100"},
+        )
+        os.close(terminal)
+        terminal = -1
+        stdout, _ = proc.communicate(timeout=120)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    assert proc.returncode == 0
+    assert json.loads(stdout)["processes"][0]["pid"] == target.pid  # stdout stays clean JSON
+    assert b"reclaim" in drawn and b"1/1" in drawn
+    piped = vmctl(*args)
+    assert piped.returncode == 0 and piped.stderr == ""
+
+
+# ---- several targets --------------------------------------------------------------
+
+
+def test_targets_file_gives_per_host_results_even_for_one_host(agent, tmp_path):
+    listing = tmp_path / "targets"
+    listing.write_text(f"# one host\n{agent.address}   # the local agent\n")
+    run = vmctl("--targets-file", str(listing), "node", "-o", "json")
+    assert run.returncode == 0, run.stderr
+    (entry,) = json.loads(run.stdout)["results"]
+    assert entry["target"] == agent.address and entry["result"]["hostname"] == os.uname().nodename
+    dead = f"unix://{tmp_path}/dead.sock"
+    listing.write_text(f"{agent.address}\n\n# and one that is gone\n{dead}\n")
+    table = vmctl("--targets-file", str(listing), "--timeout", "3", "ps")
+    assert table.returncode == 1
+    assert f"== {agent.address}: ok" in table.stdout and f"== {dead}: FAILED UNAVAILABLE" in table.stdout
+    assert "== 1 of 2 hosts ok" in table.stdout
+    assert vmctl("--targets-file", str(tmp_path / "missing"), "ps").returncode == 2
+    assert vmctl("--target", "dns:///no-port-here", "ps").returncode == 2
+
+
+def test_the_worst_exit_status_wins(agent, target, tmp_path):
+    start, end = target.map_anon(4 * PAGE, seed=44)
+    maps = json.loads(vmctl("--target", agent.address, "maps", str(target.pid), "-o", "json").stdout)
+    target.map_anon(PAGE, seed=45)
+    # One agent under two spellings of its address: two hosts whose cookie is stale.
+    both = f"{agent.address},unix:{agent.socket_path}"
+    advise = ["advise", str(target.pid), "--advice", "cold", "--range", f"{start}-{end}", "--cookie", maps["cookie"]]
+    stale = vmctl("--target", both, *advise, "-o", "json")
+    assert stale.returncode == 3, stale.stdout
+    assert [r["error"]["reason"] for r in json.loads(stale.stdout)["results"]] == ["LAYOUT_CHANGED"] * 2
+    worse = vmctl("--target", both, "--target", f"unix://{tmp_path}/dead.sock", "--timeout", "3", *advise)
+    assert worse.returncode == 1

@@ -1,8 +1,9 @@
 """vmctl: the command line for vmctl agents.
 
-    vmctl [--target ADDR]... COMMAND [-o table|json]
+    vmctl [--target ADDR]... [--targets-file PATH] COMMAND [-o table|json]
 
-Exit status: 0 done, 1 error, 2 usage, 3 stale cookie or changed process.
+Exit status: 0 done, 1 error, 2 usage, 3 stale cookie or changed process;
+with several targets, the worst across them.
 """
 
 from __future__ import annotations
@@ -11,20 +12,28 @@ import argparse
 import json
 import signal
 import sys
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from vmctl_client import render
 from vmctl_client.channel import DEFAULT_TARGET, DEFAULT_TIMEOUT, TARGET_ENV, TlsOptions, default_target
 from vmctl_client.client import Client
 from vmctl_client.errors import StaleCookieError, VmctlError
-from vmctl_client.proto import vmctl_pb2 as pb
+from vmctl_client.fleet import DEFAULT_CONCURRENCY, DEFAULT_HOST_DEADLINE, Fleet, HostResult
+from vmctl_client.reclaim import DEFAULT_RETRIES, ERROR, KINDS_BY_FILTER, STALE, ProcessReclaim, ReclaimReport, reclaim
+from vmctl_client.targets import parse_dns_target, read_targets_file, split_targets
 from vmctl_client.types import ADVICE_NAMES, ATTR_WORDS, FILTER_NAMES, AdviceResult, VmaInfo, attr_mask
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STALE = 0, 1, 2, 3
 # For several targets the exit status is the worst one: an error outranks a
 # stale cookie, which a retry may cure.
 _SEVERITY = {EXIT_OK: 0, EXIT_STALE: 1, EXIT_ERROR: 2}
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_address(text: str) -> int:
@@ -42,80 +51,81 @@ def parse_range(text: str) -> tuple[int, int]:
     return parse_address(start), parse_address(end)
 
 
-def human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "K", "M", "G", "T"):
-        if value < 1024 or unit == "T":
-            return f"{int(value)}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+def parse_size(text: str) -> int:
+    """Bytes, with an optional binary unit: 4096, 64K, 1.5M, 2G."""
+    number, unit = text.strip().upper().removesuffix("IB"), ""
+    if number and number[-1] in _SIZE_UNITS:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = float(number) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or with K, M, G, T)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size cannot be negative")
+    return int(value)
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+        return value
 
-    def line(cells: Sequence[str]) -> str:
-        out = []
-        for i, cell in enumerate(cells):
-            last = i == len(cells) - 1
-            out.append(cell.rjust(widths[i]) if right[i] else (cell if last else cell.ljust(widths[i])))
-        return "  ".join(out).rstrip()
-
-    return "\n".join([line(headers), *(line(r) for r in rows)])
-
-
-# ---- commands: each returns a JSON-able result and renders a table ----------
+    return parse
 
 
-def run_maps(client: Client, args: argparse.Namespace) -> VmaInfo:
-    return client.get_vma_info(args.pid, args.attrs)
+# ---- progress: a rich bar on a terminal, nothing when piped ------------------
 
 
-# Columns a table shows for an attribute group asked for by name (JSON has them all).
-_TABLE_GROUP_WORDS = {
-    "residency": ("rss", "swap"),
-    "accounting": ("rss", "pss", "swap", "anonymous", "referenced"),
-    "all": ("rss", "pss", "swap", "anonymous", "referenced"),
-}
+class ProgressBar:
+    """A bar on stderr, only when stderr is a terminal (so output that is
+    piped or captured stays clean); transient, so the result stays alone."""
+
+    def __init__(self, progress: Progress | None, description: str) -> None:
+        self._progress = progress
+        self._description = description
+        self._task: TaskID | None = None
+
+    def start(self, total: int) -> None:
+        if self._progress is not None:
+            self._task = self._progress.add_task(self._description, total=total)
+
+    def advance(self, note: str | None = None) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, advance=1, **({"description": note} if note else {}))
 
 
-def table_maps(info: VmaInfo, args: argparse.Namespace) -> str:
-    asked: list[str] = []
-    for word in (args.attrs or "").split(","):
-        word = word.strip().lower()
-        asked += _TABLE_GROUP_WORDS.get(word, (word,))
-    numeric = [w for w in info.result_attrs if w not in ("vm_flags", "build_id", "thp_eligible")]
-    words = [w for w in dict.fromkeys(asked) if w in numeric]
-    headers = ["START", "END", "PERMS", "OFFSET", "DEV", "INODE", *(w.upper() for w in words), "PATH"]
-    rows = []
-    for vma in info.vmas:
-        m = vma.message
-        rows.append(
-            [
-                f"{m.start:x}",
-                f"{m.end:x}",
-                m.perms,
-                f"{m.offset:x}",
-                f"{m.dev_major:02x}:{m.dev_minor:02x}",
-                str(m.inode),
-                *(human_bytes(getattr(vma, w)) for w in words),
-                m.path,
-            ]
-        )
-    right = [False, False, False, False, False, True, *([True] * len(words)), False]
-    head = (
-        f"pid {info.process.pid} ({info.process.comm}), start time {info.process.start_time},"
-        f" {len(info.vmas)} VMAs, attrs: {', '.join(['layout', *info.result_attrs])}\n"
-        f"cookie {info.cookie_b64}\n"
-    )
-    return head + format_table(headers, rows, right)
+@contextmanager
+def progress_bar(description: str) -> Iterator[ProgressBar]:
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield ProgressBar(None, description)
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        yield ProgressBar(progress, description)
 
 
-def run_advise(client: Client, args: argparse.Namespace) -> AdviceResult:
+# ---- commands: each runs on one client, renders JSON and a table --------------
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable[[Client, argparse.Namespace, ProgressBar | None], Any]
+    to_json: Callable[[Any], dict]
+    to_table: Callable[[Any, argparse.Namespace], str]
+    exit_code: Callable[[Any], int] = lambda result: EXIT_OK
+
+
+def run_advise(client: Client, args: argparse.Namespace, _: ProgressBar | None) -> AdviceResult:
     cookie = args.cookie
     if args.all:
         info = client.get_vma_info(args.pid)
-        ranges: list[tuple[int, int]] = [(v.start, v.end) for v in info.vmas if v.message.kind != pb.VMA_KIND_SPECIAL]
+        ranges: list[tuple[int, int]] = [(v.start, v.end) for v in info.vmas if v.kind != "special"]
         cookie = cookie or info.cookie
     else:
         ranges = args.range
@@ -124,122 +134,50 @@ def run_advise(client: Client, args: argparse.Namespace) -> AdviceResult:
     return client.advise_ranges(args.pid, ranges, args.advice, cookie=cookie, filter=args.filter, dry_run=args.dry_run)
 
 
-def table_advise(result: AdviceResult, args: argparse.Namespace) -> str:
-    verb = "would advise" if result.dry_run else "advised"
-    head = (
-        f"pid {result.process.pid} ({result.process.comm}): {verb} {human_bytes(result.advised_bytes)}"
-        f" of {human_bytes(result.requested_bytes)} requested in {result.syscalls} process_madvise call(s)\n"
+def run_reclaim(client: Client, args: argparse.Namespace, bar: ProgressBar | None) -> ReclaimReport:
+    def on_process(outcome: ProcessReclaim) -> None:
+        if bar is not None:
+            bar.advance(f"reclaim: pid {outcome.pid} {outcome.status}")
+
+    return reclaim(
+        client,
+        pid=args.pid,
+        cgroup=args.cgroup,
+        advice=args.advice,
+        filter=args.filter,
+        min_rss=args.min_rss,
+        retries=args.retries,
+        dry_run=args.dry_run,
+        on_start=bar.start if bar is not None else None,
+        on_process=on_process,
     )
-    rows = [
-        [f"{r.start:x}", f"{r.end:x}", human_bytes(r.advised_bytes), human_bytes(r.skipped_bytes), r.error or "-"]
-        for r in result.ranges
-    ]
-    return head + format_table(["START", "END", "ADVISED", "SKIPPED", "ERROR"], rows, [False, False, True, True, False])
 
 
-def run_ps(client: Client, args: argparse.Namespace) -> list[pb.ProcessInfo]:
-    return client.list_processes(args.cgroup)
+def reclaim_exit_code(report: ReclaimReport) -> int:
+    """A process that exited or was replaced meanwhile is normal in a cgroup;
+    one that kept changing its layout through every retry is a stale cookie."""
+    worst = report.worst_status
+    return EXIT_ERROR if worst == ERROR else EXIT_STALE if worst == STALE else EXIT_OK
 
 
-def json_ps(processes: list[pb.ProcessInfo]) -> dict:
-    return {
-        "processes": [
-            {
-                "pid": p.pid,
-                "start_time": p.start_time,
-                "comm": p.comm,
-                "cgroup": p.cgroup,
-                "container_id": p.container_id,
-                "uid": p.uid,
-                "ppid": p.ppid,
-                "rss": p.rss_bytes,
-                "swap": p.swap_bytes,
-                "vma_count": p.vma_count,
-            }
-            for p in processes
-        ]
-    }
-
-
-def table_ps(processes: list[pb.ProcessInfo], args: argparse.Namespace) -> str:
-    rows = [
-        [str(p.pid), p.comm, human_bytes(p.rss_bytes), human_bytes(p.swap_bytes), str(p.vma_count), p.cgroup]
-        for p in processes
-    ]
-    return format_table(["PID", "COMM", "RSS", "SWAP", "VMAS", "CGROUP"], rows, [True, False, True, True, True, False])
-
-
-def json_node(info: pb.GetNodeInfoResponse) -> dict:
-    caps = info.capabilities
-    data: dict[str, Any] = {
-        "hostname": info.hostname,
-        "kernel": info.kernel,
-        "machine": info.machine,
-        "boot_id": info.boot_id,
-        "agent_version": info.agent_version,
-        "page_size": info.page_size,
-        "mem_total": info.mem_total_bytes,
-        "mem_available": info.mem_available_bytes,
-        "swap_total": info.swap_total_bytes,
-        "swap_free": info.swap_free_bytes,
-        "capabilities": {
-            "pidfd_open": caps.pidfd_open,
-            "process_madvise": caps.process_madvise,
-            "advices": [pb.Advice.Name(a).removeprefix("ADVICE_").lower() for a in caps.advices],
-            "procmap_query": caps.procmap_query,
-            "pagemap_scan": caps.pagemap_scan,
-            "advice_permitted": caps.advice_permitted,
-            "probe_errors": dict(caps.probe_errors),
-        },
-    }
-    if info.HasField("memory_pressure"):
-        data["memory_pressure"] = {
-            kind: {
-                "avg10": stall.avg10,
-                "avg60": stall.avg60,
-                "avg300": stall.avg300,
-                "total_us": stall.total_us,
-            }
-            for kind in ("some", "full")
-            for stall in [getattr(info.memory_pressure, kind)]
-        }
-    return data
-
-
-def table_node(info: pb.GetNodeInfoResponse, args: argparse.Namespace) -> str:
-    data = json_node(info)
-    caps = data.pop("capabilities")
-    lines = [
-        f"{key}: {human_bytes(v) if key.startswith(('mem_', 'swap_')) else v}"
-        for key, v in data.items()
-        if key != "memory_pressure"
-    ]
-    if "memory_pressure" in data:
-        some = data["memory_pressure"]["some"]
-        lines.append(f"memory pressure (some): avg10={some['avg10']} avg60={some['avg60']} avg300={some['avg300']}")
-    lines.append(
-        "capabilities: "
-        + ", ".join(
-            [
-                name
-                for name in ("pidfd_open", "process_madvise", "procmap_query", "pagemap_scan", "advice_permitted")
-                if caps[name]
-            ]
-            + [f"advice={a}" for a in caps["advices"]]
-        )
-    )
-    lines += [f"  probe {name}: {why}" for name, why in caps["probe_errors"].items()]
-    return "\n".join(lines)
-
-
-Command = tuple[
-    Callable[[Client, argparse.Namespace], Any], Callable[[Any], dict], Callable[[Any, argparse.Namespace], str]
-]
 COMMANDS: dict[str, Command] = {
-    "maps": (run_maps, lambda info: info.to_json(), table_maps),
-    "advise": (run_advise, lambda result: result.to_json(), table_advise),
-    "ps": (run_ps, json_ps, table_ps),
-    "node": (lambda client, args: client.node_info(), json_node, table_node),
+    "maps": Command(
+        lambda client, args, _: client.get_vma_info(args.pid, args.attrs),
+        VmaInfo.to_json,
+        lambda info, args: render.maps_table(info, args.attrs),
+    ),
+    "advise": Command(run_advise, AdviceResult.to_json, lambda result, _: render.advise_table(result)),
+    "reclaim": Command(
+        run_reclaim, ReclaimReport.to_json, lambda report, _: render.reclaim_table(report), reclaim_exit_code
+    ),
+    "ps": Command(
+        lambda client, args, _: client.list_processes(args.cgroup),
+        lambda processes: {"processes": [p.to_json() for p in processes]},
+        lambda processes, _: render.ps_table(processes),
+    ),
+    "node": Command(
+        lambda client, args, _: client.node_info(), lambda info: info.to_json(), lambda info, _: render.node_table(info)
+    ),
 }
 
 
@@ -251,21 +189,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmctl",
         description="Read process address spaces and apply memory advice through vmctl agents.",
-        epilog=f"Exit status: 0 done, 1 error, 2 usage, 3 stale cookie or changed process. Target: --target, else"
-        f" ${TARGET_ENV}, else {DEFAULT_TARGET}.",
+        epilog="Exit status: 0 done, 1 error, 2 usage, 3 stale cookie or changed process (with several targets, the"
+        f" worst). Target: --target / --targets-file, else ${TARGET_ENV}, else {DEFAULT_TARGET}.",
         parents=[output],
     )
-    parser.add_argument(
+    where = parser.add_argument_group("targets")
+    where.add_argument(
         "--target",
         action="append",
         metavar="ADDR",
-        help="agent address: unix:///PATH, HOST:PORT or tcp://HOST:PORT; repeat or comma-separate for several",
+        help="agent address: unix:///PATH, HOST:PORT, tcp://HOST:PORT, or dns:///NAME:PORT for every address of"
+        " NAME; repeat or comma-separate for several",
     )
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per call (default 30)")
-    parser.add_argument("--ca", help="CA certificate (PEM) that signs the agents' certificates")
-    parser.add_argument("--cert", help="client certificate (PEM) for mutual TLS")
-    parser.add_argument("--key", help="client private key (PEM) for mutual TLS")
-    parser.add_argument("--server-name", help="name to expect in the agent's certificate")
+    where.add_argument("--targets-file", metavar="PATH", help="more targets, one per line (commas allowed, # comments)")
+    where.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=DEFAULT_TIMEOUT,
+        metavar="S",
+        help="seconds per call (default %(default)g)",
+    )
+    where.add_argument(
+        "--deadline",
+        type=_positive(float),
+        metavar="S",
+        default=DEFAULT_HOST_DEADLINE,
+        help="seconds per host for the whole command (default %(default)g)",
+    )
+    where.add_argument(
+        "--concurrency",
+        type=_positive(int),
+        metavar="N",
+        default=DEFAULT_CONCURRENCY,
+        help="hosts worked on at once (default %(default)d)",
+    )
+    tls = parser.add_argument_group("TLS (tcp targets)")
+    tls.add_argument("--ca", metavar="PEM", help="CA certificate that signs the agents' certificates")
+    tls.add_argument("--cert", metavar="PEM", help="client certificate for mutual TLS")
+    tls.add_argument("--key", metavar="PEM", help="client private key for mutual TLS")
+    tls.add_argument("--server-name", metavar="NAME", help="name to expect in the agents' certificates")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     maps = sub.add_parser("maps", parents=[output], help="snapshot of a process's VMAs, with its cookie")
@@ -284,18 +246,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     advise.add_argument("pid", type=int)
     advise.add_argument("--advice", required=True, choices=sorted(ADVICE_NAMES))
-    where = advise.add_mutually_exclusive_group(required=True)
-    where.add_argument(
+    ranges = advise.add_mutually_exclusive_group(required=True)
+    ranges.add_argument(
         "--range",
         action="append",
         type=parse_range,
         metavar="START-END",
         help="page-aligned range, end exclusive, hex (0x...) or decimal; repeatable",
     )
-    where.add_argument("--all", action="store_true", help="every VMA of the process")
+    ranges.add_argument("--all", action="store_true", help="every VMA of the process")
     advise.add_argument("--filter", choices=sorted(FILTER_NAMES), default="none")
     advise.add_argument("--cookie", help="cookie (base64) from `vmctl maps`; refused if the layout changed since")
     advise.add_argument("--dry-run", action="store_true", help="report what would be advised, change nothing")
+
+    reclaim_parser = sub.add_parser(
+        "reclaim",
+        parents=[output],
+        help="read, choose and advise with the cookie; retry when the layout moves",
+        description="Snapshot with residency, choose the VMAs the filter admits with at least --min-rss resident,"
+        " advise them with the snapshot's cookie, and when the layout changed meanwhile read again and retry"
+        " (--retries times, with jitter). Reports rss and swap before and after, per process and in total.",
+    )
+    who = reclaim_parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("pid", type=int, nargs="?", help="one process")
+    who.add_argument("--cgroup", metavar="PREFIX", help="every process whose cgroup v2 path starts with PREFIX")
+    reclaim_parser.add_argument("--advice", choices=("cold", "pageout"), default="pageout", help="(default pageout)")
+    reclaim_parser.add_argument(
+        "--filter",
+        choices=sorted(KINDS_BY_FILTER),
+        default="anonymous",
+        help="which VMAs: anonymous (heap, stack, private anonymous; the default), file, or none (both)",
+    )
+    reclaim_parser.add_argument(
+        "--min-rss",
+        type=parse_size,
+        default=0,
+        metavar="BYTES",
+        help="only VMAs with at least this much resident (64K, 1M, ...; default: any)",
+    )
+    reclaim_parser.add_argument(
+        "--retries",
+        type=int,
+        default=DEFAULT_RETRIES,
+        metavar="N",
+        help="re-reads after LAYOUT_CHANGED (default %(default)d)",
+    )
+    reclaim_parser.add_argument("--dry-run", action="store_true", help="report what would be advised, change nothing")
 
     ps = sub.add_parser("ps", parents=[output], help="processes on the node with a memory rollup")
     ps.add_argument("--cgroup", metavar="PREFIX", help="only processes whose cgroup v2 path starts with PREFIX")
@@ -304,72 +300,113 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _targets(args: argparse.Namespace) -> list[str]:
-    raw = args.target or [default_target()]
-    return [t.strip() for item in raw for t in item.split(",") if t.strip()]
+def _targets(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[str], bool]:
+    """The targets as given, and whether they name a fleet (several, a file, or
+    a DNS name): a fleet's output is per host even when it has one host."""
+    given = split_targets(args.target or [])
+    if args.targets_file:
+        try:
+            given += read_targets_file(args.targets_file)
+        except OSError as exc:
+            parser.error(f"--targets-file: {exc.strerror}: {args.targets_file}")
+    for target in given:
+        if target.startswith("dns:"):
+            try:
+                parse_dns_target(target)
+            except ValueError as exc:
+                parser.error(str(exc))
+    fleet = len(given) > 1 or bool(args.targets_file) or any(t.startswith("dns:") for t in given)
+    return (given or [default_target()]), fleet
 
 
 def _exit_code(error: VmctlError) -> int:
     return EXIT_STALE if isinstance(error, StaleCookieError) else EXIT_ERROR
 
 
-def _run_one(target: str, args: argparse.Namespace, tls: TlsOptions) -> tuple[Any, VmctlError | None]:
-    run = COMMANDS[args.command][0]
-    try:
-        with Client(target, tls=tls, timeout=args.timeout) as client:
-            return run(client, args), None
-    except VmctlError as error:
-        return None, error
-    except ValueError as error:  # bad cookie base64, bad TLS files, ...
-        return None, VmctlError(str(error), code="INVALID_ARGUMENT", target=target)
-    except OSError as error:
-        return None, VmctlError(str(error), code="UNAVAILABLE", target=target)
+def _worst(codes: list[int]) -> int:
+    return max(codes, key=_SEVERITY.__getitem__, default=EXIT_OK)
+
+
+def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.command == "maps" and args.attrs:
+        try:
+            attr_mask(args.attrs)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if args.command == "reclaim" and args.retries < 0:
+        parser.error("--retries cannot be negative")
+
+
+def _print_error(error: VmctlError, output: str) -> None:
+    if output == "json":
+        print(json.dumps({"error": error.to_json()}, indent=2))
+    else:
+        print(f"vmctl: {error.code}{' ' + error.reason if error.reason else ''}: {error.message}", file=sys.stderr)
+
+
+def _run_single(target: str, args: argparse.Namespace, tls: TlsOptions, output: str) -> int:
+    command = COMMANDS[args.command]
+    fleet = Fleet([target], tls=tls, timeout=args.timeout, host_deadline=args.deadline)
+    with progress_bar(args.command) if args.command == "reclaim" else nullcontext(None) as bar:
+        (outcome,) = fleet.run(lambda client: command.run(client, args, bar))
+    if outcome.error is not None:
+        _print_error(outcome.error, output)
+        return _exit_code(outcome.error)
+    print(
+        json.dumps(command.to_json(outcome.value), indent=2)
+        if output == "json"
+        else command.to_table(outcome.value, args)
+    )
+    return command.exit_code(outcome.value)
+
+
+def _run_fleet(targets: list[str], args: argparse.Namespace, tls: TlsOptions, output: str) -> int:
+    command = COMMANDS[args.command]
+    fleet = Fleet(targets, tls=tls, timeout=args.timeout, host_deadline=args.deadline, concurrency=args.concurrency)
+    failed = 0
+
+    with progress_bar(f"{args.command}: {len(fleet.targets)} hosts") as bar:
+        bar.start(len(fleet.targets))
+
+        def on_done(result: HostResult) -> None:
+            nonlocal failed
+            failed += not result.ok
+            bar.advance(f"{args.command}: {failed} failed" if failed else None)
+
+        outcomes = fleet.run(lambda client: command.run(client, args, None), on_done=on_done)
+    codes, entries = [], []
+    for outcome in outcomes:
+        if outcome.error is not None:
+            codes.append(_exit_code(outcome.error))
+            entries.append({"target": outcome.target, "error": outcome.error.to_json()})
+        else:
+            codes.append(command.exit_code(outcome.value))
+            entries.append({"target": outcome.target, "result": command.to_json(outcome.value)})
+    if output == "json":
+        print(json.dumps({"results": entries}, indent=2))
+    else:
+        for outcome in outcomes:
+            error = outcome.error
+            print(
+                f"== {outcome.target}: " + (f"FAILED {error.code} {error.reason}: {error.message}" if error else "ok")
+            )
+            if error is None:
+                print(command.to_table(outcome.value, args))
+        print(f"== {len(outcomes) - failed} of {len(outcomes)} hosts ok")
+    return _worst(codes)
 
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `vmctl maps 1 | head` ends quietly
     parser = build_parser()
     args = parser.parse_args(argv)
+    _validate(args, parser)
     output = getattr(args, "output", "table")
-    if args.command == "maps" and args.attrs:
-        try:
-            attr_mask(args.attrs)
-        except ValueError as exc:
-            parser.error(str(exc))
+    targets, is_fleet = _targets(args, parser)
     tls = TlsOptions(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
-    targets = _targets(args)
-    _, to_json, to_table = COMMANDS[args.command]
-    if len(targets) == 1:
-        result, error = _run_one(targets[0], args, tls)
-        if error is not None:
-            if output == "json":
-                print(json.dumps({"error": error.to_json()}, indent=2))
-            else:
-                print(
-                    f"vmctl: {error.code}{' ' + error.reason if error.reason else ''}: {error.message}", file=sys.stderr
-                )
-            return _exit_code(error)
-        print(json.dumps(to_json(result), indent=2) if output == "json" else to_table(result, args))
-        return EXIT_OK
-
-    with ThreadPoolExecutor(max_workers=min(32, len(targets))) as pool:
-        outcomes = list(pool.map(lambda t: _run_one(t, args, tls), targets))
-    worst = EXIT_OK
-    entries = []
-    for target, (result, error) in zip(targets, outcomes, strict=True):
-        if error is not None:
-            worst = max(worst, _exit_code(error), key=_SEVERITY.__getitem__)
-            entries.append({"target": target, "error": error.to_json()})
-        else:
-            entries.append({"target": target, "result": to_json(result)})
-    if output == "json":
-        print(json.dumps({"results": entries}, indent=2))
-    else:
-        for target, (result, error) in zip(targets, outcomes, strict=True):
-            print(f"== {target}: " + (f"FAILED {error.code} {error.reason}: {error.message}" if error else "ok"))
-            if error is None:
-                print(to_table(result, args))
-    return worst
+    if is_fleet:
+        return _run_fleet(targets, args, tls, output)
+    return _run_single(targets[0], args, tls, output)
 
 
 if __name__ == "__main__":
