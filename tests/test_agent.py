@@ -234,7 +234,11 @@ def _make_pki(directory: pathlib.Path) -> dict[str, str]:
 def test_mutual_tls_over_tcp(start_agent, tmp_path, target):
     pki = _make_pki(tmp_path)
     port = _free_port()
+    policy = tmp_path / "policy.yaml"  # without one, only root on the unix socket may call
+    policy.write_text('rules: [{identities: ["spiffe://cluster/ns/ops/sa/reclaimer"], verbs: [read]}]\n')
     start_agent(
+        "--policy",
+        str(policy),
         "--listen",
         f"tcp://127.0.0.1:{port}",
         "--tls-cert",

@@ -4,17 +4,14 @@ and never a secret (the cookie key, the TLS key, a cookie)."""
 from __future__ import annotations
 
 import base64
-import datetime
 import json
+import pathlib
 import re
 import socket
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from certs import Pki
 
 from vmctl_client import Client, TlsOptions
 from vmctl_client.proto import vmctl_pb2 as pb
@@ -22,32 +19,6 @@ from vmctl_client.proto import vmctl_pb2_grpc
 
 MiB = 1 << 20
 GENERATED_ID = re.compile(r"[0-9a-f]{16}")
-
-
-def _server_tls(directory) -> tuple[str, str, bytes]:
-    """A self-signed localhost certificate and its key: (cert path, key path, key PEM)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    cert_path, key_path = directory / "server.pem", directory / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key_pem)
-    key_path.chmod(0o600)
-    return str(cert_path), str(key_path), key_pem
 
 
 def _free_port() -> int:
@@ -81,17 +52,28 @@ def _access_lines(log_text: str) -> list[dict]:
 
 def test_json_log_has_levels_request_ids_and_no_secrets(start_agent, target, tmp_path):
     key_file = tmp_path / "cookie.key"
-    cert, tls_key, tls_key_pem = _server_tls(tmp_path)
+    pki = Pki(tmp_path / "pki")
+    server = pki.issue("localhost", dns=["localhost"])
+    reader = pki.issue("log-reader")
+    tls_key_pem = pathlib.Path(server.key).read_bytes()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        'rules: [{identities: ["uid:0"], verbs: [read, advise]}, {identities: ["cn:log-reader"], verbs: [read]}]'
+    )
     port = _free_port()
     agent = start_agent(
         "--cookie-key-file",
         str(key_file),
+        "--policy",
+        str(policy),
         "--listen",
         f"tcp://127.0.0.1:{port}",
         "--tls-cert",
-        cert,
+        server.cert,
         "--tls-key",
-        tls_key,
+        server.key,
+        "--client-ca",
+        pki.ca,
         "--log-format",
         "json",
         "--log-level",
@@ -115,7 +97,7 @@ def test_json_log_has_levels_request_ids_and_no_secrets(start_agent, target, tmp
         assert _call(stub.AdviseRanges, advise, None)[1] == grpc.StatusCode.FAILED_PRECONDITION
         unusable_id = "x" * 300  # too long to be an id: the agent makes its own
         assert _call(stub.GetNodeInfo, pb.GetNodeInfoRequest(), unusable_id)[0].hostname
-    tls = TlsOptions(ca=cert, server_name="localhost")
+    tls = TlsOptions(ca=pki.ca, cert=reader.cert, key=reader.key, server_name="localhost")
     with Client(f"127.0.0.1:{port}", tls=tls) as over_tls:
         cookies.append(over_tls.get_vma_info(target.pid).cookie)
     assert agent.stop() == 0

@@ -31,7 +31,7 @@ from vmctl_server.errors import (
     ProcessGone,
 )
 from vmctl_server.layout import KIND_ANONYMOUS, KIND_FILE, Layout, layout_digest
-from vmctl_server.snapshot import SnapshotReader, check_pid, read_identity
+from vmctl_server.snapshot import Identity, SnapshotReader, check_pid, read_identity
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -198,7 +198,16 @@ class Advisor:
         self.require_cookie = require_cookie
         self.max_ranges = max_ranges
 
-    def advise(self, request: AdviceRequest) -> AdviceResult:
+    def advise(
+        self,
+        request: AdviceRequest,
+        *,
+        check_target: Callable[[Identity], None] | None = None,
+        require_cookie: bool | None = None,
+    ) -> AdviceResult:
+        """Validate, check the cookie, and advise. ``check_target`` (the policy)
+        sees the process's identity as read through the pidfd, before its
+        layout is read; ``require_cookie`` overrides the agent's setting."""
         check_pid(request.pid)
         if request.advice not in ADVICE_BY_NUMBER:
             raise InvalidRequest(f"unknown advice {request.advice}", reason="UNKNOWN_ADVICE", field="advice")
@@ -217,7 +226,7 @@ class Advisor:
                 raise CookieInvalid(
                     f"cookie is for pid {claims.pid}, not {request.pid}", field="cookie", cookie_pid=claims.pid
                 )
-        elif self.require_cookie:
+        elif self.require_cookie if require_cookie is None else require_cookie:
             raise CookieRequired("a cookie from GetVmaInfo is required: read the layout first", field="cookie")
 
         pidfd = syscalls.pidfd_open(request.pid)
@@ -234,6 +243,8 @@ class Advisor:
                     raise ProcessChanged(
                         f"process {request.pid} has exec'd since the cookie was issued", pid=request.pid
                     )
+            if check_target is not None:
+                check_target(identity)
             records = self.reader.read_layout(request.pid)
             if claims is not None and layout_digest(records) != claims.layout_digest:
                 raise LayoutChanged(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
@@ -19,16 +18,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vmctl_client.proto import vmctl_pb2 as pb
-from vmctl_server import __version__, capabilities, logs, metrics, operations, syscalls
+from vmctl_server import __version__, capabilities, guard, logs, metrics, operations, syscalls
 from vmctl_server.advice import DEFAULT_MAX_RANGES, AdviseLoop, Advisor
 from vmctl_server.cookie import CookieSigner
+from vmctl_server.guard import Guard
 from vmctl_server.observe import ObservingInterceptor
 from vmctl_server.service import SERVICE_NAME, VmControlService, rpc_handler
 from vmctl_server.snapshot import SnapshotReader, SourceSupport, table_backend
+from vmctl_server.unixgate import UnixGateway
 
 log = logging.getLogger("vmctl.agent")
 DEFAULT_LISTEN = "unix:///run/vmctl/agent.sock"
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+# The most wire bytes one AddressRange can take (two 10-byte varints, their
+# tags, the field's tag and length): the default message limit lets every
+# request within --max-ranges through and nothing much larger.
+MAX_RANGE_WIRE_BYTES = 26
+MESSAGE_SLACK_BYTES = 64 << 10
+HEALTH_WORKERS = 4  # health and reflection: never shared with VmControl calls
 
 
 @dataclass(frozen=True)
@@ -88,12 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow tcp:// without TLS (anyone who reaches the port can advise any process)",
     )
     parser.add_argument("--no-native", action="store_true", help="use the pure-Python parsers and loops")
-    parser.add_argument("--workers", type=int, default=8, help="concurrent calls served (default 8)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=8,
+        help="VmControl calls served at once (default 8); health and reflection have threads of their own",
+    )
     parser.add_argument(
         "--max-message-bytes",
         type=int,
-        default=DEFAULT_MAX_MESSAGE_BYTES,
-        help=f"largest request accepted (default {DEFAULT_MAX_MESSAGE_BYTES})",
+        help="largest request accepted; larger ones get RESOURCE_EXHAUSTED unread"
+        f" (default: what --max-ranges ranges need, {MAX_RANGE_WIRE_BYTES} bytes each, plus 64 KiB)",
     )
     parser.add_argument(
         "--max-ranges",
@@ -118,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="plaintext gRPC serving only grpc.health.v1.Health, for kubelet grpc probes (default: off)",
     )
+    guard.add_arguments(parser)
     parser.add_argument("--version", action="version", version=f"vmctl-agent {__version__}")
     return parser
 
@@ -164,8 +176,11 @@ def _check_tls_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if args.client_ca and not args.tls_cert:
         parser.error("--client-ca needs --tls-cert and --tls-key")
     has_tcp = any(a.unix_path is None for a in args.listen)
-    if has_tcp and not args.tls_cert and not args.insecure:
-        parser.error("tcp:// listeners need --tls-cert and --tls-key (or --insecure, for a trusted test network only)")
+    if has_tcp and not args.client_ca and not args.insecure:
+        parser.error(
+            "tcp:// listeners need mutual TLS: --tls-cert, --tls-key and --client-ca"
+            " (or --insecure, for a trusted test network only)"
+        )
 
 
 def _select_backend(no_native: bool) -> tuple[object, AdviseLoop]:
@@ -179,7 +194,16 @@ def _select_backend(no_native: bool) -> tuple[object, AdviseLoop]:
     return table_backend(native=False), syscalls.advise_segments
 
 
-def build_server(args: argparse.Namespace) -> tuple[grpc.Server, health.HealthServicer]:
+@dataclass
+class Agent:
+    server: grpc.Server
+    health: health.HealthServicer
+    guard: Guard
+    gateway: UnixGateway | None  # in front of the unix listeners
+
+
+def build_server(args: argparse.Namespace) -> Agent:
+    security = guard.from_args(args)
     signer = (
         CookieSigner.from_key_file(args.cookie_key_file) if args.cookie_key_file else CookieSigner.with_random_key()
     )
@@ -195,42 +219,51 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, health.HealthSe
     )
     reader = SnapshotReader(backend, SourceSupport(pagemap_scan=caps.pagemap_scan, procmap_query=caps.procmap_query))
     advisor = Advisor(signer, reader, advise_loop, caps.advices, max_ranges=args.max_ranges)
-    service = VmControlService(reader, advisor, signer, caps)
+    service = VmControlService(reader, advisor, signer, caps, security)
 
+    max_message_bytes = args.max_message_bytes or args.max_ranges * MAX_RANGE_WIRE_BYTES + MESSAGE_SLACK_BYTES
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="vmctl-rpc"),
+        futures.ThreadPoolExecutor(max_workers=HEALTH_WORKERS, thread_name_prefix="vmctl-health"),
         interceptors=[ObservingInterceptor()],  # first: it also sees calls inner layers refuse
         options=[
-            ("grpc.max_receive_message_length", args.max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),  # a second agent on the same port must fail, not share it
         ],
     )
-    server.add_generic_rpc_handlers((rpc_handler(service),))
+    workers = futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="vmctl-rpc")
+    server.add_generic_rpc_handlers((rpc_handler(service, workers),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (pb.DESCRIPTOR.services_by_name["VmControl"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
         server,
     )
+    gateway = None
+    unix_paths = [a.unix_path for a in args.listen if a.unix_path is not None]
+    if unix_paths:
+        for path in unix_paths:
+            _claim_unix_path(path)
+        # Unix peers reach gRPC only through the gateway, which names them by
+        # SO_PEERCRED (see unixgate); gRPC itself listens on a private socket.
+        gateway = UnixGateway.beside(
+            unix_paths[0],
+            max_connections=args.max_connections,
+            max_connections_per_uid=args.max_connections_per_uid,
+        )
+        server.add_insecure_port(f"unix://{gateway.upstream}")
     for address in args.listen:
         try:
             if address.unix_path is not None:
-                _claim_unix_path(address.unix_path)
-                old_umask = os.umask(0o177)  # the socket is born 0600: only root may talk to the agent
-                try:
-                    server.add_insecure_port(address.grpc_target)
-                finally:
-                    os.umask(old_umask)
-                os.chmod(address.unix_path, 0o600)
-            elif args.tls_cert:
+                continue  # served by the gateway once the server runs
+            if args.tls_cert:
                 server.add_secure_port(address.grpc_target, _server_credentials(args))
             else:
                 log.warning("SERVING PLAINTEXT on %s (--insecure): no authentication, no encryption", address.text)
                 server.add_insecure_port(address.grpc_target)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {address.text}: {exc}") from exc
-    return server, health_servicer
+    return Agent(server, health_servicer, security, gateway)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     _check_tls_args(parser, args)
     logs.configure(args.log_level, args.log_format)
     try:
-        server, health_servicer = build_server(args)
+        agent = build_server(args)
+        server, health_servicer = agent.server, agent.health
         stop_listeners = operations.start_listeners(args.health_listen, args.metrics_listen, health_servicer)
     except (OSError, ValueError) as exc:
         print(f"vmctl-agent: {exc}", file=sys.stderr)
@@ -249,8 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: agent.guard.policies.reload())
+    policy = agent.guard.policies.current
+    started = {"event": "agent_started", "version": __version__, "policy": policy.source}
+    if not agent.guard.audit.write(started, f"vmctl-agent {__version__} started"):
+        print(f"vmctl-agent: cannot write the audit log {agent.guard.audit.path}", file=sys.stderr)
+        return 1
 
     server.start()
+    if agent.gateway is not None:
+        for address in args.listen:
+            if address.unix_path is not None:
+                agent.gateway.listen(address.unix_path, args.socket_mode)
     for name in (SERVICE_NAME, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("vmctl-agent %s serving on %s", __version__, ", ".join(a.text for a in args.listen))
@@ -258,13 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     stop.wait()
     log.info("shutting down: letting in-flight calls finish (up to %.0fs)", args.shutdown_grace)
     health_servicer.enter_graceful_shutdown()
+    if agent.gateway is not None:
+        agent.gateway.stop_accepting()  # new connections are refused; open ones finish their calls
     server.stop(args.shutdown_grace).wait()
+    if agent.gateway is not None:
+        agent.gateway.close()
     for stop_listener in stop_listeners:
         stop_listener()
-    for address in args.listen:
-        if address.unix_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(address.unix_path)
+    agent.guard.audit.write({"event": "agent_stopped"}, "vmctl-agent stopped")
     log.info("stopped")
     return 0
 

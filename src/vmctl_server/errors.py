@@ -73,3 +73,33 @@ class KernelUnsupported(VmctlFault):
     """This kernel lacks the syscall, ioctl or advice asked for."""
 
     reason = "KERNEL_UNSUPPORTED"
+
+
+class Unauthenticated(VmctlFault):
+    """The caller presented no credentials the agent can check."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PolicyDenied(VmctlFault):
+    """The policy grants the caller no rule for this verb, target or advice."""
+
+    reason = "POLICY_DENIED"
+
+
+class ProtectedTarget(VmctlFault):
+    """The target is never advised, whatever the policy (pid 1, the agent, ...)."""
+
+    reason = "PROTECTED_TARGET"
+
+
+class LimitExceeded(VmctlFault):
+    """A per-identity concurrency or rate limit; the call may succeed later."""
+
+    reason = "RATE_LIMITED"
+
+
+class AuditUnavailable(VmctlFault):
+    """The audit log cannot be written, so no advice is applied until it can."""
+
+    reason = "AUDIT_UNAVAILABLE"

@@ -13,6 +13,7 @@ Streaming calls (health Watch, reflection) pass through untouched.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -69,6 +70,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):
         request_id = logs.request_id_from(handler_call_details.invocation_metadata)
         behavior = handler.unary_unary
 
+        @functools.wraps(behavior)  # keeps experimental_thread_pool: VmControl runs on its own workers
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
             token = logs.request_id.set(request_id)
             in_flight = metrics.IN_FLIGHT.labels(service, method)

@@ -12,17 +12,23 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from concurrent import futures
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from vmctl_client.proto import vmctl_pb2 as pb
 from vmctl_server import status
-from vmctl_server.advice import AdviceRequest, Advisor
+from vmctl_server.advice import ADVICE_BY_NUMBER, AdviceRequest, Advisor
+from vmctl_server.audit import AdviceAudit
+from vmctl_server.auth import Caller, caller_from
 from vmctl_server.capabilities import Capabilities
 from vmctl_server.cookie import CookieSigner
-from vmctl_server.errors import VmctlFault
+from vmctl_server.errors import InvalidRequest, VmctlFault
+from vmctl_server.guard import Guard
 from vmctl_server.node import list_processes, node_info
+from vmctl_server.policy import ADVISE, READ, Target
 from vmctl_server.snapshot import SnapshotReader, claims_for
 
 log = logging.getLogger(__name__)
@@ -45,18 +51,45 @@ def _translate_faults(method: Handler) -> Handler:
     return wrapper  # type: ignore[return-value]
 
 
+class Malformed:
+    """A request whose bytes did not parse: refused inside the handler, after
+    the caller is known, with INVALID_ARGUMENT instead of gRPC's INTERNAL."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def refuse(self) -> InvalidRequest:
+        return InvalidRequest(f"the request does not parse: {self.error}", reason="MALFORMED_REQUEST")
+
+
+def _caller(context: grpc.ServicerContext) -> Caller:
+    return caller_from(context.peer(), context.auth_context())
+
+
 class VmControlService:
     def __init__(
-        self, reader: SnapshotReader, advisor: Advisor, signer: CookieSigner, capabilities: Capabilities
+        self,
+        reader: SnapshotReader,
+        advisor: Advisor,
+        signer: CookieSigner,
+        capabilities: Capabilities,
+        guard: Guard,
     ) -> None:
         self.reader = reader
         self.advisor = advisor
         self.signer = signer
         self.capabilities = capabilities
+        self.guard = guard
 
     @_translate_faults
     def GetVmaInfo(self, request: pb.GetVmaInfoRequest, context: grpc.ServicerContext) -> bytes:
-        snapshot = self.reader.take(request.pid, request.attr_mask)
+        caller = _caller(context)
+        with self.guard.admit(caller, READ) as policy:
+            if isinstance(request, Malformed):
+                raise request.refuse()
+            target = self.guard.check_read(policy, caller, request.pid)
+            snapshot = self.reader.take(request.pid, request.attr_mask)
+            self.guard.same_process(target, snapshot.identity.start_time)
         identity = snapshot.identity
         header = pb.GetVmaInfoResponse(
             process=pb.Process(pid=identity.pid, start_time=identity.start_time, comm=identity.comm),
@@ -67,16 +100,39 @@ class VmControlService:
 
     @_translate_faults
     def AdviseRanges(self, request: pb.AdviseRangesRequest, context: grpc.ServicerContext) -> pb.AdviseRangesResponse:
-        result = self.advisor.advise(
-            AdviceRequest(
-                pid=request.pid,
-                ranges=[(r.start, r.end) for r in request.ranges],
-                advice=request.advice,
-                cookie=request.cookie,
-                filter=request.filter,
-                dry_run=request.dry_run,
-            )
-        )
+        caller = _caller(context)
+        audit = _advice_audit(caller, request, self.advisor.max_ranges)
+        try:
+            with self.guard.admit(caller, ADVISE) as policy:
+                if isinstance(request, Malformed):
+                    raise request.refuse()
+                self.guard.require_audit()
+                # Over the limit, the advisor refuses on the count alone: no
+                # need to build a million tuples first.
+                ranges = request.ranges
+                if len(ranges) <= self.advisor.max_ranges:
+                    ranges = [(r.start, r.end) for r in request.ranges]
+                result = self.advisor.advise(
+                    AdviceRequest(
+                        pid=request.pid,
+                        ranges=ranges,
+                        advice=request.advice,
+                        cookie=request.cookie,
+                        filter=request.filter,
+                        dry_run=request.dry_run,
+                    ),
+                    check_target=self.guard.advice_check(policy, caller, audit.advice, audit),
+                    require_cookie=policy.require_cookie,
+                )
+        except VmctlFault as fault:
+            code = status.code_name(fault)
+            self.guard.audit.write(audit.record(code, fault.reason, fault.message), audit.summary(code))
+            raise
+        except Exception:
+            self.guard.audit.write(audit.record("INTERNAL", "INTERNAL"), audit.summary("INTERNAL"))
+            raise
+        audit.advised_bytes, audit.syscalls = result.advised_bytes, result.syscalls
+        self.guard.audit.write(audit.record("OK"), audit.summary("OK"))
         return pb.AdviseRangesResponse(
             requested_bytes=result.requested_bytes,
             advised_bytes=result.advised_bytes,
@@ -100,13 +156,23 @@ class VmControlService:
     def ListProcesses(
         self, request: pb.ListProcessesRequest, context: grpc.ServicerContext
     ) -> pb.ListProcessesResponse:
-        return pb.ListProcessesResponse(
-            processes=[pb.ProcessInfo(**vars(p)) for p in list_processes(request.cgroup_prefix)]
-        )
+        caller = _caller(context)
+        with self.guard.admit(caller, READ) as policy:
+            if isinstance(request, Malformed):
+                raise request.refuse()
+            processes = list_processes(request.cgroup_prefix)
+        if not policy.reads_any_process(caller):  # only what the caller may read
+            processes = [
+                p for p in processes if policy.may_read(caller, Target(p.pid, p.uid, p.comm, p.cgroup, p.start_time))
+            ]
+        return pb.ListProcessesResponse(processes=[pb.ProcessInfo(**vars(p)) for p in processes])
 
     @_translate_faults
     def GetNodeInfo(self, request: pb.GetNodeInfoRequest, context: grpc.ServicerContext) -> pb.GetNodeInfoResponse:
-        info = node_info(self.capabilities)
+        with self.guard.admit(_caller(context), READ):
+            if isinstance(request, Malformed):
+                raise request.refuse()
+            info = node_info(self.capabilities)
         caps = info.capabilities
         response = pb.GetNodeInfoResponse(
             hostname=info.hostname,
@@ -144,18 +210,58 @@ class VmControlService:
         return response
 
 
+def _advice_audit(caller: Caller, request: pb.AdviseRangesRequest | Malformed, max_ranges: int) -> AdviceAudit:
+    if isinstance(request, Malformed):
+        return AdviceAudit(caller.audit_fields(), 0, "", "", False, 0, 0, False)
+    count = len(request.ranges)
+    return AdviceAudit(
+        caller=caller.audit_fields(),
+        pid=request.pid,
+        advice=ADVICE_BY_NUMBER.get(request.advice, str(request.advice)),
+        filter=pb.Filter.Name(request.filter) if request.filter in pb.Filter.values() else str(request.filter),
+        dry_run=request.dry_run,
+        range_count=count,
+        requested_bytes=sum(max(0, r.end - r.start) for r in request.ranges) if count <= max_ranges else 0,
+        cookie_sent=bool(request.cookie),
+    )
+
+
 def _pass_through(data: bytes) -> bytes:
     return data
 
 
-def rpc_handler(service: VmControlService) -> grpc.GenericRpcHandler:
-    """Method handlers for VmControl; GetVmaInfo's response is already bytes."""
+def _parser(request_type: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return request_type.FromString(data)
+        except DecodeError as exc:
+            return Malformed(str(exc) or "not a protobuf message")
+
+    return parse
+
+
+def rpc_handler(service: VmControlService, pool: futures.ThreadPoolExecutor | None = None) -> grpc.GenericRpcHandler:
+    """Method handlers for VmControl; GetVmaInfo's response is already bytes.
+
+    With ``pool``, VmControl calls run on it instead of the server's own
+    pool, which then serves only health and reflection: however many slow
+    snapshots are running or queued, a health check finds a free thread.
+    (gRPC's ``experimental_thread_pool`` on a handler's behavior picks the
+    pool; an interceptor that wraps the behavior must keep the attribute,
+    e.g. with functools.wraps.)
+    """
 
     def unary(
         method: Callable[..., Any], request_type: Any, serializer: Callable[[Any], bytes]
     ) -> grpc.RpcMethodHandler:
+        @functools.wraps(method)
+        def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            return method(request, context)
+
+        if pool is not None:
+            behavior.experimental_thread_pool = pool  # type: ignore[attr-defined]
         return grpc.unary_unary_rpc_method_handler(
-            method, request_deserializer=request_type.FromString, response_serializer=serializer
+            behavior, request_deserializer=_parser(request_type), response_serializer=serializer
         )
 
     return grpc.method_handlers_generic_handler(

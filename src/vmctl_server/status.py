@@ -26,6 +26,11 @@ STATUS_CODES: dict[type[errors.VmctlFault], int] = {
     errors.NoAddressSpace: code_pb2.FAILED_PRECONDITION,
     errors.AccessDenied: code_pb2.PERMISSION_DENIED,
     errors.KernelUnsupported: code_pb2.FAILED_PRECONDITION,
+    errors.Unauthenticated: code_pb2.UNAUTHENTICATED,
+    errors.PolicyDenied: code_pb2.PERMISSION_DENIED,
+    errors.ProtectedTarget: code_pb2.PERMISSION_DENIED,
+    errors.LimitExceeded: code_pb2.RESOURCE_EXHAUSTED,
+    errors.AuditUnavailable: code_pb2.UNAVAILABLE,
 }
 
 
@@ -34,6 +39,11 @@ def code_for(fault: errors.VmctlFault) -> int:
         if cls in STATUS_CODES:
             return STATUS_CODES[cls]
     return code_pb2.INTERNAL
+
+
+def code_name(fault: errors.VmctlFault) -> str:
+    """The status code's name ("PERMISSION_DENIED"), for the audit log."""
+    return code_pb2.Code.Name(code_for(fault))
 
 
 def to_status(fault: errors.VmctlFault) -> grpc.Status:
