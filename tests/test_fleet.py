@@ -18,8 +18,6 @@ removed in ``finally`` blocks, also when a test fails.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import json
 import os
 import pathlib
@@ -32,11 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from certs import CertFiles, Pki
 from conftest import PAGE, TARGET_SCRIPT, Target
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from vmctl_client import Client, RetryPolicy, TlsOptions, VmctlError
 
@@ -50,64 +45,6 @@ REGION = 64 * PAGE
 pytestmark = pytest.mark.skipif(
     not (CGROUP2 / "cgroup.procs").exists(), reason="needs cgroup v2 at /sys/fs/cgroup/unified"
 )
-
-
-# ---- certificates ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: str
-    client_cert: str
-    client_key: str
-    servers: dict[str, tuple[str, str]]  # ip -> (cert, key)
-
-
-def _issue(
-    directory: pathlib.Path,
-    name: str,
-    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
-    *,
-    ip: str | None = None,
-    client: bool = False,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, str, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca[0].subject if ca else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=2))
-        .add_extension(x509.BasicConstraints(ca=ca is None, path_length=None), critical=True)
-    )
-    if ip is not None:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False
-        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    if client:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-    cert = builder.sign(ca[1] if ca else key, hashes.SHA256())
-    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    key_path.chmod(0o600)
-    return cert, key, str(cert_path), str(key_path)
-
-
-def make_pki(directory: pathlib.Path, server_ips: list[str]) -> Pki:
-    ca_cert, ca_key, ca_path, _ = _issue(directory, "ca", None)
-    _, _, client_cert, client_key = _issue(directory, "controller", (ca_cert, ca_key), client=True)
-    servers = {}
-    for ip in server_ips:
-        _, _, cert, key = _issue(directory, f"agent-{ip}", (ca_cert, ca_key), ip=ip)
-        servers[ip] = (cert, key)
-    return Pki(ca_path, client_cert, client_key, servers)
 
 
 # ---- hosts ---------------------------------------------------------------------
@@ -178,8 +115,9 @@ class Fleet:
             )
             for i in range(HOSTS)
         ]
-        self.pki: Pki | None = None
-        self.policy_args: list[str] = []
+        self.pki = Pki(workdir / "pki")
+        self.controller: CertFiles = self.pki.issue("controller")
+        self.policy = workdir / "policy.yaml"
         self.hosts_lines: list[str] = []
 
     def _policy(self) -> list[str]:
@@ -207,19 +145,17 @@ class Fleet:
 
     @property
     def tls_args(self) -> list[str]:
-        assert self.pki is not None
-        return ["--ca", self.pki.ca, "--cert", self.pki.client_cert, "--key", self.pki.client_key]
+        return ["--ca", self.pki.ca, "--cert", self.controller.cert, "--key", self.controller.key]
 
     @property
     def tls(self) -> TlsOptions:
-        assert self.pki is not None
-        return TlsOptions(ca=self.pki.ca, cert=self.pki.client_cert, key=self.pki.client_key)
+        return TlsOptions(ca=self.pki.ca, cert=self.controller.cert, key=self.controller.key)
 
     # -- bring up
 
     def up(self) -> None:
-        self.pki = make_pki(self.workdir, [h.ip for h in self.hosts])
-        self.policy_args = self._policy()
+        # A TCP client is granted nothing by default: the controller's certificate may read and advise.
+        self.policy.write_text("rules:\n  - identities: [cn:controller]\n    verbs: [read, advise]\n")
         self.cgroup.mkdir()
         for host in self.hosts:
             self._network(host)
@@ -251,12 +187,12 @@ class Fleet:
         host.init_pid = _child_of(host.init.pid)
 
     def _start_agent(self, host: Host) -> None:
-        assert self.pki is not None
-        cert, key = self.pki.servers[host.ip]
-        tls = ["--tls-cert", cert, "--tls-key", key, "--client-ca", self.pki.ca, *self.policy_args]
+        server = self.pki.issue(f"agent-{host.index}", ips=[host.ip])
+        tls = ["--tls-cert", server.cert, "--tls-key", server.key, "--client-ca", self.pki.ca]
+        agent = ["-m", "vmctl_server.agent", "--listen", f"tcp://{host.address}", *tls, "--policy", str(self.policy)]
         with host.log.open("ab") as log:
             host.agent = subprocess.Popen(
-                [*host.enter(), sys.executable, "-m", "vmctl_server.agent", "--listen", f"tcp://{host.address}", *tls],
+                [*host.enter(), sys.executable, *agent],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -395,7 +331,6 @@ def test_a_dns_name_expands_to_every_host(fleet):
 
 def test_a_client_without_a_certificate_is_refused(fleet):
     host = fleet.hosts[0]
-    assert fleet.pki is not None
     run = run_cli("--target", host.address, "--ca", fleet.pki.ca, "--timeout", "5", "ps", "-o", "json")
     assert run.returncode == 1
     assert json.loads(run.stdout)["error"]["code"] == "UNAVAILABLE"
