@@ -333,3 +333,16 @@ def test_the_worst_exit_status_wins(agent, target, tmp_path):
     assert [r["error"]["reason"] for r in json.loads(stale.stdout)["results"]] == ["LAYOUT_CHANGED"] * 2
     worse = vmctl("--target", both, "--target", f"unix://{tmp_path}/dead.sock", "--timeout", "3", *advise)
     assert worse.returncode == 1
+
+
+def test_a_user_the_socket_refuses_is_told_so(agent):
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    run = subprocess.run(
+        [*nobody, sys.executable, "-m", "vmctl_client.cli", "--target", agent.address, "--timeout", "5", "node"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
+    assert run.returncode == 1, run.stderr
+    assert "may not connect to the agent's socket" in run.stderr and "Run as root" in run.stderr

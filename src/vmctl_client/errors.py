@@ -101,7 +101,12 @@ def from_rpc_error(exc: grpc.RpcError, target: str = "") -> VmctlError:
     info = error_info(exc) if is_call else None  # type: ignore[arg-type]
     reason = info.reason if info else ""
     cls = _BY_REASON.get(reason) or _BY_CODE.get(code, VmctlError)
-    if cls is AgentUnavailableError and target.startswith("unix:"):
+    if cls is AgentUnavailableError and target.startswith("unix:") and "Permission denied" in message:
+        message = (
+            f"this user may not connect to the agent's socket at {target} ({message}). Run as root, or ask the"
+            " agent's operator to open it to you (vmctl-agent --socket-mode, and a policy rule for your uid)"
+        )
+    elif cls is AgentUnavailableError and target.startswith("unix:"):
         message = (
             f"no vmctl agent answers at {target} ({message}). Start one with `sudo vmctl-agent`"
             " (or `make run` in a checkout), or pick another with --target / VMCTL_TARGET"
