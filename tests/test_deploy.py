@@ -20,7 +20,6 @@ import zipfile
 import kubernetes_validate
 import pytest
 import tomllib
-import yaml
 from deploy_files import (
     DOCKERFILE,
     OVERLAYS,
@@ -34,6 +33,7 @@ from deploy_files import (
 )
 
 from vmctl_server import agent as agent_cli
+from vmctl_server.policy import parse_policy
 
 # kubectl here is 1.32; also the newest schemas kubernetes-validate bundles (it works offline from them).
 SCHEMA_VERSIONS = ("1.32.0", kubernetes_validate.utils.latest_version())
@@ -153,9 +153,7 @@ def test_every_path_the_agent_uses_is_mounted(overlay):
     assert not key_mount.get("readOnly") and "hostPath" in volumes[key_mount["name"]]
     for tls_file in filter(None, (args.tls_cert, args.tls_key, args.client_ca)):
         assert volumes[mount_of(tls_file)["name"]]["secret"]["defaultMode"] == 0o400
-    policy = getattr(args, "policy", None)
-    if policy:
-        assert "configMap" in volumes[mount_of(policy)["name"]]
+    assert "configMap" in volumes[mount_of(args.policy)["name"]]
 
 
 def test_node_local_has_no_network_access_to_vmcontrol():
@@ -186,17 +184,15 @@ def test_cluster_overlay_discovery_and_network_policy():
     assert admitted_to_grpc == [{"vmctl.dev/controller": "true"}]
 
 
-def test_policy_configmap_has_the_policy_shape():
+def test_policy_configmap_is_a_policy_the_agent_accepts():
+    """The ConfigMap's file, through the agent's own policy parser (the one --policy uses)."""
     config_map = only(render(OVERLAYS[0]), "ConfigMap")
-    policy = yaml.safe_load(config_map["data"]["policy.yaml"])
-    assert policy["require_cookie"] is True
-    assert isinstance(policy["protected_pids"], list)
-    verbs = {"read", "advise"}
-    advices = {"cold", "pageout", "willneed", "collapse"}
-    for rule in policy["rules"]:
-        assert rule["identities"] and set(rule["verbs"]) <= verbs
-        assert set(rule.get("advices", [])) <= advices
-        assert set(rule.get("targets", {})) <= {"cgroup_prefixes", "uids", "comm"}
+    policy = parse_policy(config_map["data"]["policy.yaml"], "policy.yaml")
+    assert policy.require_cookie is True
+    assert {rule.name for rule in policy.rules} == {"node-root", "reclaimer", "observer"}
+    args = _agent_args(render(OVERLAYS[0]))
+    mount = next(m for m in agent_container(render(OVERLAYS[0]))["volumeMounts"] if m["name"] == "policy")
+    assert args.policy == f"{mount['mountPath']}/policy.yaml"
 
 
 # ---- container image -------------------------------------------------------------
