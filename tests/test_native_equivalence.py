@@ -11,7 +11,8 @@ import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from vmctl_client.proto import vmctl_pb2 as pb
 from vmctl_server import _native, syscalls
 from vmctl_server.attrs import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
+from vmctl_server.errors import ProcessGone
 from vmctl_server.nativetable import NativeVmaTable, advise_segments
 from vmctl_server.pytable import SMAPS_KB_FIELDS, PyVmaTable
 
@@ -166,7 +168,7 @@ def both_tables(target: Target, source: str) -> tuple[PyVmaTable, NativeVmaTable
     return PyVmaTable.from_smaps(data), NativeVmaTable.from_smaps(data)
 
 
-def assert_same(py: PyVmaTable, native: NativeVmaTable) -> None:
+def assert_same(py: PyVmaTable | NativeVmaTable, native: NativeVmaTable) -> None:
     assert len(native) == len(py)
     assert native.filled_mask == py.filled_mask
     assert native.layout_records() == py.layout_records()
@@ -209,6 +211,30 @@ def test_tables_equal_on_a_real_process(target: Target, source: str) -> None:
     fill(py, target, residency=source == "maps")
     fill(native, target, residency=source == "maps")
     assert_same(py, native)
+
+
+@pytest.mark.parametrize("source", ["maps", "smaps"])
+def test_tables_read_from_proc_equal(target: Target, source: str) -> None:
+    """The native read (read(2) and parse in one C call) gives the reference's table."""
+    assert_same(PyVmaTable.read(target.pid, source), NativeVmaTable.read(target.pid, source))
+
+
+def test_reading_a_process_that_is_gone() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    for table in (PyVmaTable, NativeVmaTable):
+        with pytest.raises(ProcessGone):
+            table.read(proc.pid, "maps")
+
+
+def test_a_failed_read_is_an_os_error(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError) as caught:
+            NativeVmaTable.from_fd(fd, "maps")
+    finally:
+        os.close(fd)
+    assert caught.value.errno == errno.EISDIR
 
 
 def test_paths_as_python_decodes_them(target: Target) -> None:
@@ -430,6 +456,17 @@ def parse_both(source: str, data: bytes) -> tuple[PyVmaTable, NativeVmaTable]:
     return getattr(PyVmaTable, f"from_{source}")(data), getattr(NativeVmaTable, f"from_{source}")(data)
 
 
+def read_in_chunks(source: str, data: bytes, chunk: int) -> NativeVmaTable:
+    """``data`` parsed by the native read loop, ``chunk`` bytes per read(2)
+    (a regular file gives exactly that much), so lines and records are cut
+    at every possible place."""
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        f.seek(0)
+        return NativeVmaTable.from_fd(f.fileno(), source, chunk=chunk)
+
+
 @settings(max_examples=400, deadline=None)
 @given(data=maps_texts)
 def test_maps_parsers_equal(data: bytes) -> None:
@@ -513,6 +550,46 @@ def test_native_refuses_malformed_text(source: str, data: bytes, line: int) -> N
         table = getattr(PyVmaTable, f"from_{source}")(data)
         table.layout_records()
         table.encode(ATTR_RESIDENCY | ATTR_ACCOUNTING)
+
+
+READ_CHUNKS = st.sampled_from([0, 1, 2, 3, 7, 61, 4096])
+well_formed = st.tuples(st.just("maps"), maps_texts) | st.tuples(st.just("smaps"), smaps_texts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=well_formed, chunk=READ_CHUNKS)
+def test_reads_in_chunks_parse_as_the_whole(text: tuple[str, bytes], chunk: int) -> None:
+    source, data = text
+    assert_same(getattr(PyVmaTable, f"from_{source}")(data), read_in_chunks(source, data, chunk))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    source=st.sampled_from(["maps", "smaps"]),
+    data=st.binary(max_size=300) | damaged(maps_texts | smaps_texts),
+    chunk=READ_CHUNKS,
+)
+def test_reads_in_chunks_refuse_as_the_whole(source: str, data: bytes, chunk: int) -> None:
+    def outcome(parse: Callable[[], NativeVmaTable]) -> NativeVmaTable | str:
+        try:
+            return parse()
+        except ValueError as exc:
+            return str(exc)
+
+    whole = outcome(lambda: getattr(NativeVmaTable, f"from_{source}")(data))
+    chunked = outcome(lambda: read_in_chunks(source, data, chunk))
+    if isinstance(whole, str) or isinstance(chunked, str):
+        assert chunked == whole  # the same bad line
+    else:
+        assert_same(whole, chunked)
+
+
+@pytest.mark.parametrize("chunk", [0, 4096])
+def test_a_line_longer_than_the_read_buffer(chunk: int) -> None:
+    data = b"7f0000000000-7f0000001000 r--p 00000000 08:01 7 /%s\n7f0000001000-7f0000002000 rw-p 00000000 00:00 0\n" % (
+        b"long/" * 40_000
+    )
+    assert_same(PyVmaTable.from_maps(data), read_in_chunks("maps", data, chunk))
 
 
 @given(path=st.lists(st.sampled_from(UTF8_PIECES) | st.binary(max_size=6), max_size=20).map(b"".join))

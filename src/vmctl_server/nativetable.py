@@ -3,14 +3,18 @@
 
 The table lives in C memory owned by a cffi handle that frees it as soon as
 the :class:`NativeVmaTable` is dropped. Bytes come out through one copy
-each (``layout_records``, ``encode``). The calls release the GIL.
+each (``layout_records``, ``encode``). The calls release the GIL; ``read``
+reads and parses /proc text in one such call, so a large address space never
+becomes a Python bytes object and other threads run while the kernel writes
+the text.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 
-from vmctl_server import syscalls
+from vmctl_server import procfs, syscalls
 from vmctl_server.attrs import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
 from vmctl_server.layout import LAYOUT_RECORD
 
@@ -44,6 +48,31 @@ class NativeVmaTable:
     @classmethod
     def from_smaps(cls, data: bytes) -> NativeVmaTable:
         return cls(_parse(lib.vmctl_table_from_smaps, data, "smaps"), ATTR_RESIDENCY | ATTR_ACCOUNTING)
+
+    @classmethod
+    def read(cls, pid: int, source: str) -> NativeVmaTable:
+        """/proc/PID/maps or /proc/PID/smaps (``source``), read and parsed in C."""
+        fd = procfs.open_fd(pid, source)
+        try:
+            return cls.from_fd(fd, source, pid=pid)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def from_fd(cls, fd: int, source: str, *, chunk: int = 0, pid: int = 0) -> NativeVmaTable:
+        """The text of ``source`` read from ``fd`` to its end, at most ``chunk``
+        bytes per read(2) (0: as much as the kernel gives)."""
+        smaps = source == "smaps"
+        out = ffi.new("struct vmctl_table **")
+        bad_line = ffi.new("size_t *")
+        rc = lib.vmctl_table_read(fd, smaps, chunk, out, bad_line)
+        if rc < 0:
+            if bad_line[0]:
+                raise ValueError(f"/proc/PID/{source} text is malformed at line {bad_line[0]}")
+            if rc == -errno.ENOMEM:
+                raise MemoryError(f"no memory to parse /proc/PID/{source}")
+            raise procfs._gone_or_denied(pid, OSError(-rc, f"reading /proc/{pid}/{source}: {os.strerror(-rc)}"))
+        return cls(ffi.gc(out[0], lib.vmctl_table_free), ATTR_RESIDENCY | ATTR_ACCOUNTING if smaps else 0)
 
     def layout_records(self) -> bytes:
         out = ffi.new("char[]", self._len * LAYOUT_RECORD.size)

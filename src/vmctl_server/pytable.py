@@ -10,7 +10,7 @@ itself, which is what makes it a trustworthy reference for the C encoder.
 from __future__ import annotations
 
 from vmctl_client.proto import vmctl_pb2 as pb
-from vmctl_server import syscalls
+from vmctl_server import procfs, syscalls
 from vmctl_server.attrs import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
 from vmctl_server.layout import KERNEL_HALF, KIND_FILE, LAYOUT_RECORD, perm_flags, vma_kind
 
@@ -111,6 +111,12 @@ class PyVmaTable:
             elif key == b"VmFlags":
                 row["vm_flags"] = value.strip().decode("ascii")
         return cls(rows, ATTR_RESIDENCY | ATTR_ACCOUNTING)
+
+    @classmethod
+    def read(cls, pid: int, source: str) -> PyVmaTable:
+        """/proc/PID/maps or /proc/PID/smaps (``source``), read whole, then parsed."""
+        data = procfs.read_bytes(pid, source)
+        return cls.from_smaps(data) if source == "smaps" else cls.from_maps(data)
 
     def layout_records(self) -> bytes:
         pack = LAYOUT_RECORD.pack

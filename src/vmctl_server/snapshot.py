@@ -38,6 +38,9 @@ class VmaTable(Protocol):
 class TableBackend(Protocol):
     def from_maps(self, data: bytes) -> VmaTable: ...
     def from_smaps(self, data: bytes) -> VmaTable: ...
+    def read(self, pid: int, source: str) -> VmaTable:
+        """/proc/PID/``source`` ("maps" or "smaps") as a table."""
+        ...
 
 
 def table_backend(native: bool) -> TableBackend:
@@ -113,14 +116,11 @@ class SnapshotReader:
 
     def read_layout(self, pid: int) -> bytes:
         """Packed layout records only: the cheapest read, for the cookie check."""
-        return self.backend.from_maps(procfs.read_bytes(pid, "maps")).layout_records()
+        return self.backend.read(pid, "maps").layout_records()
 
     def _read(self, pid: int, want: int, identity: Identity) -> Snapshot:
         use_smaps = bool(want & ATTR_ACCOUNTING) or (want & ATTR_RESIDENCY and not self.sources.pagemap_scan)
-        if use_smaps:
-            table = self.backend.from_smaps(procfs.read_bytes(pid, "smaps"))
-        else:
-            table = self.backend.from_maps(procfs.read_bytes(pid, "maps"))
+        table = self.backend.read(pid, "smaps" if use_smaps else "maps")
         if want & ATTR_RESIDENCY and not use_smaps:
             fd = procfs.open_fd(pid, "pagemap")
             try:

@@ -122,12 +122,9 @@ struct vmctl_table {
 	size_t len, cap;
 	struct vmctl_vma *vmas;
 	struct vmctl_acct *acct; /* NULL for a maps table */
-	/*
-	 * Paths and VmFlags values, copied from the input; every one is a
-	 * distinct slice of it, so the input's length is always enough.
-	 */
+	/* Paths and VmFlags values, copied from the input. */
 	char *text;
-	size_t text_len;
+	size_t text_len, text_cap;
 	uint8_t *build_ids; /* BUILD_ID_MAX bytes per file VMA; NULL until filled */
 };
 
@@ -144,27 +141,49 @@ static bool is_py_space(char c)
 	return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
 }
 
+/* The first byte at or after p that is not ' ', or e; 8 bytes at a time. */
+static const char *skip_spaces(const char *p, const char *e)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+	while (e - p >= 8) {
+		uint64_t word;
+
+		memcpy(&word, p, 8);
+		word ^= UINT64_C(0x2020202020202020); /* a space becomes a zero byte */
+		if (word)
+			return p + __builtin_ctzll(word) / 8; /* the lowest address is the lowest byte */
+		p += 8;
+	}
+#endif
+	while (p < e && *p == ' ')
+		p++;
+	return p;
+}
+
 static bool is_lower_hex(char c)
 {
 	return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
 }
 
+/* 1 + the value of each byte as a digit (to base 16); 0 for a byte that is none. */
+static const uint8_t DIGIT_PLUS_1[256] = {
+	['0'] = 1,  ['1'] = 2,	['2'] = 3,  ['3'] = 4,	['4'] = 5,  ['5'] = 6,	['6'] = 7,  ['7'] = 8,
+	['8'] = 9,  ['9'] = 10, ['a'] = 11, ['b'] = 12, ['c'] = 13, ['d'] = 14, ['e'] = 15, ['f'] = 16,
+	['A'] = 11, ['B'] = 12, ['C'] = 13, ['D'] = 14, ['E'] = 15, ['F'] = 16,
+};
+
 static unsigned digit_value(char c, unsigned base)
 {
-	unsigned d;
+	unsigned d = (unsigned)DIGIT_PLUS_1[(uint8_t)c] - 1; /* UINT_MAX for no digit */
 
-	if (c >= '0' && c <= '9')
-		d = (unsigned)(c - '0');
-	else if (c >= 'a' && c <= 'f')
-		d = (unsigned)(c - 'a') + 10;
-	else if (c >= 'A' && c <= 'F')
-		d = (unsigned)(c - 'A') + 10;
-	else
-		return base; /* not a digit */
 	return d < base ? d : base;
 }
 
-/* [p, e) as one unsigned number in base 10 or 16, at most max. */
+/*
+ * [p, e) as one unsigned number in base 10 or 16, at most max. The hot path
+ * of every parser here: overflow is caught by the multiply itself rather
+ * than by a division per digit.
+ */
 static bool parse_uint(const char *p, const char *e, unsigned base, uint64_t max, uint64_t *out)
 {
 	uint64_t v = 0;
@@ -174,10 +193,11 @@ static bool parse_uint(const char *p, const char *e, unsigned base, uint64_t max
 	for (; p < e; p++) {
 		unsigned d = digit_value(*p, base);
 
-		if (d == base || v > (max - d) / base)
+		if (d == base || __builtin_mul_overflow(v, base, &v) || __builtin_add_overflow(v, d, &v))
 			return false;
-		v = v * base + d;
 	}
+	if (v > max)
+		return false;
 	*out = v;
 	return true;
 }
@@ -220,6 +240,17 @@ static bool utf8_valid(const uint8_t *s, size_t n)
 	size_t i = 0;
 
 	while (i < n) {
+		/* Paths are nearly always ASCII: skip it 8 bytes at a time. */
+		while (n - i >= 8) {
+			uint64_t word;
+
+			memcpy(&word, s + i, 8);
+			if (word & UINT64_C(0x8080808080808080))
+				break;
+			i += 8;
+		}
+		if (i == n)
+			break;
 		size_t k = utf8_char(s + i, n - i);
 
 		if (!k)
@@ -286,7 +317,7 @@ size_t vmctl_table_len(const struct vmctl_table *table)
 	return table->len;
 }
 
-static struct vmctl_table *table_new(size_t input_len, size_t cap, bool smaps)
+static struct vmctl_table *table_new(size_t text_cap, size_t cap, bool smaps)
 {
 	struct vmctl_table *t = calloc(1, sizeof(*t));
 
@@ -295,7 +326,8 @@ static struct vmctl_table *table_new(size_t input_len, size_t cap, bool smaps)
 	t->cap = cap ? cap : 1;
 	t->vmas = malloc(t->cap * sizeof(*t->vmas));
 	t->acct = smaps ? malloc(t->cap * sizeof(*t->acct)) : NULL;
-	t->text = malloc(input_len ? input_len : 1);
+	t->text_cap = text_cap ? text_cap : 1;
+	t->text = malloc(t->text_cap);
 	if (!t->vmas || (smaps && !t->acct) || !t->text) {
 		table_free(t);
 		return NULL;
@@ -325,13 +357,22 @@ static int table_grow(struct vmctl_table *t)
 	return 0;
 }
 
-static size_t text_append(struct vmctl_table *t, const char *s, size_t n)
+/* Copy n bytes to the table's text; *off is where they landed. 0 or -ENOMEM. */
+static int text_append(struct vmctl_table *t, const char *s, size_t n, size_t *off)
 {
-	size_t off = t->text_len;
+	if (n > t->text_cap - t->text_len) {
+		size_t cap = t->text_len + n > t->text_cap * 2 ? t->text_len + n : t->text_cap * 2;
+		char *text = realloc(t->text, cap);
 
-	memcpy(t->text + off, s, n);
+		if (!text)
+			return -ENOMEM;
+		t->text = text;
+		t->text_cap = cap;
+	}
+	*off = t->text_len;
+	memcpy(t->text + *off, s, n);
 	t->text_len += n;
-	return off;
+	return 0;
 }
 
 /* The first byte at or after p that is c, or e. */
@@ -416,7 +457,8 @@ static int parse_header(struct vmctl_table *t, const char *p, const char *e)
 		while (path < e && *path == ' ')
 			path++;
 		v->path_len = (size_t)(e - path);
-		v->path_off = text_append(t, path, v->path_len);
+		if (text_append(t, path, v->path_len, &v->path_off))
+			return -ENOMEM;
 	} else {
 		v->path_len = 0;
 		v->path_off = t->text_len;
@@ -491,7 +533,8 @@ static int parse_smaps_line(struct vmctl_table *t, const char *p, const char *e)
 
 	if (field == F_UNKNOWN)
 		return 0;
-	/* bytes.strip() */
+	/* bytes.strip(); the kernel pads values with runs of spaces */
+	value = skip_spaces(value, e);
 	while (value < e && is_py_space(*value))
 		value++;
 	while (e > value && is_py_space(e[-1]))
@@ -507,7 +550,8 @@ static int parse_smaps_line(struct vmctl_table *t, const char *p, const char *e)
 				return -EINVAL;
 		if (acct) {
 			acct->vm_flags_len = (size_t)(e - value);
-			acct->vm_flags_off = text_append(t, value, acct->vm_flags_len);
+			if (text_append(t, value, acct->vm_flags_len, &acct->vm_flags_off))
+				return -ENOMEM;
 		}
 		return 0;
 	}
@@ -530,49 +574,85 @@ static int parse_smaps_line(struct vmctl_table *t, const char *p, const char *e)
 	return 0;
 }
 
-static int parse(const char *data, size_t len, bool smaps, struct vmctl_table **out, size_t *bad_line)
+/* One line, without its newline: a VMA header, or (smaps) a "Key: value". */
+static int parse_line(struct vmctl_table *t, bool smaps, const char *p, const char *eol)
 {
-	const char *p = data, *end = data + len;
-	struct vmctl_table *t;
-	size_t cap = 1, line = 0;
+	if (eol == p)
+		return 0;
+	if (!smaps || is_lower_hex(*p)) {
+		if (t->len == t->cap) {
+			int err = table_grow(t);
 
-	/* maps has a line per VMA: count them and never grow. */
-	if (!smaps)
-		for (const char *q = data; (q = memchr(q, '\n', (size_t)(end - q))); q++)
-			cap++;
-	else
-		cap = len / 512 + 16;
-	t = table_new(len, cap, smaps);
-	if (!t)
-		return -ENOMEM;
-	*bad_line = 0;
-	while (p < end) {
-		const char *eol = find(p, end, '\n');
-		int err = 0;
+			if (err)
+				return err;
+		}
+		return parse_header(t, p, eol);
+	}
+	return parse_smaps_line(t, p, eol);
+}
 
-		line++;
-		if (eol > p) {
-			if (!smaps || is_lower_hex(*p)) {
-				if (t->len == t->cap)
-					err = table_grow(t);
-				if (!err)
-					err = parse_header(t, p, eol);
-			} else {
-				err = parse_smaps_line(t, p, eol);
+/*
+ * Every line that ends in [p, end) with a newline, and, when final, the
+ * unterminated rest as the last line. *used is how far the lines went;
+ * *line counts them, so it names the bad one on -EINVAL.
+ */
+static int parse_lines(struct vmctl_table *t, bool smaps, const char *p, const char *end, bool final, size_t *used,
+		       size_t *line)
+{
+	const char *start = p;
+	int err = 0;
+
+	for (;;) {
+		const char *eol = memchr(p, '\n', (size_t)(end - p));
+
+		if (!eol) {
+			if (final && p < end) {
+				++*line;
+				err = parse_line(t, smaps, p, end);
+				p = end;
 			}
+			break;
 		}
-		if (err) {
-			if (err == -EINVAL)
-				*bad_line = line;
-			table_free(t);
-			return err;
-		}
-		if (eol == end)
+		++*line;
+		err = parse_line(t, smaps, p, eol);
+		if (err)
 			break;
 		p = eol + 1;
 	}
+	*used = (size_t)(p - start);
+	return err;
+}
+
+static int finish(struct vmctl_table *t, int err, size_t line, struct vmctl_table **out, size_t *bad_line)
+{
+	if (err) {
+		*bad_line = err == -EINVAL ? line : 0;
+		table_free(t);
+		return err;
+	}
+	*bad_line = 0;
 	*out = t;
 	return 0;
+}
+
+static int parse(const char *data, size_t len, bool smaps, struct vmctl_table **out, size_t *bad_line)
+{
+	struct vmctl_table *t;
+	size_t cap = 1, line = 0, used;
+	int err;
+
+	/* maps has a line per VMA: count them and never grow. */
+	if (!smaps)
+		for (const char *q = data, *end = data + len; (q = memchr(q, '\n', (size_t)(end - q))); q++)
+			cap++;
+	else
+		cap = len / 512 + 16;
+	/* Every path and VmFlags value is a distinct slice of the input. */
+	t = table_new(len, cap, smaps);
+	if (!t)
+		return -ENOMEM;
+	err = parse_lines(t, smaps, data, data + len, true, &used, &line);
+	return finish(t, err, line, out, bad_line);
 }
 
 int vmctl_table_from_maps(const char *data, size_t len, struct vmctl_table **out, size_t *bad_line)
@@ -583,6 +663,61 @@ int vmctl_table_from_maps(const char *data, size_t len, struct vmctl_table **out
 int vmctl_table_from_smaps(const char *data, size_t len, struct vmctl_table **out, size_t *bad_line)
 {
 	return parse(data, len, true, out, bad_line);
+}
+
+#define READ_BUFFER (64u << 10)
+
+int vmctl_table_read(int fd, int smaps, size_t chunk, struct vmctl_table **out, size_t *bad_line)
+{
+	/* The kernel hands out /proc text one seq_file buffer (a page or a
+	 * record) per read; parse each piece while it is hot in the cache. */
+	size_t cap = READ_BUFFER, have = 0, line = 0;
+	struct vmctl_table *t = table_new(READ_BUFFER, 256, smaps);
+	char *buf = malloc(cap);
+	int err = 0, read_errno = 0;
+
+	if (!t || !buf) {
+		free(buf);
+		table_free(t);
+		return -ENOMEM;
+	}
+	for (;;) {
+		size_t want = cap - have, used;
+		ssize_t n;
+
+		if (!want) {
+			/* One line longer than the buffer. */
+			char *bigger = realloc(buf, cap * 2);
+
+			if (!bigger) {
+				err = -ENOMEM;
+				break;
+			}
+			buf = bigger;
+			cap *= 2;
+			continue;
+		}
+		n = read(fd, buf + have, chunk && chunk < want ? chunk : want);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			read_errno = errno;
+			break;
+		}
+		have += (size_t)n;
+		err = parse_lines(t, smaps, buf, buf + have, n == 0, &used, &line);
+		if (err || n == 0)
+			break;
+		memmove(buf, buf + used, have - used);
+		have -= used;
+	}
+	free(buf);
+	if (read_errno) {
+		table_free(t);
+		*bad_line = 0; /* no line was bad */
+		return -read_errno;
+	}
+	return finish(t, err, line, out, bad_line);
 }
 
 /* ----------------------------------------------------------------- layout */

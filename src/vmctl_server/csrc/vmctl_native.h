@@ -80,6 +80,15 @@ struct vmctl_segment {
  */
 int vmctl_table_from_maps(const char *data, size_t len, struct vmctl_table **out, size_t *bad_line);
 int vmctl_table_from_smaps(const char *data, size_t len, struct vmctl_table **out, size_t *bad_line);
+
+/*
+ * The same, reading the text from fd to its end (smaps if smaps is nonzero),
+ * each read at most chunk bytes (0: no limit; the tests use small ones), so
+ * that one call with the GIL released both reads and parses. -EINVAL with
+ * *bad_line >= 1 for malformed text; a failed read gives its -errno with
+ * *bad_line 0; -ENOMEM.
+ */
+int vmctl_table_read(int fd, int smaps, size_t chunk, struct vmctl_table **out, size_t *bad_line);
 void vmctl_table_free(struct vmctl_table *table);
 size_t vmctl_table_len(const struct vmctl_table *table);
 
