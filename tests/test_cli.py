@@ -10,11 +10,10 @@ import pty
 import subprocess
 import sys
 
+from cgroup2 import cgroup
 from conftest import PAGE
 
 from vmctl_server.cookie import COOKIE_SIZE
-
-CGROUP2 = pathlib.Path("/sys/fs/cgroup/unified")
 
 
 def vmctl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -238,12 +237,10 @@ def test_reclaim_a_cgroup_on_one_host(agent, spawn_target, tmp_path):
     members, outsider = [spawn_target(), spawn_target()], spawn_target()
     for i, member in enumerate(members):
         member.map_anon(32 * PAGE, seed=43 + i)
-    cgroup = CGROUP2 / f"vmctl-test-cli-{tmp_path.name}"
-    cgroup.mkdir()
-    try:
+    with cgroup(f"vmctl-test-cli-{tmp_path.name}") as group:
         for member in members:
-            (cgroup / "cgroup.procs").write_text(str(member.pid))
-        prefix = f"/{cgroup.name}"
+            (group / "cgroup.procs").write_text(str(member.pid))
+        prefix = f"/{group.name}"
         run = vmctl("--target", agent.address, "reclaim", "--cgroup", prefix, "--advice", "cold", "-o", "json")
         assert run.returncode == 0, run.stderr
         data = json.loads(run.stdout)
@@ -254,10 +251,6 @@ def test_reclaim_a_cgroup_on_one_host(agent, spawn_target, tmp_path):
         table = vmctl("--target", agent.address, "reclaim", "--cgroup", prefix, "--advice", "cold", "--dry-run")
         assert table.returncode == 0, table.stderr
         assert f"cgroup {prefix}: 2 process(es), cold (anonymous): would advise" in table.stdout
-    finally:
-        for pid in (cgroup / "cgroup.procs").read_text().split():
-            (CGROUP2 / "cgroup.procs").write_text(pid)
-        cgroup.rmdir()
 
 
 def test_reclaim_usage_errors_exit_2(agent, target):

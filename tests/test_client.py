@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import pathlib
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from cgroup2 import cgroup
 from conftest import PAGE, Agent, expect_error
 
 from vmctl_client import (
@@ -423,13 +423,11 @@ def test_reclaim_of_a_cgroup_pages_out_its_members(client, spawn_target, zram_sw
     members = [spawn_target(), spawn_target()]
     outsider = spawn_target()
     regions = [t.map_anon(256 * PAGE, seed=30 + i) for i, t in enumerate([*members, outsider])]
-    cgroup = pathlib.Path("/sys/fs/cgroup/unified") / f"vmctl-test-reclaim-{tmp_path.name}"
-    cgroup.mkdir()
-    try:
+    with cgroup(f"vmctl-test-reclaim-{tmp_path.name}") as group:
         for member in members:
-            (cgroup / "cgroup.procs").write_text(str(member.pid))
+            (group / "cgroup.procs").write_text(str(member.pid))
         outsider_swap = outsider.smaps_region(regions[2][0])["Swap"]
-        report = reclaim(client, cgroup=f"/{cgroup.name}", advice="pageout")
+        report = reclaim(client, cgroup=f"/{group.name}", advice="pageout")
         assert sorted(p.pid for p in report.processes) == sorted(m.pid for m in members)
         for outcome in report.processes:
             assert outcome.status == "done" and outcome.attempts == 1
@@ -442,7 +440,3 @@ def test_reclaim_of_a_cgroup_pages_out_its_members(client, spawn_target, zram_sw
         assert outsider.smaps_region(regions[2][0])["Swap"] == outsider_swap  # not in the cgroup: untouched
         for member in [*members, outsider]:
             member.verify()
-    finally:
-        for pid in (cgroup / "cgroup.procs").read_text().split():
-            (cgroup.parent / "cgroup.procs").write_text(pid)
-        cgroup.rmdir()

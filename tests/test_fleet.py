@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from certs import CertFiles, Pki
+from cgroup2 import CGROUP2, cgroup
 from conftest import PAGE, TARGET_SCRIPT, Target
 
 from vmctl_client import Client, RetryPolicy, TlsOptions, VmctlError
@@ -38,13 +39,10 @@ from vmctl_client import Client, RetryPolicy, TlsOptions, VmctlError
 HOSTS = 4
 TARGETS_PER_HOST = 2
 PORT = 7443
-CGROUP2 = pathlib.Path("/sys/fs/cgroup/unified")
 ETC_HOSTS = pathlib.Path("/etc/hosts")
 REGION = 64 * PAGE
 
-pytestmark = pytest.mark.skipif(
-    not (CGROUP2 / "cgroup.procs").exists(), reason="needs cgroup v2 at /sys/fs/cgroup/unified"
-)
+pytestmark = pytest.mark.skipif(CGROUP2 is None, reason="needs a cgroup v2 hierarchy")
 
 
 # ---- hosts ---------------------------------------------------------------------
@@ -98,11 +96,11 @@ class Host:
 class Fleet:
     """Builds the hosts and takes every one of them down again."""
 
-    def __init__(self, workdir: pathlib.Path) -> None:
+    def __init__(self, workdir: pathlib.Path, group: pathlib.Path) -> None:
         self.tag = secrets.token_hex(2)
         self.workdir = workdir
         self.subnet = self._free_subnet()
-        self.cgroup = CGROUP2 / f"vmctl-fleet-{self.tag}"
+        self.cgroup = group
         self.dns_name = f"vmctl-fleet-{self.tag}.test"
         self.hosts = [
             Host(
@@ -156,7 +154,6 @@ class Fleet:
     def up(self) -> None:
         # A TCP client is granted nothing by default: the controller's certificate may read and advise.
         self.policy.write_text("rules:\n  - identities: [cn:controller]\n    verbs: [read, advise]\n")
-        self.cgroup.mkdir()
         for host in self.hosts:
             self._network(host)
             self._pid_namespace(host)
@@ -240,23 +237,17 @@ class Fleet:
         if self.hosts_lines:
             kept = [line for line in ETC_HOSTS.read_text().splitlines() if line not in self.hosts_lines]
             ETC_HOSTS.write_text("".join(line + "\n" for line in kept))  # in place: /etc/hosts may be a mount
-        if self.cgroup.exists():
-            for _ in range(200):  # the last members take a moment to be reaped and leave
-                try:
-                    self.cgroup.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory) -> Iterator[Fleet]:
-    hosts = Fleet(tmp_path_factory.mktemp("fleet"))
-    try:
-        hosts.up()
-        yield hosts
-    finally:
-        hosts.down()
+    with cgroup(f"vmctl-fleet-{secrets.token_hex(4)}") as group:  # removed after the hosts are down
+        hosts = Fleet(tmp_path_factory.mktemp("fleet"), group)
+        try:
+            hosts.up()
+            yield hosts
+        finally:
+            hosts.down()
 
 
 def vmctl(fleet: Fleet, *args: str, hosts: list[Host] | None = None) -> subprocess.CompletedProcess:
