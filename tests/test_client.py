@@ -261,7 +261,7 @@ def test_a_read_finds_an_agent_that_starts_while_it_retries(tmp_path):
 def test_fleet_reports_each_host_and_no_host_holds_up_the_others(agent, misbehaving, tmp_path):
     _, (hanging, *_) = misbehaving()
     dead = f"unix://{tmp_path}/dead.sock"
-    fleet = Fleet([agent.address, f"{dead},{hanging}"], host_deadline=1.0, retry=FAST_RETRY)
+    fleet = Fleet([agent.address, f"{dead},{hanging}"], host_deadline=2.0, retry=FAST_RETRY)
     assert fleet.targets == [agent.address, dead, hanging]
     seen: list[str] = []
     results = fleet.run(lambda c: c.list_processes(), on_done=lambda r: seen.append(r.target))
