@@ -44,10 +44,13 @@ def test_sigterm_lets_in_flight_calls_finish_and_removes_the_socket(start_agent,
     limit = int(pathlib.Path("/proc/sys/vm/max_map_count").read_text())
     target.call("many_vmas", limit=limit)
     outcome: dict = {}
+    connected = threading.Event()
 
     def slow_call() -> None:
         with agent.client() as client:
             try:
+                client.node_info()  # the connection is up before the slow call starts
+                connected.set()
                 outcome["vmas"] = len(client.get_vma_info(target.pid, attrs=["accounting"]).vmas)
             except Exception as exc:
                 outcome["error"] = exc
@@ -55,6 +58,7 @@ def test_sigterm_lets_in_flight_calls_finish_and_removes_the_socket(start_agent,
 
     caller = threading.Thread(target=slow_call)
     caller.start()
+    assert connected.wait(30), outcome
     time.sleep(0.3)
     sent = time.monotonic()
     agent.proc.send_signal(signal.SIGTERM)

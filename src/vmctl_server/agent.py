@@ -10,6 +10,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -301,10 +302,15 @@ def main(argv: list[str] | None = None) -> int:
 
     stop.wait()
     log.info("shutting down: letting in-flight calls finish (up to %.0fs)", args.shutdown_grace)
+    deadline = time.monotonic() + args.shutdown_grace
     health_servicer.enter_graceful_shutdown()
     if agent.gateway is not None:
         agent.gateway.stop_accepting()  # new connections are refused; open ones finish their calls
-    server.stop(args.shutdown_grace).wait()
+    # Calls already admitted finish; later ones get UNAVAILABLE AGENT_STOPPING,
+    # an answer that says nothing was done (gRPC's own stop would cancel them).
+    if not agent.guard.drain(args.shutdown_grace):
+        log.warning("calls still running after %.0fs: cancelling them", args.shutdown_grace)
+    server.stop(max(0.0, deadline - time.monotonic())).wait()
     if agent.gateway is not None:
         agent.gateway.close()
     for stop_listener in stop_listeners:

@@ -99,6 +99,12 @@ class LimitExceeded(VmctlFault):
     reason = "RATE_LIMITED"
 
 
+class AgentStopping(VmctlFault):
+    """The agent is shutting down: the call was not started; another agent will answer."""
+
+    reason = "AGENT_STOPPING"
+
+
 class AuditUnavailable(VmctlFault):
     """The audit log cannot be written, so no advice is applied until it can."""
 

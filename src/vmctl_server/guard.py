@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import threading
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vmctl_server.audit import STDOUT, AdviceAudit, AuditLog
 from vmctl_server.auth import Caller
-from vmctl_server.errors import AuditUnavailable, ProcessChanged
+from vmctl_server.errors import AgentStopping, AuditUnavailable, ProcessChanged
 from vmctl_server.limits import IdentityLimits, LimitSettings
 from vmctl_server.policy import ADVISE, READ, Policy, PolicyStore, Target, read_target
 from vmctl_server.snapshot import Identity, check_pid
+
+DRAIN_QUIET_SECONDS = 0.5
 
 
 @dataclass
@@ -29,6 +33,10 @@ class Guard:
     policies: PolicyStore
     limits: IdentityLimits
     audit: AuditLog
+    _calls: int = field(default=0, init=False)
+    _draining: bool = field(default=False, init=False)
+    _last_arrival: float = field(default=0.0, init=False)
+    _idle: threading.Condition = field(default_factory=threading.Condition, init=False)
 
     @contextlib.contextmanager
     def admit(self, caller: Caller, verb: str) -> Iterator[Policy]:
@@ -36,8 +44,42 @@ class Guard:
         policy in force, which the whole call then uses even across a reload."""
         policy = self.policies.current
         policy.check_verb(caller, verb)
-        with self.limits.admit(caller.identity):
+        with self.limits.admit(caller.identity), self._running():
             yield policy
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        with self._idle:
+            self._last_arrival = time.monotonic()
+            if self._draining:
+                raise AgentStopping("the agent is shutting down; the call was not started")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._calls -= 1
+                if not self._calls:
+                    self._idle.notify_all()
+
+    def drain(self, timeout: float, quiet: float = DRAIN_QUIET_SECONDS) -> bool:
+        """Admit no more calls; True once those running have finished and no
+        call has arrived for ``quiet`` seconds, False if calls are still
+        running after ``timeout`` seconds.
+
+        The quiet spell matters because gRPC, once told to stop, cancels the
+        calls it has received but not yet handed over: a client would see
+        CANCELLED and could not tell whether its advice was applied. Callers
+        still sending get AGENT_STOPPING until they stop.
+        """
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            self._draining = True
+            if not self._idle.wait_for(lambda: not self._calls, timeout):
+                return False
+            while (left := self._last_arrival + quiet - time.monotonic()) > 0 and time.monotonic() < deadline:
+                self._idle.wait(min(left, deadline - time.monotonic()))
+            return not self._calls
 
     @staticmethod
     def check_read(policy: Policy, caller: Caller, pid: int) -> Target | None:

@@ -31,6 +31,7 @@ STATUS_CODES: dict[type[errors.VmctlFault], int] = {
     errors.ProtectedTarget: code_pb2.PERMISSION_DENIED,
     errors.LimitExceeded: code_pb2.RESOURCE_EXHAUSTED,
     errors.AuditUnavailable: code_pb2.UNAVAILABLE,
+    errors.AgentStopping: code_pb2.UNAVAILABLE,
 }
 
 

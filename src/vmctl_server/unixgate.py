@@ -126,6 +126,7 @@ class UnixGateway:
         self.max_connections = max_connections
         self.max_connections_per_uid = max_connections_per_uid
         self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
         self._listeners: list[socket.socket] = []
         self._open: dict[int, tuple[socket.socket, socket.socket]] = {}
         self._per_uid: dict[int, int] = {}
@@ -159,10 +160,17 @@ class UnixGateway:
             listener.close()
         self._listeners.clear()
 
-    def close(self) -> None:
-        """Stop, end every relayed connection, remove the public and private sockets."""
+    def close(self, drain_seconds: float = 5.0) -> None:
+        """Stop, let relayed connections end, remove the public and private sockets.
+
+        Called after the gRPC server stopped: it has written its last replies
+        and is closing its ends, so each relay forwards what is still in
+        flight and ends by itself. Connections still open after
+        ``drain_seconds`` (a client that never reads) are cut.
+        """
         self.stop_accepting()
-        with self._lock:
+        with self._drained:
+            self._drained.wait_for(lambda: not self._open, timeout=drain_seconds)
             pairs = list(self._open.values())
         for pair in pairs:
             for sock in pair:
@@ -244,6 +252,8 @@ class UnixGateway:
                 self._per_uid[uid] = left
             else:
                 self._per_uid.pop(uid, None)
+            if not self._open:
+                self._drained.notify_all()
 
     def _finish(self, conn_id: int, uid: int) -> None:
         with self._lock:
