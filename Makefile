@@ -10,8 +10,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 AGENT_ARGS  ?=
+BENCH_ARGS  ?=
 
-.PHONY: setup run test lint proto clean
+.PHONY: setup run test lint proto bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard src/vmctl_server/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,13 +26,17 @@ run: $(STAMP)
 	$(VENV)/bin/vmctl-agent $(AGENT_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff check src tests scripts bench
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
+
+# A few minutes, as root; BENCH_ARGS="--reps 25 --big-reps 11" for tighter medians.
+bench: $(STAMP)
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/vmctl_server/_native*.so .pytest_cache .hypothesis

@@ -602,8 +602,9 @@ def test_paths_escaped_as_python_escapes_them(path: bytes) -> None:
 # ----------------------------------------------------------- the build
 
 
-def test_build_without_a_compiler_says_so() -> None:
-    env = dict(os.environ, CC="vmctl-no-such-compiler")
+@pytest.mark.parametrize("cc", ["vmctl-no-such-compiler", ""], ids=["missing", "empty"])
+def test_build_without_a_compiler_says_so(cc: str) -> None:
+    env = dict(os.environ, CC=cc)
     result = subprocess.run(
         [sys.executable, str(PACKAGE / "csrc" / "build.py")], env=env, capture_output=True, text=True, check=False
     )

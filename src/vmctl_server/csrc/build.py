@@ -25,11 +25,16 @@ NO_COMPILER = "vmctl needs a C compiler (cc/gcc) to build its native extension; 
 
 def require_compiler() -> None:
     """Fail now, with a plain sentence, rather than deep in setuptools."""
-    # setuptools compiles with $CC, else the compiler Python was built with.
-    command = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
-    if not command or shutil.which(command[0]) is None:
-        tried = command[0] if command else "$CC"
-        raise RuntimeError(f"{NO_COMPILER} (no {tried!r} on PATH)")
+    # setuptools compiles with $CC whenever it is set (even empty), else with
+    # the compiler Python was built with.
+    if "CC" in os.environ:
+        command = shlex.split(os.environ["CC"])
+        if not command:
+            raise RuntimeError(f"{NO_COMPILER} ($CC is set but empty)")
+    else:
+        command = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    if shutil.which(command[0]) is None:
+        raise RuntimeError(f"{NO_COMPILER} (no {command[0]!r} on PATH)")
 
 
 def kernel_cdef() -> str:
