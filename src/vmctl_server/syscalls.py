@@ -81,6 +81,8 @@ def pidfd_open(pid: int) -> int:
         raise KernelUnsupported("this kernel has no pidfd_open(2)")
     if err == errno_mod.EINVAL:
         raise InvalidRequest(f"pid {pid} is not a valid process id", reason="INVALID_PID", field="pid")
+    if err == errno_mod.ENOENT:  # Linux 6.9+: a thread that does not lead its process
+        raise InvalidRequest(f"{pid} is a thread id, not a process id", reason="INVALID_PID", field="pid")
     raise OSError(err, os.strerror(err))
 
 
