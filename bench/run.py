@@ -35,6 +35,7 @@ MAX_VMAS = 65530
 HEADROOM = 40  # VMAs the target's interpreter may still need after it is built
 SMALL_VMAS = 400
 ACCOUNTING = ("rss", "pss", "swap", "referenced", "anonymous")
+RESIDENCY = ("rss", "swap")
 RESULTS = harness.BENCH / "results.json"
 
 
@@ -80,6 +81,7 @@ def read_cases(client: Client, target: harness.Target) -> list[Variant]:
         Variant("layout+starts", lambda _: {"vmas": len([v.start for v in client.get_vma_info(pid).vmas])}),
         read_floor(pid, "smaps"),
         Variant("accounting", lambda _: {"vmas": len(client.get_vma_info(pid, attrs=ACCOUNTING).vmas)}),
+        Variant("residency", lambda _: {"vmas": len(client.get_vma_info(pid, attrs=RESIDENCY).vmas)}),
         Variant("psutil", lambda _: {"vmas": len(psutil.Process(pid).memory_maps(grouped=False))}),
     ]
     return variants
@@ -210,6 +212,14 @@ def report_reads(report: Report, vmas: int, samples: dict[str, Samples]) -> None
         us(accounting / vmas),
         f"{accounting / smaps:.2f}x",
     )
+    residency = samples["residency"].median
+    report.row(
+        "residency only (rss, swap: maps + PAGEMAP_SCAN) through Client",
+        vmas,
+        ms(residency),
+        us(residency / vmas),
+        f"{residency / smaps:.2f}x",
+    )
     report.row(
         "accounting: psutil memory_maps(grouped=False)",
         vmas,
@@ -289,7 +299,7 @@ def main() -> int:
         measured: dict[int, dict[str, Samples]] = {}
 
         def time_target(t: harness.Target, reps: int) -> None:
-            progress(f"{t.vmas:,} VMAs: maps, layout, smaps, accounting, psutil ({reps} rounds)")
+            progress(f"{t.vmas:,} VMAs: maps, layout, smaps, accounting, residency, psutil ({reps} rounds)")
             measured[t.vmas] = interleaved(read_cases(client, t), reps)
             if swap is not None:
                 progress(f"{t.vmas:,} VMAs: pageout floor, AdviseRanges, dry run, per VMA ({reps} rounds)")
