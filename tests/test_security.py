@@ -25,6 +25,7 @@ import grpc
 import pytest
 from audit_lines import audit_records
 from certs import Pki
+from cgroup2 import CGROUP2, cgroup
 from conftest import PAGE, Agent, expect_error
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from peers import NOBODY, ConnectAs, connect_as, public_directory
@@ -38,9 +39,6 @@ MiB = 1 << 20
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NO_RETRY = RetryPolicy(attempts=1)
 AGENT = (sys.executable, "-m", "vmctl_server.agent")
-CGROUP2 = pathlib.Path("/sys/fs/cgroup/unified")
-if not (CGROUP2 / "cgroup.procs").exists():
-    CGROUP2 = pathlib.Path("/sys/fs/cgroup")
 
 
 @pytest.fixture
@@ -64,20 +62,6 @@ def untouched(target, start: int, kb: int) -> None:
 
 def comm_of(pid: int) -> str:
     return pathlib.Path(f"/proc/{pid}/comm").read_text().strip()
-
-
-@contextlib.contextmanager
-def cgroup(name: str):
-    """A real cgroup v2 directory, removed afterwards (its processes moved out first)."""
-    path = CGROUP2 / name
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        for pid in (path / "cgroup.procs").read_text().split():
-            with contextlib.suppress(OSError):
-                (CGROUP2 / "cgroup.procs").write_text(pid)
-        path.rmdir()
 
 
 # ---- the mapping of refusals to statuses ---------------------------------------------
@@ -407,6 +391,19 @@ def test_tcp_is_mutual_tls_or_explicitly_insecure(start_agent, target, tmp_path)
     )
     assert no_client_ca.returncode == 2 and "--client-ca" in no_client_ca.stderr
 
+    # Mutual TLS without a policy: a valid certificate authenticates, and is granted nothing.
+    mtls = start_agent(
+        *("--listen", f"tcp://127.0.0.1:{port}", "--tls-cert", server.cert, "--tls-key", server.key),
+        *("--client-ca", pki.ca),
+    )
+    holder = pki.issue("reclaimer", uri="spiffe://cluster/ns/ops/sa/reclaimer")
+    tls = TlsOptions(ca=pki.ca, cert=holder.cert, key=holder.key, server_name="localhost")
+    with Client(f"127.0.0.1:{port}", tls=tls, retry=NO_RETRY) as stranger:
+        error = expect_error(lambda: stranger.get_vma_info(target.pid), "PERMISSION_DENIED", "POLICY_DENIED")
+        assert error.metadata["identity"] == "spiffe://cluster/ns/ops/sa/reclaimer"
+    mtls.stop()
+
+    port = _free_port()
     agent = start_agent("--listen", f"tcp://127.0.0.1:{port}", "--insecure")
     assert "SERVING PLAINTEXT" in agent.log()
     with Client(f"127.0.0.1:{port}", retry=NO_RETRY) as anonymous:
