@@ -270,6 +270,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench: run as root (it reads other processes' smaps, advises them, and sets up zram swap)")
         return 2
+    # Ctrl-C and SIGTERM unwind the ExitStack, even when started with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, interrupt)
     machine = harness.machine_info()
     big_vmas = args.big_vmas or min(MAX_VMAS, machine["max_map_count"]) - HEADROOM
@@ -442,4 +444,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bench: interrupted; the agent, the targets and the swap device are gone", file=sys.stderr)
+        sys.exit(130)
