@@ -174,6 +174,9 @@ def assert_same(py: PyVmaTable | NativeVmaTable, native: NativeVmaTable) -> None
     assert native.layout_records() == py.layout_records()
     for mask in ALL_MASKS:
         assert native.encode(mask) == py.encode(mask), f"mask {mask}"
+    header = pb.GetVmaInfoResponse(process=pb.Process(pid=7, comm="x"), cookie=b"c" * 109).SerializeToString()
+    assert native.encode(ATTR_ACCOUNTING, prefix=header) == py.encode(ATTR_ACCOUNTING, prefix=header)
+    assert native.encode(ATTR_ACCOUNTING, prefix=header) == header + native.encode(ATTR_ACCOUNTING)
 
 
 def fill(table: PyVmaTable | NativeVmaTable, target: Target, residency: bool = True) -> None:

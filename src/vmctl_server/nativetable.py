@@ -92,11 +92,12 @@ class NativeVmaTable:
             raise syscalls._ioctl_error("PROCMAP_QUERY", -rc)
         self.filled_mask |= ATTR_BUILD_ID
 
-    def encode(self, mask: int) -> bytes:
-        """Wire bytes of ``repeated Vma vmas = 4`` for the groups in ``mask``."""
+    def encode(self, mask: int, prefix: bytes = b"") -> bytes:
+        """``prefix``, then the wire bytes of ``repeated Vma vmas = 4`` for the
+        groups in ``mask``: a whole reply in one copy out of C."""
         out = ffi.new("char **")
         size = ffi.new("size_t *")
-        if lib.vmctl_table_encode(self._table, mask & self.filled_mask, out, size) < 0:
+        if lib.vmctl_table_encode(self._table, mask & self.filled_mask, prefix, len(prefix), out, size) < 0:
             raise MemoryError("no memory to encode the VMA table")
         try:
             return ffi.buffer(out[0], size[0])[:]

@@ -142,8 +142,9 @@ class PyVmaTable:
                 r["build_id"] = syscalls.procmap_query_build_id(maps_fd, r["start"])
         self.filled_mask |= ATTR_BUILD_ID
 
-    def encode(self, mask: int) -> bytes:
-        """Wire bytes of ``repeated Vma vmas = 4`` for the groups in ``mask``."""
+    def encode(self, mask: int, prefix: bytes = b"") -> bytes:
+        """``prefix``, then the wire bytes of ``repeated Vma vmas = 4`` for the
+        groups in ``mask``."""
         fields = ["start", "end", "perms", "offset", "dev_major", "dev_minor", "inode", "path", "raw_path", "kind"]
         mask &= self.filled_mask
         if mask & ATTR_RESIDENCY:
@@ -156,7 +157,7 @@ class PyVmaTable:
         add = response.vmas.add
         for r in self.rows:
             add(**{f: r[f] for f in fields if f in r})
-        return response.SerializeToString()
+        return prefix + response.SerializeToString()
 
 
 def _attribute_runs(rows: list[dict], runs: list[tuple[int, int, int]]) -> None:

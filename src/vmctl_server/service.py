@@ -96,7 +96,7 @@ class VmControlService:
             cookie=self.signer.issue(claims_for(identity, snapshot.digest)),
             result_mask=snapshot.result_mask,
         )
-        return header.SerializeToString() + snapshot.table.encode(snapshot.result_mask)
+        return snapshot.table.encode(snapshot.result_mask, prefix=header.SerializeToString())
 
     @_translate_faults
     def AdviseRanges(self, request: pb.AdviseRangesRequest, context: grpc.ServicerContext) -> pb.AdviseRangesResponse:

@@ -989,9 +989,10 @@ static char *put_vma(const struct vmctl_table *t, size_t i, uint32_t mask, char 
 	return p;
 }
 
-int vmctl_table_encode(const struct vmctl_table *table, uint32_t mask, char **out, size_t *out_len)
+int vmctl_table_encode(const struct vmctl_table *table, uint32_t mask, const char *prefix, size_t prefix_len,
+		       char **out, size_t *out_len)
 {
-	size_t bound = 0;
+	size_t bound = prefix_len;
 	char *buf, *w;
 
 	for (size_t i = 0; i < table->len; i++)
@@ -999,7 +1000,8 @@ int vmctl_table_encode(const struct vmctl_table *table, uint32_t mask, char **ou
 	buf = malloc(bound ? bound : 1);
 	if (!buf)
 		return -ENOMEM;
-	w = buf;
+	memcpy(buf, prefix, prefix_len);
+	w = buf + prefix_len;
 	for (size_t i = 0; i < table->len; i++) {
 		/*
 		 * Write the Vma after a 2-byte length (most are 128..16383

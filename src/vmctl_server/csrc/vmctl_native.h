@@ -102,10 +102,12 @@ int vmctl_table_fill_residency(struct vmctl_table *table, int pagemap_fd);
 int vmctl_table_fill_build_ids(struct vmctl_table *table, int maps_fd);
 
 /*
- * Wire bytes of `repeated Vma vmas = 4` for the VmaAttr groups in mask, in a
- * buffer the caller releases with vmctl_free. 0 or -ENOMEM.
+ * prefix (prefix_len bytes: the rest of the reply, already serialized), then
+ * the wire bytes of `repeated Vma vmas = 4` for the VmaAttr groups in mask,
+ * in one buffer the caller releases with vmctl_free. 0 or -ENOMEM.
  */
-int vmctl_table_encode(const struct vmctl_table *table, uint32_t mask, char **out, size_t *out_len);
+int vmctl_table_encode(const struct vmctl_table *table, uint32_t mask, const char *prefix, size_t prefix_len,
+		       char **out, size_t *out_len);
 void vmctl_free(void *buffer);
 
 /*
