@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     args.listen = args.listen or [parse_listen(DEFAULT_LISTEN)]
     _check_tls_args(parser, args)
     logs.configure(args.log_level, args.log_format)
+    # SIGHUP's default action kills; until the reload handler is installed it
+    # is ignored, which loses nothing: the policy is read after this point.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         agent = build_server(args)
         server, health_servicer = agent.server, agent.health
