@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
 
-from vmctl_server import __version__, procfs
+from vmctl_server import __version__, cgroups, procfs
 from vmctl_server.capabilities import Capabilities
 from vmctl_server.errors import AccessDenied, ProcessGone
 
@@ -36,7 +37,7 @@ class ProcessSummary:
 
 
 def _summarize(pid: int, cgroup_prefix: str) -> ProcessSummary | None:
-    cgroup = procfs.read_cgroup_v2(pid)
+    cgroup = cgroups.read_cgroup(pid)
     if not cgroup.startswith(cgroup_prefix):
         return None
     stat = procfs.read_stat(pid)
@@ -89,6 +90,11 @@ class NodeInfo:
 
 def node_info(capabilities: Capabilities) -> NodeInfo:
     uname = os.uname()
+    cgroup_problem = cgroups.view().problem
+    if cgroup_problem:  # cgroup paths are the agent's namespace's, not the node's: say why
+        capabilities = dataclasses.replace(
+            capabilities, probe_errors={**capabilities.probe_errors, "cgroup_paths": cgroup_problem}
+        )
     meminfo = procfs.read_meminfo()
     return NodeInfo(
         hostname=uname.nodename,

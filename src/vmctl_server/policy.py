@@ -18,8 +18,8 @@ optionally, to target selectors and to the advices allowed::
 
 A rule without ``targets`` selects every process; within ``targets`` each
 non-empty list must match (any of its entries), and empty lists match all.
-cgroup prefixes are plain string prefixes of the cgroup v2 path, as
-ListProcesses' filter is. A rule without ``advices`` allows every advice.
+cgroup prefixes are plain string prefixes of the cgroup v2 path as the node
+names it (:mod:`vmctl_server.cgroups`), as ListProcesses' filter is. A rule without ``advices`` allows every advice.
 Rules only grant: a call is allowed when some rule allows it.
 
 Without a policy file the agent behaves as if it had one rule: ``uid:0``
@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from vmctl_server import procfs
+from vmctl_server import cgroups, procfs
 from vmctl_server.advice import ADVICES
 from vmctl_server.auth import RESERVED_SCHEMES, Caller
 from vmctl_server.errors import PolicyDenied, ProtectedTarget, Unauthenticated
@@ -66,7 +66,7 @@ class Target:
     pid: int
     uid: int  # real uid (/proc/PID/status)
     comm: str
-    cgroup: str  # cgroup v2 path
+    cgroup: str  # cgroup v2 path, as the node names it
     start_time: int
 
     def describe(self) -> str:
@@ -80,7 +80,7 @@ def read_target(pid: int, comm: str | None = None, start_time: int | None = None
         stat = procfs.read_stat(pid)
         procfs.require_user_process(stat)
         comm, start_time = stat.comm, stat.start_time
-    return Target(pid, procfs.read_status(pid).uid, comm, procfs.read_cgroup_v2(pid), start_time)
+    return Target(pid, procfs.read_status(pid).uid, comm, cgroups.read_cgroup(pid), start_time)
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class AgentSelf:
     @classmethod
     def current(cls) -> AgentSelf:
         pid = os.getpid()
-        return cls(pid, procfs.read_cgroup_v2(pid))
+        return cls(pid, cgroups.read_cgroup(pid))
 
     @property
     def has_own_cgroup(self) -> bool:

@@ -146,11 +146,29 @@ def list_pids() -> list[int]:
 
 
 def read_cgroup_v2(pid: int) -> str:
-    """The cgroup v2 path (the ``0::`` line), or "" if the process has none."""
+    """The cgroup v2 path (the ``0::`` line) as the kernel shows it to this
+    process: relative to its cgroup namespace root (:mod:`vmctl_server.cgroups`
+    maps it to the node's path), or "" if the process has none."""
     for line in read_bytes(pid, "cgroup").decode("utf-8", "backslashreplace").splitlines():
         if line.startswith("0::"):
             return line[3:]
     return ""
+
+
+def namespace_id(pid: int, kind: str) -> tuple[int, int]:
+    """Which namespace of ``kind`` (cgroup, mnt, pid, ...) the process is in:
+    two processes share one exactly when these (device, inode) pairs are equal."""
+    try:
+        st = os.stat(f"{PROC}/{pid}/ns/{kind}")
+    except OSError as exc:
+        raise _gone_or_denied(pid, exc) from exc
+    return st.st_dev, st.st_ino
+
+
+def root_directory(pid: int) -> str:
+    """A path through which the process's root directory, in its own mount
+    namespace, can be opened (with ptrace read access to it)."""
+    return f"{PROC}/{pid}/root"
 
 
 @dataclass(frozen=True)
