@@ -25,6 +25,7 @@ import pathlib
 import random
 import secrets
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -273,6 +274,26 @@ def _zombie():
         proc.wait()
 
 
+@contextlib.contextmanager
+def _thread_id():
+    """The id of a thread that is not its process's leader, alive until the block ends."""
+    code = (
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(3600,)).start()\n"
+        "print(flush=True)\n"
+        "time.sleep(3600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        proc.stdout.readline()  # the second thread exists once this line is printed
+        (tid,) = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
+        yield tid
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
 def _exited_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
@@ -301,9 +322,7 @@ def test_processes_that_cannot_be_advised(relaxed_agent, which, code, reason):
         elif which == "the agent":
             pid = relaxed_agent.proc.pid
         else:
-            tids = [int(t) for t in os.listdir(f"/proc/{relaxed_agent.proc.pid}/task")]
-            pid = max(tids)  # a thread of the agent: pidfd_open refuses a non-leader
-            assert pid != relaxed_agent.proc.pid
+            pid = stack.enter_context(_thread_id())  # pidfd_open refuses a thread that is not the leader
         with relaxed_agent.client() as client:
             # Without a cookie (the policy allows it), the request reaches the process checks.
             expect_error(lambda: client.advise_ranges(pid, [(PAGE, 2 * PAGE)], "cold"), code, reason)
