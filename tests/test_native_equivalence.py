@@ -1,6 +1,7 @@
-"""The native (C) tables and advice loop give exactly what the pure-Python
-reference gives: on real, stopped target processes, and on synthetic and
-arbitrary /proc text (hypothesis)."""
+"""The native (C) tables and AdviseRanges work give exactly what the
+pure-Python reference gives: on real, stopped target processes, on synthetic
+and arbitrary /proc text and request bytes, and on ranges and layouts of
+every shape (hypothesis); and an agent on each path answers alike."""
 
 from __future__ import annotations
 
@@ -13,18 +14,24 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from vmctl_client.errors import VmctlError
 from vmctl_client.proto import vmctl_pb2 as pb
 from vmctl_server import _native, syscalls
+from vmctl_server.advice import FILTER_KINDS, Plan, RangeSet
 from vmctl_server.attrs import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
-from vmctl_server.errors import ProcessGone
+from vmctl_server.errors import InvalidRequest, ProcessGone
+from vmctl_server.layout import KIND_ANONYMOUS, KIND_FILE, KIND_SPECIAL, LAYOUT_RECORD
+from vmctl_server.nativeranges import NativeRanges, request_ranges
 from vmctl_server.nativetable import NativeVmaTable, advise_segments
+from vmctl_server.pyranges import PyRanges
 from vmctl_server.pytable import SMAPS_KB_FIELDS, PyVmaTable
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -377,6 +384,360 @@ def test_advice_on_an_exited_process(target: Target) -> None:
 
 def test_advice_with_no_segments() -> None:
     assert advise_segments(-1, [], syscalls.MADV_COLD) == syscalls.advise_segments(-1, [], syscalls.MADV_COLD)
+
+
+# ------------------------------------------------ AdviseRanges per range
+
+PREFIX = pb.AdviseRangesResponse(requested_bytes=1 << 40, syscalls=3, dry_run=True).SerializeToString()
+U64 = (1 << 64) - 1
+
+
+def outcome(ranges: RangeSet, records: bytes, filter_: int) -> tuple:
+    """Everything a RangeSet reports for ``ranges`` against ``records``: the
+    refusal (reason, words, metadata), or the plan before and after a dry run."""
+    try:
+        ranges.check()
+        plan = ranges.plan(records, filter_)
+    except InvalidRequest as exc:
+        return ("refused", exc.reason, exc.message, exc.metadata)
+    before = (plan.requested_bytes, plan.advised_bytes, plan.pieces(), outcomes(plan), plan.encode())
+    plan.dry_run()
+    return ("planned", *before, plan.advised_bytes, outcomes(plan), plan.encode(PREFIX))
+
+
+def outcomes(plan: Plan) -> list[tuple]:
+    """The outcomes as they are now (the reference's change as it goes on)."""
+    return [astuple(o) for o in plan.outcomes()]
+
+
+def assert_ranges_agree(pairs: list[tuple[int, int]], records: bytes, filter_: int) -> tuple:
+    native = outcome(NativeRanges.from_pairs(pairs), records, filter_)
+    assert native == outcome(PyRanges.from_pairs(pairs), records, filter_)
+    assert NativeRanges.from_pairs(pairs).total_bytes() == PyRanges.from_pairs(pairs).total_bytes()
+    return native
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> tuple[bytes, list[tuple[int, int]]]:
+    """Packed layout records as the kernel orders them (sorted, disjoint),
+    with holes, VMAs larger than one process_madvise call may carry, and
+    sometimes [vsyscall] at the top; and the spans of the VMAs."""
+    spans, records = [], []
+    cursor = draw(st.integers(0, 16)) * PAGE
+    for _ in range(draw(st.integers(1, 10))):
+        cursor += draw(st.sampled_from([0, 0, 0, 0, 1, 5])) * PAGE
+        pages = draw(st.sampled_from([1, 2, 7]) | st.integers(1, 3 * syscalls.MAX_RW_COUNT // PAGE))
+        kind = draw(st.sampled_from([KIND_ANONYMOUS, KIND_FILE, KIND_SPECIAL]))
+        spans.append((cursor, cursor + pages * PAGE))
+        records.append(LAYOUT_RECORD.pack(cursor, cursor + pages * PAGE, 0, 7, 8, 1, 3, kind))
+        cursor += pages * PAGE
+    if draw(st.booleans()):
+        vsyscall = (0xFFFFFFFFFF600000, 0xFFFFFFFFFF601000)
+        spans.append(vsyscall)
+        records.append(LAYOUT_RECORD.pack(*vsyscall, 0, 0, 0, 0, 4, KIND_SPECIAL))
+    return b"".join(records), spans
+
+
+@st.composite
+def ranges_and_layout(draw: st.DrawFn) -> tuple[list[tuple[int, int]], bytes, int]:
+    """Ranges and a layout (and a filter): cut from page boundaries in and
+    around its VMAs (often valid, sometimes across a hole), in any order,
+    sometimes with a defect put in."""
+    records, spans = draw(layouts())
+    points = {0, PAGE, U64 - PAGE + 1} if draw(st.integers(0, 4)) == 0 else set()
+    for start, end in spans:
+        points |= {start, end, start + PAGE, end - PAGE, (start + end) // 2 // PAGE * PAGE}
+    assume(len(points) >= 2)
+    cuts = sorted(draw(st.sets(st.sampled_from(sorted(points)), min_size=2, max_size=16)))
+    ranges = [(a, b) for a, b in zip(cuts[::2], cuts[1::2], strict=False)]
+    ranges = draw(st.permutations(ranges)) if draw(st.booleans()) else ranges
+    if ranges and draw(st.integers(0, 4)) == 0:
+        at = draw(st.integers(0, len(ranges) - 1))
+        start, end = ranges[at]
+        ranges[at] = draw(
+            st.sampled_from([(start + 1, end), (start, start), (end, start), (start, end + 7)])
+            | st.tuples(st.integers(0, U64), st.integers(0, U64))
+        )
+    if ranges and draw(st.integers(0, 9)) == 0:
+        ranges.append(draw(st.sampled_from(ranges)))  # overlaps (or repeats) another
+    return ranges, records, draw(st.sampled_from(sorted(FILTER_KINDS)))
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ranges_and_layout())
+def test_range_checks_and_plans_equal(case: tuple[list[tuple[int, int]], bytes, int]) -> None:
+    assert_ranges_agree(*case)
+
+
+addresses = st.one_of(
+    st.integers(0, 64).map(lambda n: n * PAGE),
+    st.integers(0, U64),
+    st.sampled_from([0, PAGE, 1 << 47, U64 - PAGE + 1, U64]),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(addresses, addresses), min_size=1, max_size=40))
+def test_refusals_of_any_ranges_equal(pairs: list[tuple[int, int]]) -> None:
+    assert_ranges_agree(pairs, b"", 0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 1 << 20), min_size=2, max_size=300, unique=True), st.randoms())
+def test_many_unsorted_ranges_checked_alike(pages: list[int], rng) -> None:
+    """Long, shuffled lists: the native check sorts only when it must, and
+    names the same pair as the reference's stable sort."""
+    ranges = [(p * PAGE, (p + 1) * PAGE) for p in pages]
+    rng.shuffle(ranges)
+    assert assert_ranges_agree(ranges, b"", 0)[1] == "RANGE_UNMAPPED"  # every range passed the checks
+    ranges.insert(rng.randrange(len(ranges)), ranges[rng.randrange(len(ranges))])
+    assert assert_ranges_agree(ranges, b"", 0)[1] == "RANGE_OVERLAP"
+
+
+def test_total_bytes_beyond_64_bits() -> None:
+    pairs = [(0, U64)] * 5 + [(U64, 0), (7, 3)]
+    assert NativeRanges.from_pairs(pairs).total_bytes() == PyRanges.from_pairs(pairs).total_bytes() == 5 * U64
+
+
+# Request bytes: what protobuf writes, and what else it accepts.
+
+
+def varint(value: int, pad: int = 0) -> bytes:
+    """``value`` as a varint, with up to ``pad`` redundant bytes (protobuf
+    reads varints of up to 10 bytes)."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    pad = min(pad, 9 - len(out))
+    if pad <= 0:
+        return bytes(out + bytes([value]))
+    return bytes(out + bytes([value | 0x80]) + b"\x80" * (pad - 1) + b"\x00")
+
+
+def field(number: int, wire_type: int, payload: bytes, pad: int = 0) -> bytes:
+    return varint(number << 3 | wire_type, pad) + payload
+
+
+@st.composite
+def unknown_field(draw: st.DrawFn) -> bytes:
+    number = draw(st.sampled_from([7, 15, 16, 2047, (1 << 29) - 1]))
+    wire_type = draw(st.sampled_from([0, 1, 2, 5]))
+    payload = {
+        0: varint(draw(st.integers(0, U64))),
+        1: draw(st.binary(min_size=8, max_size=8)),
+        2: (lambda b: varint(len(b)) + b)(draw(st.binary(max_size=12))),
+        5: draw(st.binary(min_size=4, max_size=4)),
+    }[wire_type]
+    return field(number, wire_type, payload)
+
+
+@st.composite
+def address_range(draw: st.DrawFn, odd: bool) -> tuple[bytes, bool]:
+    """One AddressRange's bytes (its fields in any order, repeated, padded,
+    among unknown ones; with ``odd``, sometimes in an encoding C leaves to
+    protobuf) and whether it has none of those."""
+    parts, plain = [], True
+    kinds = ["start", "end", "start", "end", "unknown", *(["odd"] if odd else [])]
+    for _ in range(draw(st.integers(0, 5))):
+        kind = draw(st.sampled_from(kinds))
+        if kind == "unknown":
+            parts.append(draw(unknown_field()))
+        elif kind == "odd":  # start or end as fixed64, or an empty group: protobuf's business
+            plain = False
+            parts.append(draw(st.sampled_from([field(1, 1, b"\x01" * 8), field(2, 3, b"") + field(2, 4, b"")])))
+        else:
+            pad = draw(st.sampled_from([0, 0, 0, 1, 3]))
+            value = draw(st.integers(0, U64) | st.integers(0, 1 << 48).map(lambda n: n * PAGE))
+            parts.append(field(1 if kind == "start" else 2, 0, varint(value, pad), draw(st.sampled_from([0, 0, 2]))))
+    body = b"".join(parts)
+    return field(2, 2, varint(len(body)) + body), plain
+
+
+@st.composite
+def request_bytes(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """An AdviseRangesRequest's bytes, in half of them with some encoding
+    C leaves to protobuf; and whether it has none."""
+    parts, plain = [], True
+    odd = draw(st.booleans())
+    kinds = ["range", "range", "range", "scalar", "cookie", "unknown", *(["odd"] if odd else [])]
+    for _ in range(draw(st.integers(0, 12))):
+        kind = draw(st.sampled_from(kinds))
+        if kind == "range":
+            data, range_plain = draw(address_range(odd and draw(st.booleans())))
+            parts.append(data)
+            plain &= range_plain
+        elif kind == "scalar":
+            parts.append(field(draw(st.sampled_from([1, 3, 5, 6])), 0, varint(draw(st.integers(0, U64)))))
+        elif kind == "cookie":
+            cookie = draw(st.binary(max_size=40))
+            parts.append(field(4, 2, varint(len(cookie)) + cookie))
+        elif kind == "unknown":
+            parts.append(draw(unknown_field()))
+        else:
+            plain = False
+            parts.append(draw(st.sampled_from([field(2, 0, b"\x05"), field(9, 3, b"") + field(9, 4, b"")])))
+    return b"".join(parts), plain
+
+
+def assert_read_as_protobuf_reads(wire: bytes, plain: bool) -> None:
+    try:
+        message = pb.AdviseRangesRequest.FromString(wire)
+    except DecodeError:
+        assert not plain, "protobuf refused bytes written by the rules"
+        return
+    expected = [(r.start, r.end) for r in message.ranges]
+    array = request_ranges(wire, len(expected))
+    if plain:
+        assert array is not None
+    if array is not None:
+        assert [(a.start, a.end) for a in array] == expected
+    # Read by C or left to protobuf, the RangeSet holds the same ranges.
+    ranges = NativeRanges.from_message(message.ranges, wire)
+    assert ranges.total_bytes() == PyRanges.from_message(message.ranges, wire).total_bytes()
+    assert outcome(ranges, b"", 0) == outcome(PyRanges.from_pairs(expected), b"", 0)
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(request_bytes())
+def test_ranges_read_from_request_bytes_as_protobuf_reads_them(case: tuple[bytes, bool]) -> None:
+    assert_read_as_protobuf_reads(*case)
+
+
+@st.composite
+def garbled(draw: st.DrawFn) -> bytes:
+    data = bytearray(draw(request_bytes())[0])
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(data)))
+        data[at : at + draw(st.integers(0, 3))] = draw(st.binary(max_size=3))
+    return bytes(data)
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=200) | garbled())
+def test_request_bytes_of_any_kind(wire: bytes) -> None:
+    """Whatever protobuf accepts, C reads the same ranges from or leaves alone."""
+    assert_read_as_protobuf_reads(wire, plain=False)
+
+
+def test_a_real_request_is_read_in_c() -> None:
+    ranges = [(start * PAGE, (start + 3) * PAGE) for start in range(0, 3 << 20, 7)]
+    request = pb.AdviseRangesRequest(pid=5, advice=2, cookie=b"\xff" * 97, filter=1, dry_run=True)
+    request.ranges.extend(pb.AddressRange(start=s, end=e) for s, e in ranges)
+    array = request_ranges(request.SerializeToString(), len(ranges))
+    assert array is not None
+    assert [(a.start, a.end) for a in array] == ranges
+
+
+# On a live process: the same plans, the same calls, the same outcomes.
+
+
+def live_ranges(target: Target) -> list[tuple[int, int]]:
+    regions = target.regions
+    runs_start, runs_end = regions["runs"]
+    return [
+        *((a, a + 5 * PAGE) for a in range(runs_start, runs_end - 5 * PAGE, 5 * PAGE)),  # 1,999: several calls
+        regions["locked"],
+        regions["spaces"],  # a file
+        regions["big"],  # 3 GiB: cut at MAX_RW_COUNT
+        regions["shared_anon"],
+        regions["memfd"],
+        regions["anon"],
+    ]
+
+
+@needs_cap_sys_nice
+@pytest.mark.parametrize("filter_", sorted(FILTER_KINDS))
+@pytest.mark.parametrize("advice", [syscalls.MADV_COLD, syscalls.MADV_WILLNEED], ids=["cold", "willneed"])
+def test_plans_applied_alike(target: Target, advice: int, filter_: int) -> None:
+    records = NativeVmaTable.read(target.pid, "maps").layout_records()
+    assert records == PyVmaTable.read(target.pid, "maps").layout_records()
+    pairs = live_ranges(target)
+    native, reference = NativeRanges.from_pairs(pairs), PyRanges.from_pairs(pairs)
+    native.check()
+    reference.check()
+    plans = native.plan(records, filter_), reference.plan(records, filter_)
+    assert plans[0].pieces() == plans[1].pieces()
+    pidfd = syscalls.pidfd_open(target.pid)
+    try:
+        applied = [plan.apply(pidfd, advice) for plan in plans]
+    finally:
+        os.close(pidfd)
+    assert applied[0] == applied[1]
+    assert outcomes(plans[0]) == outcomes(plans[1])
+    assert plans[0].advised_bytes == plans[1].advised_bytes
+    assert plans[0].encode(PREFIX) == plans[1].encode(PREFIX)
+    # ... and what they agree on is right: the mlocked range stops COLD.
+    locked = plans[0].outcomes()[len(pairs) - 6]
+    if filter_ != 2:  # the file filter leaves the anonymous locked range out
+        assert locked.error == ("EINVAL" if advice == syscalls.MADV_COLD else "")
+    if filter_ == 0:
+        assert applied[0][0] > 2  # 1,999 runs and a 3 GiB range take several calls
+
+
+@needs_cap_sys_nice
+def test_plans_applied_to_an_exited_process_alike(target: Target) -> None:
+    records = NativeVmaTable.read(target.pid, "maps").layout_records()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    pidfd = -1
+    try:
+        pidfd = syscalls.pidfd_open(proc.pid)
+        proc.kill()
+        proc.wait()
+        plans = [kind.from_pairs(live_ranges(target)).plan(records, 0) for kind in (NativeRanges, PyRanges)]
+        applied = [plan.apply(pidfd, syscalls.MADV_COLD) for plan in plans]
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+        proc.kill()
+        proc.wait()
+    assert applied[0] == applied[1] == (1, errno.ESRCH)
+    assert outcomes(plans[0]) == outcomes(plans[1])
+    assert plans[0].encode() == plans[1].encode()
+    assert {o.error for o in plans[0].outcomes()} == {"ESRCH"}
+
+
+# Both agents, end to end: the same reply bytes, the same refusals.
+
+
+def advise_both(agents: list, target: Target, pairs: list[tuple[int, int]], **kwargs: object) -> list:
+    """AdviseRanges through each agent: its reply's bytes, or its refusal."""
+    answers = []
+    for agent in agents:
+        with agent.client() as client:
+            cookie = client.get_vma_info(target.pid).cookie
+            try:
+                answers.append(
+                    client.advise_ranges(target.pid, pairs, cookie=cookie, **kwargs).reply.SerializeToString()
+                )
+            except VmctlError as exc:
+                answers.append((type(exc).__name__, exc.code, exc.reason, exc.message, exc.metadata))
+    return answers
+
+
+@pytest.mark.parametrize(
+    ("case", "kwargs"),
+    [
+        ("every region", {"advice": "pageout", "dry_run": True}),
+        ("anonymous", {"advice": "cold", "filter": "anonymous", "dry_run": True}),
+        ("file", {"advice": "willneed", "filter": "file", "dry_run": True}),
+        ("applied", {"advice": "cold"}),
+        ("unaligned", {"advice": "cold"}),
+        ("overlap", {"advice": "cold"}),
+        ("hole", {"advice": "cold"}),
+    ],
+)
+def test_agents_answer_alike(agent, agent_py, target: Target, case: str, kwargs: dict) -> None:
+    pairs = live_ranges(target)
+    if case == "unaligned":
+        pairs[1500] = (pairs[1500][0], pairs[1500][1] - 1)
+    elif case == "overlap":
+        pairs.insert(3, pairs[1700])
+    elif case == "hole":
+        pairs.append((target.regions["anon"][1], target.regions["anon"][1] + PAGE))
+    native, python = advise_both([agent, agent_py], target, pairs, **kwargs)
+    assert native == python
+    assert isinstance(native, bytes) == (case in ("every region", "anonymous", "file", "applied"))
 
 
 # --------------------------------------------------------------- parsers

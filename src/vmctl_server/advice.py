@@ -8,6 +8,12 @@ passes does the first process_madvise call run, so an invalid request changes
 nothing. The re-read and the calls are not one atomic step (the kernel offers
 none): a mapping can change in the few microseconds between them. The pidfd
 at least guarantees the calls reach the process that was checked, or none.
+
+The per-range work (checks, the split at VMA boundaries, the calls, the
+reply's per-range results) is done by a :class:`RangeSet`: in C
+(:mod:`vmctl_server.nativeranges`) or in pure Python
+(:mod:`vmctl_server.pyranges`, built on the reference functions here), which
+give the same answers. Both word their refusals through :func:`range_fault`.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import errno as errno_mod
 import itertools
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from vmctl_server import procfs, syscalls
 from vmctl_server.cookie import CookieSigner
@@ -57,10 +64,62 @@ FILTER_KINDS = {
 DEFAULT_MAX_RANGES = 1 << 18  # above vm.max_map_count, so "every VMA" always fits
 
 
+class Plan(Protocol):
+    """One request's ranges split into the pieces to advise (see plan_ranges
+    and split_for_calls), and what became of each range."""
+
+    requested_bytes: int
+
+    @property
+    def advised_bytes(self) -> int: ...
+    def dry_run(self) -> None:
+        """Count every piece as advised, and make no call."""
+
+    def apply(self, pidfd: int, madv: int) -> tuple[int, int]:
+        """Advise every piece: the process_madvise calls made, and the errno
+        of the first piece that failed when no piece advised a byte (else 0)."""
+
+    def outcomes(self) -> list[RangeOutcome]: ...
+    def pieces(self) -> list[tuple[int, int, int]]:
+        """(range index, start, end) of every piece, in the order advised."""
+
+    def encode(self, prefix: bytes = b"") -> bytes:
+        """``prefix``, then the wire bytes of AdviseRangesResponse's
+        ``repeated RangeResult ranges = 4``."""
+
+
+class RangeSet(Protocol):
+    """The ranges of one request; read from the request only when first used,
+    so a request refused on its count alone never costs more than that."""
+
+    native: bool
+
+    def __len__(self) -> int: ...
+    def total_bytes(self) -> int:
+        """The sum of max(0, end - start): what the ranges name, valid or not."""
+
+    def check(self) -> None:
+        """check_ranges after its count checks: raises InvalidRequest."""
+
+    def plan(self, layout_records: bytes, filter_: int) -> Plan:
+        """plan_ranges against the packed layout: raises InvalidRequest."""
+
+
+class RangeBackend(Protocol):
+    """Makes RangeSets: pyranges.PyRanges or nativeranges.NativeRanges."""
+
+    native: bool
+
+    def from_pairs(self, pairs: Sequence[tuple[int, int]]) -> RangeSet: ...
+    def from_message(self, ranges: Sequence[Any], wire: bytes) -> RangeSet:
+        """The ``ranges`` field of a parsed AdviseRangesRequest (items with
+        ``start`` and ``end``), with the bytes the request was parsed from."""
+
+
 @dataclass(frozen=True)
 class AdviceRequest:
     pid: int
-    ranges: Sequence[tuple[int, int]]
+    ranges: RangeSet
     advice: int  # vmctl.v1.Advice value
     cookie: bytes = b""
     filter: int = FILTER_NONE
@@ -89,7 +148,7 @@ class AdviceResult:
     advised_bytes: int
     syscalls: int
     dry_run: bool
-    ranges: list[RangeOutcome] = field(default_factory=list)
+    plan: Plan  # the per-range outcomes
 
 
 @dataclass
@@ -100,36 +159,59 @@ class RangePlan:
     segments: list[tuple[int, int]]
 
 
+def range_fault(reason: str, index: int, start: int, end: int, *, before: int = 0, address: int = 0) -> InvalidRequest:
+    """The refusal of range ``index`` (``start``-``end``) for ``reason``:
+    ``before`` is the range it overlaps (RANGE_OVERLAP), ``address`` the
+    first address of it nothing maps (RANGE_UNMAPPED)."""
+    span = f"0x{start:x}-0x{end:x}"
+    where = {"field": f"ranges[{index}]", "range": span}
+    if reason == "RANGE_UNALIGNED":
+        message = f"range {index} ({span}) is not page aligned ({PAGE_SIZE} bytes)"
+    elif reason == "RANGE_EMPTY":
+        message = f"range {index} at 0x{start:x} is empty"
+    elif reason == "RANGE_WRAPS":
+        message = f"range {index} ends (0x{end:x}) before it starts (0x{start:x})"
+    elif reason == "RANGE_OVERLAP":
+        return InvalidRequest(f"ranges {before} and {index} overlap", reason=reason, field=f"ranges[{index}]")
+    elif reason == "RANGE_UNMAPPED":
+        message = f"range {index} ({span}) is not inside mapped memory: nothing is mapped at 0x{address:x}"
+        return InvalidRequest(message, reason=reason, **where, address=f"0x{address:x}")
+    else:
+        raise ValueError(f"no such range fault: {reason}")
+    return InvalidRequest(message, reason=reason, **where)
+
+
+def check_count(count: int, max_ranges: int) -> None:
+    if not count:
+        raise InvalidRequest("no ranges given", reason="NO_RANGES", field="ranges")
+    if count > max_ranges:
+        raise InvalidRequest(
+            f"{count} ranges exceed the limit of {max_ranges}", reason="TOO_MANY_RANGES", field="ranges"
+        )
+
+
 def check_ranges(ranges: Sequence[tuple[int, int]], max_ranges: int) -> None:
     """Everything about the ranges that needs no process: count, alignment,
     emptiness, wrap-around, overlap."""
-    if not ranges:
-        raise InvalidRequest("no ranges given", reason="NO_RANGES", field="ranges")
-    if len(ranges) > max_ranges:
-        raise InvalidRequest(
-            f"{len(ranges)} ranges exceed the limit of {max_ranges}", reason="TOO_MANY_RANGES", field="ranges"
-        )
+    check_count(len(ranges), max_ranges)
+    check_range_values(ranges)
+
+
+def check_range_values(ranges: Sequence[tuple[int, int]]) -> None:
+    """check_ranges without the count: each range, then overlap, checked in
+    address order (equal starts in request order)."""
     mask = PAGE_SIZE - 1
     for i, (start, end) in enumerate(ranges):
-        where = {"field": f"ranges[{i}]", "range": f"0x{start:x}-0x{end:x}"}
         if start & mask or end & mask:
-            raise InvalidRequest(
-                f"range {i} (0x{start:x}-0x{end:x}) is not page aligned ({PAGE_SIZE} bytes)",
-                reason="RANGE_UNALIGNED",
-                **where,
-            )
+            raise range_fault("RANGE_UNALIGNED", i, start, end)
         if end == start:
-            raise InvalidRequest(f"range {i} at 0x{start:x} is empty", reason="RANGE_EMPTY", **where)
+            raise range_fault("RANGE_EMPTY", i, start, end)
         if end < start:
-            raise InvalidRequest(
-                f"range {i} ends (0x{end:x}) before it starts (0x{start:x})", reason="RANGE_WRAPS", **where
-            )
+            raise range_fault("RANGE_WRAPS", i, start, end)
     order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
     for before, after in itertools.pairwise(order):
         if ranges[after][0] < ranges[before][1]:
-            raise InvalidRequest(
-                f"ranges {before} and {after} overlap", reason="RANGE_OVERLAP", field=f"ranges[{after}]"
-            )
+            raise range_fault("RANGE_OVERLAP", after, *ranges[after], before=before)
 
 
 def plan_ranges(layout: Layout, ranges: Sequence[tuple[int, int]], filter_: int) -> list[RangePlan]:
@@ -149,13 +231,7 @@ def plan_ranges(layout: Layout, ranges: Sequence[tuple[int, int]], filter_: int)
         v = layout.first_at_or_after(start)
         while cursor < end:
             if v >= len(layout) or layout.starts[v] > cursor:
-                raise InvalidRequest(
-                    f"range {i} (0x{start:x}-0x{end:x}) is not inside mapped memory: nothing is mapped at 0x{cursor:x}",
-                    reason="RANGE_UNMAPPED",
-                    field=f"ranges[{i}]",
-                    range=f"0x{start:x}-0x{end:x}",
-                    address=f"0x{cursor:x}",
-                )
+                raise range_fault("RANGE_UNMAPPED", i, start, end, address=cursor)
             piece_end = min(end, layout.ends[v])
             if layout.kinds[v] in admitted:
                 segments.append((cursor, piece_end))
@@ -178,22 +254,19 @@ def split_for_calls(segments: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return pieces
 
 
-AdviseLoop = Callable[[int, list[tuple[int, int]], int], syscalls.AdviseOutcome]
-
-
 class Advisor:
     def __init__(
         self,
         signer: CookieSigner,
         reader: SnapshotReader,
-        advise_loop: AdviseLoop,
+        ranges: RangeBackend,
         supported_advices: frozenset[int],
         require_cookie: bool = True,
         max_ranges: int = DEFAULT_MAX_RANGES,
     ) -> None:
         self.signer = signer
         self.reader = reader
-        self.advise_loop = advise_loop
+        self.ranges = ranges  # how requests' ranges are held, checked and planned
         self.supported_advices = supported_advices
         self.require_cookie = require_cookie
         self.max_ranges = max_ranges
@@ -213,7 +286,8 @@ class Advisor:
             raise InvalidRequest(f"unknown advice {request.advice}", reason="UNKNOWN_ADVICE", field="advice")
         if request.filter not in FILTER_KINDS:
             raise InvalidRequest(f"unknown filter {request.filter}", reason="UNKNOWN_FILTER", field="filter")
-        check_ranges(request.ranges, self.max_ranges)
+        check_count(len(request.ranges), self.max_ranges)
+        request.ranges.check()
         name = ADVICE_BY_NUMBER[request.advice]
         if request.advice not in self.supported_advices:
             raise KernelUnsupported(f"this kernel does not accept {name} advice for another process", advice=name)
@@ -251,45 +325,27 @@ class Advisor:
                     f"the address space of process {request.pid} changed since the cookie was issued; read it again",
                     pid=request.pid,
                 )
-            plans = plan_ranges(Layout.from_records(records), request.ranges, request.filter)
-            result = AdviceResult(
+            plan = request.ranges.plan(records, request.filter)
+            syscall_count = 0
+            if request.dry_run:
+                plan.dry_run()
+            else:
+                syscall_count, first_error = plan.apply(pidfd, ADVICES[name][1])
+                if first_error == errno_mod.ESRCH:
+                    raise ProcessGone(f"process {request.pid} exited before it could be advised", pid=request.pid)
+                if first_error == errno_mod.EPERM:
+                    raise AccessDenied(
+                        "the kernel refused process_madvise: the agent needs CAP_SYS_NICE and ptrace access"
+                    )
+            return AdviceResult(
                 pid=request.pid,
                 start_time=identity.start_time,
                 comm=identity.comm,
-                requested_bytes=sum(end - start for start, end in request.ranges),
-                advised_bytes=0,
-                syscalls=0,
+                requested_bytes=plan.requested_bytes,
+                advised_bytes=plan.advised_bytes,
+                syscalls=syscall_count,
                 dry_run=request.dry_run,
-                ranges=[plan.outcome for plan in plans],
+                plan=plan,
             )
-            if request.dry_run:
-                for plan in plans:
-                    plan.outcome.advised_bytes = sum(end - start for start, end in plan.segments)
-            else:
-                self._apply(pidfd, plans, ADVICES[name][1], result)
-            result.advised_bytes = sum(r.advised_bytes for r in result.ranges)
-            return result
         finally:
             os.close(pidfd)
-
-    def _apply(self, pidfd: int, plans: list[RangePlan], madv: int, result: AdviceResult) -> None:
-        owners: list[RangeOutcome] = []
-        iovecs: list[tuple[int, int]] = []
-        for plan in plans:
-            pieces = split_for_calls(plan.segments)
-            iovecs += pieces
-            owners += [plan.outcome] * len(pieces)
-        if not iovecs:
-            return
-        outcome = self.advise_loop(pidfd, iovecs, madv)
-        result.syscalls = outcome.syscalls
-        for owner, advised, err in zip(owners, outcome.advised, outcome.errors, strict=True):
-            owner.advised_bytes += advised
-            if err and not owner.errno:
-                owner.errno = err
-        if not any(outcome.advised):
-            first = next((e for e in outcome.errors if e), 0)
-            if first == errno_mod.ESRCH:
-                raise ProcessGone(f"process {result.pid} exited before it could be advised", pid=result.pid)
-            if first == errno_mod.EPERM:
-                raise AccessDenied("the kernel refused process_madvise: the agent needs CAP_SYS_NICE and ptrace access")

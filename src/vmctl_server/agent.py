@@ -19,11 +19,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vmctl_client.proto import vmctl_pb2 as pb
-from vmctl_server import __version__, capabilities, guard, logs, metrics, operations, syscalls
-from vmctl_server.advice import DEFAULT_MAX_RANGES, AdviseLoop, Advisor
+from vmctl_server import __version__, capabilities, guard, logs, metrics, operations
+from vmctl_server.advice import DEFAULT_MAX_RANGES, Advisor, RangeBackend
 from vmctl_server.cookie import CookieSigner
 from vmctl_server.guard import Guard
 from vmctl_server.observe import ObservingInterceptor
+from vmctl_server.pyranges import PyRanges
 from vmctl_server.service import SERVICE_NAME, VmControlService, rpc_handler
 from vmctl_server.snapshot import SnapshotReader, SourceSupport, table_backend
 from vmctl_server.unixgate import UnixGateway
@@ -184,15 +185,16 @@ def _check_tls_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         )
 
 
-def _select_backend(no_native: bool) -> tuple[object, AdviseLoop]:
+def _select_backend(no_native: bool) -> tuple[object, RangeBackend]:
+    """The VMA tables and the per-range advice work: in C, or pure Python."""
     if not no_native:
         try:
-            from vmctl_server import nativetable
+            from vmctl_server.nativeranges import NativeRanges
 
-            return table_backend(native=True), nativetable.advise_segments
+            return table_backend(native=True), NativeRanges
         except ImportError as exc:
             log.warning("native extension unavailable, using the pure-Python paths: %s", exc)
-    return table_backend(native=False), syscalls.advise_segments
+    return table_backend(native=False), PyRanges
 
 
 @dataclass
@@ -211,15 +213,15 @@ def build_server(args: argparse.Namespace) -> Agent:
     caps = capabilities.probe()
     if not caps.advice_permitted:
         log.warning("remote advice will fail: %s", "; ".join(f"{k}: {v}" for k, v in caps.probe_errors.items()))
-    backend, advise_loop = _select_backend(args.no_native)
+    backend, ranges = _select_backend(args.no_native)
     metrics.describe_agent(
         native_tables=backend.native,  # type: ignore[attr-defined]
-        native_advise_loop=advise_loop is not syscalls.advise_segments,
+        native_advise_loop=ranges.native,
         pagemap_scan=caps.pagemap_scan,
         procmap_query=caps.procmap_query,
     )
     reader = SnapshotReader(backend, SourceSupport(pagemap_scan=caps.pagemap_scan, procmap_query=caps.procmap_query))
-    advisor = Advisor(signer, reader, advise_loop, caps.advices, max_ranges=args.max_ranges)
+    advisor = Advisor(signer, reader, ranges, caps.advices, max_ranges=args.max_ranges)
     service = VmControlService(reader, advisor, signer, caps, security)
 
     max_message_bytes = args.max_message_bytes or args.max_ranges * MAX_RANGE_WIRE_BYTES + MESSAGE_SLACK_BYTES

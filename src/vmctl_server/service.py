@@ -1,10 +1,13 @@
 """The gRPC face of the agent: translate messages to plain values and back.
 
 No logic lives here beyond the translation; faults raised by the core become
-statuses in :mod:`vmctl_server.status`. GetVmaInfo answers with bytes it
-assembled itself: the small header message serialized by protobuf, then the
-``vmas`` field as the tables encoded it (protobuf concatenation is merging),
-so tens of thousands of VMAs never become Python message objects.
+statuses in :mod:`vmctl_server.status`. GetVmaInfo and AdviseRanges answer
+with bytes they assembled themselves: the small header message serialized by
+protobuf, then the repeated field (``vmas``, ``ranges``) as the tables or the
+plan encoded it (protobuf concatenation is merging), so tens of thousands of
+VMAs or ranges never become Python message objects. AdviseRanges reads its
+ranges from the request's own bytes for the same reason (see
+:class:`AdviseCall`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import functools
 import logging
 from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, TypeVar
 
 import grpc
@@ -20,7 +25,7 @@ from google.protobuf.message import DecodeError
 
 from vmctl_client.proto import vmctl_pb2 as pb
 from vmctl_server import status
-from vmctl_server.advice import ADVICE_BY_NUMBER, AdviceRequest, Advisor
+from vmctl_server.advice import ADVICE_BY_NUMBER, AdviceRequest, Advisor, RangeSet
 from vmctl_server.audit import AdviceAudit
 from vmctl_server.auth import Caller, caller_from
 from vmctl_server.capabilities import Capabilities
@@ -62,6 +67,32 @@ class Malformed:
         return InvalidRequest(f"the request does not parse: {self.error}", reason="MALFORMED_REQUEST")
 
 
+@dataclass(frozen=True)
+class AdviseCall:
+    """An AdviseRangesRequest as protobuf parsed it, and the bytes it came in:
+    the advisor's range backend reads the ranges from those (in C, without a
+    Python object per range). Other fields read through to the message."""
+
+    message: pb.AdviseRangesRequest
+    wire: bytes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.message, name)
+
+
+@dataclass(frozen=True)
+class EncodedReply:
+    """A reply already serialized (``wire``), with the header message it
+    began from, whose fields read through (the observing interceptor counts
+    the bytes advised and the calls made)."""
+
+    header: Any
+    wire: bytes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.header, name)
+
+
 def _caller(context: grpc.ServicerContext) -> Caller:
     return caller_from(context.peer(), context.auth_context())
 
@@ -99,27 +130,28 @@ class VmControlService:
         return snapshot.table.encode(snapshot.result_mask, prefix=header.SerializeToString())
 
     @_translate_faults
-    def AdviseRanges(self, request: pb.AdviseRangesRequest, context: grpc.ServicerContext) -> pb.AdviseRangesResponse:
+    def AdviseRanges(self, request: AdviseCall | Malformed, context: grpc.ServicerContext) -> EncodedReply:
         caller = _caller(context)
-        audit = _advice_audit(caller, request, self.advisor.max_ranges)
+        if isinstance(request, Malformed):
+            message, ranges = pb.AdviseRangesRequest(), self.advisor.ranges.from_pairs([])
+        else:
+            # Read from the request only when first used: over the limit,
+            # the advisor refuses on the count alone.
+            message, ranges = request.message, self.advisor.ranges.from_message(request.message.ranges, request.wire)
+        audit = _advice_audit(caller, request, ranges, self.advisor.max_ranges)
         try:
             with self.guard.admit(caller, ADVISE) as policy:
                 if isinstance(request, Malformed):
                     raise request.refuse()
                 self.guard.require_audit()
-                # Over the limit, the advisor refuses on the count alone: no
-                # need to build a million tuples first.
-                ranges = request.ranges
-                if len(ranges) <= self.advisor.max_ranges:
-                    ranges = [(r.start, r.end) for r in request.ranges]
                 result = self.advisor.advise(
                     AdviceRequest(
-                        pid=request.pid,
+                        pid=message.pid,
                         ranges=ranges,
-                        advice=request.advice,
-                        cookie=request.cookie,
-                        filter=request.filter,
-                        dry_run=request.dry_run,
+                        advice=message.advice,
+                        cookie=message.cookie,
+                        filter=message.filter,
+                        dry_run=message.dry_run,
                     ),
                     check_target=self.guard.advice_check(policy, caller, audit.advice, audit),
                     require_cookie=policy.require_cookie,
@@ -133,24 +165,14 @@ class VmControlService:
             raise
         audit.advised_bytes, audit.syscalls = result.advised_bytes, result.syscalls
         self.guard.audit.write(audit.record("OK"), audit.summary("OK"))
-        return pb.AdviseRangesResponse(
+        header = pb.AdviseRangesResponse(
             requested_bytes=result.requested_bytes,
             advised_bytes=result.advised_bytes,
             syscalls=result.syscalls,
             dry_run=result.dry_run,
             process=pb.Process(pid=result.pid, start_time=result.start_time, comm=result.comm),
-            ranges=[
-                pb.RangeResult(
-                    start=r.start,
-                    end=r.end,
-                    advised_bytes=r.advised_bytes,
-                    skipped_bytes=r.skipped_bytes,
-                    error=r.error,
-                    errno=r.errno,
-                )
-                for r in result.ranges
-            ],
         )
+        return EncodedReply(header, result.plan.encode(prefix=header.SerializeToString()))
 
     @_translate_faults
     def ListProcesses(
@@ -210,10 +232,10 @@ class VmControlService:
         return response
 
 
-def _advice_audit(caller: Caller, request: pb.AdviseRangesRequest | Malformed, max_ranges: int) -> AdviceAudit:
+def _advice_audit(caller: Caller, request: AdviseCall | Malformed, ranges: RangeSet, max_ranges: int) -> AdviceAudit:
     if isinstance(request, Malformed):
         return AdviceAudit(caller.audit_fields(), 0, "", "", False, 0, 0, False)
-    count = len(request.ranges)
+    count = len(ranges)
     return AdviceAudit(
         caller=caller.audit_fields(),
         pid=request.pid,
@@ -221,7 +243,7 @@ def _advice_audit(caller: Caller, request: pb.AdviseRangesRequest | Malformed, m
         filter=pb.Filter.Name(request.filter) if request.filter in pb.Filter.values() else str(request.filter),
         dry_run=request.dry_run,
         range_count=count,
-        requested_bytes=sum(max(0, r.end - r.start) for r in request.ranges) if count <= max_ranges else 0,
+        requested_bytes=ranges.total_bytes() if count <= max_ranges else 0,
         cookie_sent=bool(request.cookie),
     )
 
@@ -230,18 +252,20 @@ def _pass_through(data: bytes) -> bytes:
     return data
 
 
-def _parser(request_type: Any) -> Callable[[bytes], Any]:
+def _parser(request_type: Any, keep_wire: bool = False) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         try:
-            return request_type.FromString(data)
+            message = request_type.FromString(data)
         except DecodeError as exc:
             return Malformed(str(exc) or "not a protobuf message")
+        return AdviseCall(message, data) if keep_wire else message
 
     return parse
 
 
 def rpc_handler(service: VmControlService, pool: futures.ThreadPoolExecutor | None = None) -> grpc.GenericRpcHandler:
-    """Method handlers for VmControl; GetVmaInfo's response is already bytes.
+    """Method handlers for VmControl; GetVmaInfo's and AdviseRanges's
+    responses are already bytes.
 
     With ``pool``, VmControl calls run on it instead of the server's own
     pool, which then serves only health and reflection: however many slow
@@ -252,7 +276,7 @@ def rpc_handler(service: VmControlService, pool: futures.ThreadPoolExecutor | No
     """
 
     def unary(
-        method: Callable[..., Any], request_type: Any, serializer: Callable[[Any], bytes]
+        method: Callable[..., Any], request_type: Any, serializer: Callable[[Any], bytes], keep_wire: bool = False
     ) -> grpc.RpcMethodHandler:
         @functools.wraps(method)
         def behavior(request: Any, context: grpc.ServicerContext) -> Any:
@@ -261,16 +285,14 @@ def rpc_handler(service: VmControlService, pool: futures.ThreadPoolExecutor | No
         if pool is not None:
             behavior.experimental_thread_pool = pool  # type: ignore[attr-defined]
         return grpc.unary_unary_rpc_method_handler(
-            behavior, request_deserializer=_parser(request_type), response_serializer=serializer
+            behavior, request_deserializer=_parser(request_type, keep_wire), response_serializer=serializer
         )
 
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
         {
             "GetVmaInfo": unary(service.GetVmaInfo, pb.GetVmaInfoRequest, _pass_through),
-            "AdviseRanges": unary(
-                service.AdviseRanges, pb.AdviseRangesRequest, pb.AdviseRangesResponse.SerializeToString
-            ),
+            "AdviseRanges": unary(service.AdviseRanges, pb.AdviseRangesRequest, attrgetter("wire"), keep_wire=True),
             "ListProcesses": unary(
                 service.ListProcesses, pb.ListProcessesRequest, pb.ListProcessesResponse.SerializeToString
             ),

@@ -19,7 +19,7 @@ import cffi
 CSRC = Path(__file__).resolve().parent
 PACKAGE = CSRC.parent
 HEADER = CSRC / "vmctl_native.h"
-SOURCE = CSRC / "vmctl_native.c"
+SOURCES = (CSRC / "vmctl_native.c", CSRC / "vmctl_advice.c")
 NO_COMPILER = "vmctl needs a C compiler (cc/gcc) to build its native extension; install gcc / build-essential"
 
 
@@ -65,7 +65,7 @@ ffibuilder.set_source(
     # setuptools insists on paths relative to setup.py's directory (the cwd of
     # a package build); cffi's own compile() changes directory, so the
     # in-place build below needs them absolute.
-    sources=[str(SOURCE) if __name__ == "__main__" else os.path.relpath(SOURCE)],
+    sources=[str(source) if __name__ == "__main__" else os.path.relpath(source) for source in SOURCES],
     include_dirs=[str(CSRC) if __name__ == "__main__" else os.path.relpath(CSRC)],
     extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
 )

@@ -12,6 +12,7 @@
 #define _GNU_SOURCE
 
 #include "vmctl_native.h"
+#include "vmctl_internal.h"
 
 #include <errno.h>
 #include <linux/ioctl.h>
@@ -19,12 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
-#include <sys/syscall.h>
 #include <unistd.h>
-
-#ifndef SYS_process_madvise
-#define SYS_process_madvise 440 /* the same on every architecture */
-#endif
 
 #define PROCMAP_QUERY _IOWR('f', 17, struct procmap_query)
 #define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
@@ -36,9 +32,6 @@
 #define BUILD_ID_MAX 64	  /* as syscalls.BUILD_ID_MAX */
 #define KERNEL_HALF (UINT64_C(1) << 63)
 
-#define MAX_IOVECS 1024 /* UIO_MAXIOV, as syscalls.UIO_MAXIOV */
-#define MAX_RW_COUNT UINT64_C(0x7FFFF000)
-
 /* vmctl_server.attrs */
 #define ATTR_BUILD_ID 2u
 #define ATTR_RESIDENCY 4u
@@ -49,10 +42,6 @@
 #define PERM_WRITE 2u
 #define PERM_EXEC 4u
 #define PERM_SHARED 8u
-#define KIND_ANONYMOUS 1u
-#define KIND_FILE 2u
-#define KIND_SPECIAL 3u
-#define LAYOUT_RECORD_SIZE 48
 
 /*
  * Field numbers of vmctl.v1.Vma. The smaps parser names what a line fills by
@@ -96,8 +85,6 @@ enum {
 	F_RAW_PATH = 40,
 };
 #define ACCT_VALUES 19 /* fields 12..14 and 16..31 */
-#define WIRE_VARINT 0u
-#define WIRE_BYTES 2u
 #define VMAS_TAG 0x22 /* GetVmaInfoResponse.vmas: field 4, length-delimited */
 
 struct vmctl_vma {
@@ -885,47 +872,6 @@ int vmctl_table_fill_build_ids(struct vmctl_table *table, int maps_fd)
 
 /* --------------------------------------------------------------- protobuf */
 
-static size_t varint_len(uint64_t v)
-{
-	size_t n = 1;
-
-	while (v >= 0x80) {
-		v >>= 7;
-		n++;
-	}
-	return n;
-}
-
-static char *put_varint(char *p, uint64_t v)
-{
-	while (v >= 0x80) {
-		*p++ = (char)(v | 0x80);
-		v >>= 7;
-	}
-	*p++ = (char)v;
-	return p;
-}
-
-/* proto3: a zero number is not written. */
-static char *put_uint(char *p, unsigned field, uint64_t v)
-{
-	if (!v)
-		return p;
-	p = put_varint(p, (uint64_t)field << 3 | WIRE_VARINT);
-	return put_varint(p, v);
-}
-
-/* proto3: an empty string or bytes is not written. */
-static char *put_bytes(char *p, unsigned field, const void *s, size_t n)
-{
-	if (!n)
-		return p;
-	p = put_varint(p, (uint64_t)field << 3 | WIRE_BYTES);
-	p = put_varint(p, n);
-	memcpy(p, s, n);
-	return p + n;
-}
-
 /* Most bytes one Vma can take, with its tag and length in vmas. */
 static size_t vma_bound(const struct vmctl_table *t, size_t i)
 {
@@ -1026,83 +972,4 @@ int vmctl_table_encode(const struct vmctl_table *table, uint32_t mask, const cha
 void vmctl_free(void *buffer)
 {
 	free(buffer);
-}
-
-/* ----------------------------------------------------------------- advice */
-
-/* syscalls.batch_end */
-static size_t batch_end(const uint64_t *lengths, size_t n, size_t first)
-{
-	size_t last = n - first < MAX_IOVECS ? n : first + MAX_IOVECS;
-	uint64_t total = 0;
-	size_t end = first;
-
-	while (end < last && lengths[end] <= MAX_RW_COUNT - total) {
-		total += lengths[end];
-		end++;
-	}
-	return end > first ? end : first + 1;
-}
-
-/* syscalls.advise_segments, step for step (the reference documents why). */
-long vmctl_advise(int pidfd, const struct vmctl_segment *segments, size_t n, int advice, uint64_t *advised,
-		  int *errors)
-{
-	struct iovec *iov;
-	uint64_t *lengths;
-	long calls = 0;
-	size_t i = 0;
-
-	for (size_t k = 0; k < n; k++)
-		if (segments[k].end < segments[k].start)
-			return -EINVAL;
-	iov = malloc((n ? n : 1) * sizeof(*iov));
-	lengths = malloc((n ? n : 1) * sizeof(*lengths));
-	if (!iov || !lengths) {
-		free(iov);
-		free(lengths);
-		return -ENOMEM;
-	}
-	for (size_t k = 0; k < n; k++) {
-		lengths[k] = segments[k].end - segments[k].start;
-		iov[k].iov_base = (void *)(uintptr_t)segments[k].start;
-		iov[k].iov_len = lengths[k];
-	}
-	while (i < n) {
-		size_t stop = batch_end(lengths, n, i);
-		long result = syscall(SYS_process_madvise, (long)pidfd, iov + i, stop - i, (long)advice, 0L);
-
-		calls++;
-		if (result < 0) {
-			int err = errno;
-
-			if (err == EINTR)
-				continue;
-			errors[i] = err;
-			if (err == ESRCH || err == EPERM) {
-				for (size_t k = i + 1; k < n; k++)
-					errors[k] = err;
-				break;
-			}
-			i++;
-			continue;
-		}
-		/* Whole iovecs were advised; a remainder means the kernel
-		 * stopped part way into one: advance it and resume there. */
-		size_t left = (size_t)result;
-
-		while (i < stop && left >= iov[i].iov_len) {
-			left -= iov[i].iov_len;
-			advised[i] += iov[i].iov_len;
-			i++;
-		}
-		if (left && i < stop) {
-			advised[i] += left;
-			iov[i].iov_base = (char *)iov[i].iov_base + left;
-			iov[i].iov_len -= left;
-		}
-	}
-	free(iov);
-	free(lengths);
-	return calls;
 }

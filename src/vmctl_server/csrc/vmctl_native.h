@@ -6,9 +6,11 @@
  * /proc/PID/smaps text; it fills residency (PAGEMAP_SCAN) and build ids
  * (PROCMAP_QUERY) with the kernel's binary interfaces and writes the packed
  * layout records and the protobuf wire bytes of GetVmaInfoResponse.vmas
- * without a Python object per VMA. vmctl_advise is the process_madvise(2)
- * batching loop. Every result equals the pure-Python reference
- * (vmctl_server/pytable.py and syscalls.py); errors come back as -errno.
+ * without a Python object per VMA (vmctl_native.c). vmctl_advice.c holds
+ * the process_madvise(2) batching loop and everything AdviseRanges does per
+ * range. Every result equals the pure-Python reference
+ * (vmctl_server/pytable.py, pyranges.py, advice.py and syscalls.py); errors
+ * come back as -errno.
  */
 #ifndef VMCTL_NATIVE_H
 #define VMCTL_NATIVE_H
@@ -118,6 +120,100 @@ void vmctl_free(void *buffer);
  */
 long vmctl_advise(int pidfd, const struct vmctl_segment *segments, size_t n, int advice, uint64_t *advised,
 		  int *errors);
+
+/*
+ * AdviseRanges (vmctl_advice.c): the ranges of one request, checked and
+ * planned as advice.py's check_ranges and plan_ranges do, advised, and the
+ * reply's per-range results written as protobuf wire bytes.
+ */
+
+/* Why ranges were refused; advice.py words each as its InvalidRequest. */
+enum {
+	VMCTL_RANGES_OK = 0,
+	VMCTL_RANGE_UNALIGNED = 1,
+	VMCTL_RANGE_EMPTY = 2,
+	VMCTL_RANGE_WRAPS = 3,
+	VMCTL_RANGE_OVERLAP = 4,
+	VMCTL_RANGE_UNMAPPED = 5
+};
+
+struct vmctl_range_fault {
+	int reason;	  /* VMCTL_RANGE_* */
+	size_t index;	  /* the range refused */
+	size_t before;	  /* RANGE_OVERLAP: the range it overlaps, just before it in address order */
+	uint64_t address; /* RANGE_UNMAPPED: the first address of it that nothing maps */
+};
+
+/* One range's outcome: the fields of vmctl.v1.RangeResult. */
+struct vmctl_range_outcome {
+	uint64_t start;
+	uint64_t end;
+	uint64_t advised;
+	uint64_t skipped;
+	int err; /* the errno that stopped part of the range, or 0 */
+};
+
+/* Opaque: one request's ranges split into the pieces to advise. */
+struct vmctl_plan;
+
+/*
+ * The `repeated AddressRange ranges = 2` of an AdviseRangesRequest's wire
+ * bytes (which protobuf has already parsed: this only reads the values),
+ * into out[0..n). 0 when there were exactly n; -ENOTSUP when the bytes use
+ * an encoding left to protobuf (groups, a field of an unexpected wire type,
+ * a varint beyond 64 bits) or hold another number of ranges.
+ */
+int vmctl_request_ranges(const char *data, size_t len, struct vmctl_segment *out, size_t n);
+
+/* The sum of max(0, end - start) over the ranges, as 128 bits. */
+void vmctl_ranges_bytes(const struct vmctl_segment *ranges, size_t n, uint64_t *low, uint64_t *high);
+
+/*
+ * advice.check_ranges after its count checks: alignment to page_size,
+ * emptiness, wrap-around, then overlap. 0, or VMCTL_RANGE_* with *fault
+ * filled; -ENOMEM.
+ */
+int vmctl_ranges_check(const struct vmctl_segment *ranges, size_t n, uint64_t page_size,
+		       struct vmctl_range_fault *fault);
+
+/*
+ * advice.plan_ranges and split_for_calls: each range (checked already) split
+ * at the VMA boundaries of the layout (record_count layout.LAYOUT_RECORD
+ * records, in address order), keeping the parts whose kind is in
+ * admitted_kinds (bit 1 << kind), each cut to MAX_RW_COUNT bytes. 0 and
+ * *out; VMCTL_RANGE_UNMAPPED with *fault filled; -ENOMEM.
+ */
+int vmctl_plan_new(const struct vmctl_segment *ranges, size_t n, const char *records, size_t record_count,
+		   uint32_t admitted_kinds, struct vmctl_plan **out, struct vmctl_range_fault *fault);
+void vmctl_plan_free(struct vmctl_plan *plan);
+
+/* The outcome of every range, in request order (n of them). */
+const struct vmctl_range_outcome *vmctl_plan_outcomes(const struct vmctl_plan *plan);
+
+/* The pieces to advise, in order, and the range each belongs to. */
+const struct vmctl_segment *vmctl_plan_pieces(const struct vmctl_plan *plan, size_t *count, const size_t **owners);
+
+uint64_t vmctl_plan_requested(const struct vmctl_plan *plan);
+uint64_t vmctl_plan_advised(const struct vmctl_plan *plan);
+
+/* What a dry run reports: every piece counted as advised, no call made. */
+void vmctl_plan_dry_run(struct vmctl_plan *plan);
+
+/*
+ * vmctl_advise over the pieces, the outcome added to their ranges. Returns
+ * the number of calls, or -ENOMEM before any. *first_error is the errno of
+ * the first piece that failed when no piece advised a byte, else 0.
+ */
+long vmctl_plan_apply(struct vmctl_plan *plan, int pidfd, int advice, int *first_error);
+
+/*
+ * prefix (the rest of the reply, already serialized), then the wire bytes
+ * of `repeated RangeResult ranges = 4` of AdviseRangesResponse, in one
+ * buffer released with vmctl_free. An error is named errno_names[err] when
+ * err < name_count (Python's errno.errorcode), else in decimal. 0 or -ENOMEM.
+ */
+int vmctl_plan_encode(const struct vmctl_plan *plan, const char *prefix, size_t prefix_len,
+		      char *const *errno_names, size_t name_count, char **out, size_t *out_len);
 
 /* cdef: end */
 
