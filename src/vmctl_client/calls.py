@@ -118,10 +118,12 @@ def advise_request(
     )
     add = request.ranges.add
     for item in ranges:
+        # Set after add(): protobuf takes keyword arguments a third slower.
+        message = add()
         if isinstance(item, tuple):
-            add(start=item[0], end=item[1])
+            message.start, message.end = item[0], item[1]
         else:
-            add(start=item.start, end=item.end)
+            message.start, message.end = item.start, item.end
     return request
 
 

@@ -1,7 +1,9 @@
 """Typed results: thin views over the protobuf replies.
 
 A 65,530-VMA snapshot is one protobuf message; :class:`VmaList` wraps its
-entries lazily, so nothing is built per VMA until it is looked at.
+entries lazily, so nothing is built per VMA until it is looked at, and
+:meth:`VmaList.column` reads one attribute of every VMA without a view at all.
+AdviseRanges's per-range results are lazy the same way (:class:`RangeResultList`).
 Attributes are named by lowercase words (``rss``, ``pss``, ``swap``) in bytes.
 """
 
@@ -92,6 +94,17 @@ def words_for_mask(mask: int) -> list[str]:
 
 def _field(word: str) -> str:
     return word if word in _NOT_BYTES else f"{word}_bytes"
+
+
+class _KindNames(dict):
+    """KIND_NAMES, with "unknown" for any other value (read in C by map())."""
+
+    def __missing__(self, kind: int) -> str:
+        return "unknown"
+
+
+_KIND_LOOKUP = _KindNames(KIND_NAMES).__getitem__
+_GET_KIND = attrgetter("kind")
 
 
 class Vma:
@@ -185,6 +198,19 @@ class VmaList(Sequence[Vma]):
     def __iter__(self) -> Iterator[Vma]:
         return map(Vma, self._items)
 
+    def column(self, word: str) -> list:
+        """Every VMA's ``word`` (``start``, ``end``, ``perms``, ``path``,
+        ``kind``, ``rss``, ``pss``, ...: a field of :class:`Vma`), in order,
+        read straight from the messages: for a whole column a few times
+        cheaper than ``[v.start for v in vmas]``."""
+        if word == "kind":
+            return list(map(_KIND_LOOKUP, map(_GET_KIND, self._items)))
+        if word in LAYOUT_WORDS:
+            return list(map(attrgetter(word), self._items))
+        if word in WORD_GROUP:
+            return list(map(attrgetter(_field(word)), self._items))
+        raise ValueError(f"no column {word!r}; known: {', '.join(sorted({*LAYOUT_WORDS, *WORD_GROUP}))}")
+
 
 @dataclass(frozen=True)
 class ProcessRef:
@@ -225,26 +251,84 @@ class VmaInfo:
         }
 
 
-@dataclass(frozen=True)
 class RangeResult:
-    start: int
-    end: int
-    advised_bytes: int
-    skipped_bytes: int
-    error: str
+    """One requested range's outcome: ``start``, ``end``, ``advised_bytes``,
+    ``skipped_bytes`` (left out by the filter, or kernel mappings) and
+    ``error`` (the errno name that stopped part of it, or ""). A view over
+    the reply's message, like :class:`Vma`; equal to another with the same
+    values."""
+
+    __slots__ = ("_m",)
+
+    def __init__(self, message: pb.RangeResult) -> None:
+        self._m = message
+
+    start = property(attrgetter("_m.start"))
+    end = property(attrgetter("_m.end"))
+    advised_bytes = property(attrgetter("_m.advised_bytes"))
+    skipped_bytes = property(attrgetter("_m.skipped_bytes"))
+    error = property(attrgetter("_m.error"))
+    errno = property(attrgetter("_m.errno"))
+
+    @property
+    def message(self) -> pb.RangeResult:
+        return self._m
+
+    def _values(self) -> tuple[int, int, int, int, str]:
+        m = self._m
+        return m.start, m.end, m.advised_bytes, m.skipped_bytes, m.error
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RangeResult) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return (
+            f"RangeResult(start=0x{self.start:x}, end=0x{self.end:x}, advised_bytes={self.advised_bytes},"
+            f" skipped_bytes={self.skipped_bytes}, error={self.error!r})"
+        )
 
     def to_json(self) -> dict:
+        m = self._m
         return {
-            "start": self.start,
-            "end": self.end,
-            "advised_bytes": self.advised_bytes,
-            "skipped_bytes": self.skipped_bytes,
-            "error": self.error or None,
+            "start": m.start,
+            "end": m.end,
+            "advised_bytes": m.advised_bytes,
+            "skipped_bytes": m.skipped_bytes,
+            "error": m.error or None,
         }
 
 
+class RangeResultList(Sequence[RangeResult]):
+    """A lazy sequence of :class:`RangeResult` over the reply's repeated field."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Sequence[pb.RangeResult]) -> None:
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> RangeResult: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[RangeResult]: ...
+    def __getitem__(self, index: int | slice) -> RangeResult | list[RangeResult]:
+        if isinstance(index, slice):
+            return [RangeResult(m) for m in self._items[index]]
+        return RangeResult(self._items[index])
+
+    def __iter__(self) -> Iterator[RangeResult]:
+        return map(RangeResult, self._items)
+
+
 class AdviceResult:
-    """AdviseRanges's answer: ``advised_bytes``, ``syscalls``, ``ranges``."""
+    """AdviseRanges's answer: ``advised_bytes``, ``syscalls``, ``ranges`` (a
+    lazy sequence of :class:`RangeResult`: nothing is built per range until
+    it is looked at)."""
 
     def __init__(self, reply: pb.AdviseRangesResponse) -> None:
         self.reply = reply
@@ -253,7 +337,7 @@ class AdviceResult:
         self.advised_bytes: int = reply.advised_bytes
         self.syscalls: int = reply.syscalls
         self.dry_run: bool = reply.dry_run
-        self.ranges = [RangeResult(r.start, r.end, r.advised_bytes, r.skipped_bytes, r.error) for r in reply.ranges]
+        self.ranges = RangeResultList(reply.ranges)
 
     def to_json(self) -> dict:
         return {
