@@ -25,8 +25,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 BENCH = pathlib.Path(__file__).resolve().parent
+# The zram swap set-up is the tests' own (tests/zram.py): run.py imports it from there.
+sys.path.append(str(BENCH.parent / "tests"))
 TARGET_SCRIPT = BENCH / "target.py"
-ZRAM_CONTROL = pathlib.Path("/sys/class/zram-control")
 
 
 class Target:
@@ -155,36 +156,6 @@ def agent(directory: pathlib.Path, extra_args: list[str]) -> Iterator[Agent]:
         yield running
     finally:
         running.stop()
-
-
-@contextlib.contextmanager
-def zram_swap(size: str) -> Iterator[str | None]:
-    """A fresh zram device as swap (highest priority), removed afterwards
-    whatever happens; None (and no pageout cases) without CONFIG_ZRAM."""
-    if not ZRAM_CONTROL.exists():
-        yield None
-        return
-    index = int((ZRAM_CONTROL / "hot_add").read_text())
-    device = f"/dev/zram{index}"
-    block = pathlib.Path(f"/sys/block/zram{index}")
-    swapped_on = False
-    try:
-        (block / "disksize").write_text(size)
-        for _ in range(100):  # udev/devtmpfs may take a moment to show the node
-            if os.path.exists(device):
-                break
-            time.sleep(0.02)
-        subprocess.run(["mkswap", device], check=True, capture_output=True)
-        subprocess.run(["swapon", "-p", "32000", device], check=True, capture_output=True)
-        swapped_on = True
-        yield device
-    finally:
-        if swapped_on:
-            subprocess.run(["swapoff", device], check=False, capture_output=True)
-        with contextlib.suppress(OSError):
-            (block / "reset").write_text("1")
-        with contextlib.suppress(OSError):
-            (ZRAM_CONTROL / "hot_remove").write_text(str(index))
 
 
 def machine_info() -> dict:

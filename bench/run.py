@@ -27,6 +27,7 @@ import grpc
 import harness
 import measure
 import psutil
+import zram
 from measure import Iovecs, Samples, Variant, interleaved, percentile
 
 from vmctl_client import Client
@@ -299,7 +300,7 @@ def main() -> int:
 
     with contextlib.ExitStack() as stack:
         scratch = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vmctl-bench-")))
-        swap = None if args.no_pageout else stack.enter_context(harness.zram_swap("4G"))
+        swap = None if args.no_pageout else stack.enter_context(zram.zram_swap_device("4G"))
         if not args.no_pageout and swap is None:
             progress("no zram on this kernel: skipping the pageout cases")
         progress(f"building targets of {SYSTEM_SERVER_VMAS:,} and {big_vmas:,} VMAs")

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from zram import zram_swap_device
 
 from vmctl_client import Client, VmctlError
 
@@ -289,38 +290,10 @@ def expect_error(call, code: str, reason: str | None = None) -> VmctlError:
 
 # ---- zram swap -----------------------------------------------------------------
 
-ZRAM_CONTROL = pathlib.Path("/sys/class/zram-control")
-
-
-@contextlib.contextmanager
-def zram_swap_device(size: str = "1G") -> Iterator[str]:
-    """A fresh zram device as swap, removed afterwards whatever happens."""
-    if not ZRAM_CONTROL.exists():
-        pytest.skip("this kernel has no zram-control (CONFIG_ZRAM)")
-    index = int((ZRAM_CONTROL / "hot_add").read_text())
-    device = f"/dev/zram{index}"
-    block = pathlib.Path(f"/sys/block/zram{index}")
-    swapped_on = False
-    try:
-        (block / "disksize").write_text(size)
-        for _ in range(100):  # udev/devtmpfs may take a moment to show the node
-            if os.path.exists(device):
-                break
-            time.sleep(0.02)
-        subprocess.run(["mkswap", device], check=True, capture_output=True)
-        subprocess.run(["swapon", "-p", "32000", device], check=True, capture_output=True)
-        swapped_on = True
-        yield device
-    finally:
-        if swapped_on:
-            subprocess.run(["swapoff", device], check=False, capture_output=True)
-        with contextlib.suppress(OSError):
-            (block / "reset").write_text("1")
-        with contextlib.suppress(OSError):
-            (ZRAM_CONTROL / "hot_remove").write_text(str(index))
-
 
 @pytest.fixture
 def zram_swap() -> Iterator[str]:
-    with zram_swap_device() as device:
+    with zram_swap_device("1G") as device:
+        if device is None:
+            pytest.skip("this kernel has no zram-control (CONFIG_ZRAM)")
         yield device
