@@ -16,8 +16,8 @@ from __future__ import annotations
 import functools
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from vmctl_client.client import Client
 from vmctl_client.errors import ProcessChangedError, ProcessGoneError, StaleCookieError, VmctlError
@@ -47,7 +47,7 @@ class ProcessReclaim:
     requested_bytes: int = 0
     advised_bytes: int = 0
     syscalls: int = 0
-    ranges: list[RangeResult] = field(default_factory=list)
+    ranges: Sequence[RangeResult] = ()  # the advice reply's lazy per-range results
     rss_before: int = 0
     swap_before: int = 0
     rss_after: int = 0
