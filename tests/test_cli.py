@@ -339,3 +339,11 @@ def test_a_user_the_socket_refuses_is_told_so(agent):
     )
     assert run.returncode == 1, run.stderr
     assert "may not connect to the agent's socket" in run.stderr and "Run as root" in run.stderr
+
+
+def test_version_names_the_installed_distribution():
+    from importlib import metadata
+
+    run = vmctl("--version")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"vmctl {metadata.version('vmctl')}"

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 from rich.console import Console
@@ -181,6 +182,13 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def _distribution_version() -> str:
+    try:
+        return metadata.version("vmctl")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument(
@@ -193,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         f" worst). Target: --target / --targets-file, else ${TARGET_ENV}, else {DEFAULT_TARGET}.",
         parents=[output],
     )
+    parser.add_argument("--version", action="version", version=f"vmctl {_distribution_version()}")
     where = parser.add_argument_group("targets")
     where.add_argument(
         "--target",
