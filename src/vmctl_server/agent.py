@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vmctl_client.proto import vmctl_pb2 as pb
-from vmctl_server import __version__, capabilities, guard, logs, metrics, operations
+from vmctl_server import __version__, capabilities, guard, heap, logs, metrics, operations
 from vmctl_server.advice import DEFAULT_MAX_RANGES, Advisor, RangeBackend
 from vmctl_server.cookie import CookieSigner
 from vmctl_server.guard import Guard
@@ -203,6 +203,7 @@ class Agent:
     health: health.HealthServicer
     guard: Guard
     gateway: UnixGateway | None  # in front of the unix listeners
+    trimmer: heap.HeapTrimmer  # gives back what large calls freed (see heap)
 
 
 def build_server(args: argparse.Namespace) -> Agent:
@@ -235,7 +236,8 @@ def build_server(args: argparse.Namespace) -> Agent:
         ],
     )
     workers = futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="vmctl-rpc")
-    server.add_generic_rpc_handlers((rpc_handler(service, workers),))
+    trimmer = heap.HeapTrimmer()
+    server.add_generic_rpc_handlers((rpc_handler(service, workers, trimmer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -266,7 +268,7 @@ def build_server(args: argparse.Namespace) -> Agent:
                 server.add_insecure_port(address.grpc_target)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {address.text}: {exc}") from exc
-    return Agent(server, health_servicer, security, gateway)
+    return Agent(server, health_servicer, security, gateway, trimmer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     args.listen = args.listen or [parse_listen(DEFAULT_LISTEN)]
     _check_tls_args(parser, args)
     logs.configure(args.log_level, args.log_format)
+    # Before any thread exists: a thread keeps the arena it first got.
+    heap.limit_arenas()
     # SIGHUP's default action kills; until the reload handler is installed it
     # is ignored, which loses nothing: the policy is read after this point.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -303,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 agent.gateway.listen(address.unix_path, args.socket_mode)
     for name in (SERVICE_NAME, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    agent.trimmer.start()  # its baseline: the RSS now, idle
     log.info("vmctl-agent %s serving on %s", __version__, ", ".join(a.text for a in args.listen))
 
     stop.wait()
@@ -316,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if not agent.guard.drain(args.shutdown_grace):
         log.warning("calls still running after %.0fs: cancelling them", args.shutdown_grace)
     server.stop(max(0.0, deadline - time.monotonic())).wait()
+    agent.trimmer.stop()
     if agent.gateway is not None:
         agent.gateway.close()
     for stop_listener in stop_listeners:

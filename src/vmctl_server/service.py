@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -91,6 +91,11 @@ class EncodedReply:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.header, name)
+
+
+class CallActivity(Protocol):
+    def call_started(self) -> None: ...
+    def call_ended(self) -> None: ...
 
 
 def _caller(context: grpc.ServicerContext) -> Caller:
@@ -263,7 +268,11 @@ def _parser(request_type: Any, keep_wire: bool = False) -> Callable[[bytes], Any
     return parse
 
 
-def rpc_handler(service: VmControlService, pool: futures.ThreadPoolExecutor | None = None) -> grpc.GenericRpcHandler:
+def rpc_handler(
+    service: VmControlService,
+    pool: futures.ThreadPoolExecutor | None = None,
+    calls: CallActivity | None = None,
+) -> grpc.GenericRpcHandler:
     """Method handlers for VmControl; GetVmaInfo's and AdviseRanges's
     responses are already bytes.
 
@@ -272,7 +281,9 @@ def rpc_handler(service: VmControlService, pool: futures.ThreadPoolExecutor | No
     snapshots are running or queued, a health check finds a free thread.
     (gRPC's ``experimental_thread_pool`` on a handler's behavior picks the
     pool; an interceptor that wraps the behavior must keep the attribute,
-    e.g. with functools.wraps.)
+    e.g. with functools.wraps.) ``calls`` hears when each call starts and,
+    from gRPC's own thread, when it is over and its reply sent (the heap
+    trimmer waits for the agent to be idle).
     """
 
     def unary(
@@ -280,6 +291,10 @@ def rpc_handler(service: VmControlService, pool: futures.ThreadPoolExecutor | No
     ) -> grpc.RpcMethodHandler:
         @functools.wraps(method)
         def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            if calls is not None:
+                calls.call_started()
+                if not context.add_callback(calls.call_ended):
+                    calls.call_ended()  # already over (cancelled)
             return method(request, context)
 
         if pool is not None:
