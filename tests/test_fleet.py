@@ -25,7 +25,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -33,6 +32,7 @@ import pytest
 from certs import CertFiles, Pki
 from cgroup2 import CGROUP2, cgroup
 from conftest import PAGE, TARGET_SCRIPT, Target
+from pidns import child_of
 
 from vmctl_client import Client, RetryPolicy, TlsOptions, VmctlError
 
@@ -50,18 +50,6 @@ pytestmark = pytest.mark.skipif(CGROUP2 is None, reason="needs a cgroup v2 hiera
 
 def _run(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True, text=True)
-
-
-def _child_of(pid: int, timeout: float = 10.0) -> int:
-    """The first child of ``pid`` (the process nsenter or unshare forked)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            children = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            if children:
-                return int(children[0])
-        time.sleep(0.01)
-    raise RuntimeError(f"process {pid} started no child within {timeout}s")
 
 
 def _start_time(pid: int) -> int:
@@ -181,7 +169,7 @@ class Fleet:
     def _pid_namespace(self, host: Host) -> None:
         unshare = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
         host.init = subprocess.Popen(["ip", "netns", "exec", host.netns, *unshare, "sleep", "infinity"])
-        host.init_pid = _child_of(host.init.pid)
+        host.init_pid = child_of(host.init.pid)
 
     def _start_agent(self, host: Host) -> None:
         server = self.pki.issue(f"agent-{host.index}", ips=[host.ip])
@@ -193,7 +181,7 @@ class Fleet:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        host.agent_pid = _child_of(host.agent.pid)
+        host.agent_pid = child_of(host.agent.pid)
 
     def _spawn_target(self, host: Host) -> None:
         # The shell moves itself into the cgroup, then becomes nsenter, whose
@@ -208,7 +196,7 @@ class Fleet:
         target = Target(proc)
         host.targets.append(target)
         target.map_anon(REGION, seed=1000 * host.index + len(host.targets))
-        host.identities.add((target.pid, _start_time(_child_of(proc.pid))))
+        host.identities.add((target.pid, _start_time(child_of(proc.pid))))
 
     def _wait_serving(self, host: Host, timeout: float = 60.0) -> None:
         patient = RetryPolicy(attempts=10_000, initial_backoff=0.05, max_backoff=0.2)
