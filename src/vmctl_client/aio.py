@@ -11,7 +11,7 @@ import grpc
 
 from vmctl_client import calls
 from vmctl_client.calls import READ_RETRY, Attempts, Attrs, Call, RangeLike, RetryPolicy
-from vmctl_client.channel import DEFAULT_TIMEOUT, TlsOptions, channel_args, default_target
+from vmctl_client.channel import DEFAULT_TIMEOUT, TlsOptions, default_target, open_channel
 from vmctl_client.errors import from_rpc_error
 from vmctl_client.proto import vmctl_pb2_grpc as pb_grpc
 from vmctl_client.types import AdviceResult, NodeInfo, ProcessInfo, VmaInfo
@@ -36,11 +36,7 @@ class AsyncClient:
         self.timeout = timeout
         self.deadline = deadline
         self.retry = retry
-        address, credentials, options = channel_args(self.target, tls)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(address, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        self._channel = open_channel(self.target, tls, grpc.aio)
         self._stub = pb_grpc.VmControlStub(self._channel)
 
     async def __aenter__(self) -> AsyncClient:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_TARGET = "unix:///run/vmctl/agent.sock"
 TARGET_ENV = "VMCTL_TARGET"
@@ -80,3 +81,12 @@ def channel_args(target: str, tls: TlsOptions | None) -> tuple[str, object | Non
     if tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     return address, credentials, options
+
+
+def open_channel(target: str, tls: TlsOptions | None, channels: Any) -> Any:
+    """A channel to ``target`` from ``channels``: the ``grpc`` module for
+    Client, ``grpc.aio`` for AsyncClient (their channel factories match)."""
+    address, credentials, options = channel_args(target, tls)
+    if credentials is None:
+        return channels.insecure_channel(address, options=options)
+    return channels.secure_channel(address, credentials, options=options)

@@ -10,7 +10,7 @@ import grpc
 
 from vmctl_client import calls
 from vmctl_client.calls import READ_RETRY, Attempts, Attrs, Call, RangeLike, RetryPolicy
-from vmctl_client.channel import DEFAULT_TIMEOUT, TlsOptions, channel_args, default_target
+from vmctl_client.channel import DEFAULT_TIMEOUT, TlsOptions, default_target, open_channel
 from vmctl_client.errors import from_rpc_error
 from vmctl_client.proto import vmctl_pb2_grpc as pb_grpc
 from vmctl_client.types import AdviceResult, NodeInfo, ProcessInfo, VmaInfo
@@ -41,11 +41,7 @@ class Client:
         self.timeout = timeout
         self.deadline = deadline
         self.retry = retry
-        address, credentials, options = channel_args(self.target, tls)
-        if credentials is None:
-            self._channel = grpc.insecure_channel(address, options=options)
-        else:
-            self._channel = grpc.secure_channel(address, credentials, options=options)
+        self._channel = open_channel(self.target, tls, grpc)
         self._stub = pb_grpc.VmControlStub(self._channel)
 
     def __enter__(self) -> Client:
