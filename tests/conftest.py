@@ -297,3 +297,29 @@ def zram_swap() -> Iterator[str]:
         if device is None:
             pytest.skip("this kernel has no zram-control (CONFIG_ZRAM)")
         yield device
+
+
+# ---- shared by the security tests ------------------------------------------------
+
+
+@pytest.fixture
+def public_dir() -> Iterator[pathlib.Path]:
+    """A directory every user may traverse (mode 0755), for sockets other users reach."""
+    from peers import public_directory
+
+    with public_directory() as path:
+        yield path
+
+
+def write_policy(directory: pathlib.Path, text: str) -> str:
+    path = directory / "policy.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not met within {timeout:g} s"
+        time.sleep(0.05)

@@ -4,6 +4,7 @@ ListProcesses and GetNodeInfo."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import os
 import pathlib
@@ -19,9 +20,10 @@ import time
 
 import grpc
 import pytest
-from conftest import expect_error
+from conftest import expect_error, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from scrape import Scrape, logged_port
 
 from vmctl_client import Client, TlsOptions
 from vmctl_client.proto import vmctl_pb2 as pb
@@ -40,7 +42,9 @@ def test_socket_directory_is_created_and_socket_is_0600(start_agent, tmp_path):
 
 
 def test_sigterm_lets_in_flight_calls_finish_and_removes_the_socket(start_agent, target):
-    agent = start_agent("--no-native")  # the slower path keeps the call in flight longer
+    # The slower path keeps the call in flight longer.
+    agent = start_agent("--no-native", "--metrics-listen", "127.0.0.1:0")
+    metrics_port = logged_port(agent, "metrics_port")
     limit = int(pathlib.Path("/proc/sys/vm/max_map_count").read_text())
     target.call("many_vmas", limit=limit)
     outcome: dict = {}
@@ -59,7 +63,7 @@ def test_sigterm_lets_in_flight_calls_finish_and_removes_the_socket(start_agent,
     caller = threading.Thread(target=slow_call)
     caller.start()
     assert connected.wait(30), outcome
-    time.sleep(0.3)
+    wait_for(lambda: Scrape(metrics_port).in_flight("GetVmaInfo") == 1, what="the slow call admitted")
     sent = time.monotonic()
     agent.proc.send_signal(signal.SIGTERM)
     caller.join(60)
@@ -73,6 +77,28 @@ def test_sigterm_lets_in_flight_calls_finish_and_removes_the_socket(start_agent,
 def test_sigint_also_stops_cleanly(start_agent):
     agent = start_agent()
     assert agent.stop(signal.SIGINT) == 0
+
+
+SYS_TGKILL = 234  # x86_64
+
+
+def test_sigterm_delivered_to_any_thread_stops_the_agent(start_agent):
+    """A container runtime's kill may reach any thread; the agent hears it from each.
+
+    (It used to wait in the main thread with no timeout, so a signal the
+    kernel delivered to another thread was noted and never acted on: podman
+    stop lost it 2 runs in 4, leaving the socket behind.)"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for turn in range(4):
+        agent = start_agent()
+        with agent.client() as client:
+            client.node_info()  # a worker, the gateway's relays: more threads to choose from
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{agent.proc.pid}/task") if int(t) != agent.proc.pid)
+        tid = tids[(turn * 7) % len(tids)]
+        assert libc.syscall(SYS_TGKILL, agent.proc.pid, tid, signal.SIGTERM) == 0, ctypes.get_errno()
+        assert agent.proc.wait(30) == 0, agent.log()
+        assert not agent.socket_path.exists()
+        assert "stopped" in agent.log()
     assert not agent.socket_path.exists()
 
 

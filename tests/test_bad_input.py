@@ -232,7 +232,11 @@ def test_bad_advise_request_is_refused_and_changes_nothing(agent, client, victim
     assert_untouched(target, region)
     records = audit_records(agent.log())
     if code == "RESOURCE_EXHAUSTED":
-        assert len(records) == before  # refused by gRPC before it was read: no call, nothing to audit
+        # Refused by gRPC unread, after the caller was admitted: on record as a request that never arrived.
+        assert len(records) == before + 1
+        assert (records[-1]["status"], records[-1]["reason"], records[-1]["syscalls"]) == (
+            "INVALID_ARGUMENT", "MALFORMED_REQUEST", 0,
+        )  # fmt: skip
     else:
         assert len(records) == before + 1
         record = records[-1]

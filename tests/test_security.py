@@ -26,9 +26,9 @@ import pytest
 from audit_lines import audit_records
 from certs import Pki
 from cgroup2 import CGROUP2, cgroup
-from conftest import PAGE, Agent, expect_error
+from conftest import PAGE, Agent, expect_error, wait_for, write_policy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from peers import NOBODY, ConnectAs, connect_as, public_directory
+from peers import NOBODY, ConnectAs, connect_as
 
 from vmctl_client import Client, TlsOptions
 from vmctl_client.calls import RetryPolicy
@@ -39,18 +39,6 @@ MiB = 1 << 20
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NO_RETRY = RetryPolicy(attempts=1)
 AGENT = (sys.executable, "-m", "vmctl_server.agent")
-
-
-@pytest.fixture
-def public_dir():
-    with public_directory() as path:
-        yield path
-
-
-def write_policy(directory: pathlib.Path, text: str) -> str:
-    path = directory / "policy.yaml"
-    path.write_text(text)
-    return str(path)
 
 
 def untouched(target, start: int, kb: int) -> None:
@@ -121,6 +109,11 @@ def test_without_a_policy_no_other_user_may_do_anything(start_agent, target, pub
         0,
         0,
     )
+    # The refused reads are on record too, named by method.
+    reads = audit_records(agent.log(), event="read")
+    assert [(r["method"], r["identity"], r["reason"]) for r in reads] == [
+        (method, f"uid:{NOBODY}", "POLICY_DENIED") for method in ("GetVmaInfo", "ListProcesses", "GetNodeInfo")
+    ]
 
 
 def test_the_socket_mode_is_the_first_gate(start_agent, public_dir):
@@ -302,22 +295,15 @@ def test_sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one(start_agent,
         expect_error(lambda: client.get_vma_info(target.pid), "PERMISSION_DENIED", "POLICY_DENIED")
         path.write_text(f'rules: [{{identities: ["uid:{NOBODY}"], verbs: [read]}}]')
         agent.proc.send_signal(signal.SIGHUP)
-        _wait_for(lambda: "policy reloaded" in agent.log())
+        wait_for(lambda: "policy reloaded" in agent.log())
         assert client.get_vma_info(target.pid).process.pid == target.pid
 
         path.write_text(f'rules: [{{identities: ["uid:{NOBODY}"], verbs: [read], advices: [forget]}}]')
         agent.proc.send_signal(signal.SIGHUP)
-        _wait_for(lambda: "policy not reloaded" in agent.log())
+        wait_for(lambda: "policy not reloaded" in agent.log())
         assert "rules[0].advices[0]: unknown advice 'forget'" in agent.log()
         assert client.get_vma_info(target.pid).process.pid == target.pid  # the old policy still holds
     assert agent.proc.poll() is None
-
-
-def _wait_for(condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(
@@ -509,7 +495,8 @@ def test_mtls_identity_and_policy_end_to_end(mtls_agent, target, zram_swap, tmp_
     target.verify()
     records = audit_records(agent.log())
     assert [(r["identity"], r["transport"], r["advice"], r["status"]) for r in records] == [
-        ("spiffe://cluster/ns/ops/sa/reader", "tls", "pageout", "PERMISSION_DENIED"),
+        # Refused on its headers, before its request was read: which advice it asked for is not known.
+        ("spiffe://cluster/ns/ops/sa/reader", "tls", None, "PERMISSION_DENIED"),
         ("spiffe://cluster/ns/ops/sa/reclaimer", "tls", "pageout", "OK"),
         ("spiffe://cluster/ns/ops/sa/reclaimer", "tls", "willneed", "PERMISSION_DENIED"),
     ]
@@ -642,12 +629,12 @@ def test_connections_per_uid_are_bounded(start_agent):
 
     try:
         # The fixture's own health check may still hold a slot for a moment.
-        _wait_for(lambda: not _refused(connect()) or held.pop().close())
+        wait_for(lambda: not _refused(connect()) or held.pop().close())
         assert not _refused(connect())
         assert _refused(connect())  # the third: accepted by the kernel, closed by the gateway
         assert "refused a connection from uid 0" in agent.log()
         held[0].close()
-        _wait_for(lambda: _one_call_works(agent))
+        wait_for(lambda: _one_call_works(agent))
     finally:
         for sock in held:
             sock.close()
@@ -692,7 +679,7 @@ def test_audit_file_gets_one_flushed_line_per_advise(start_agent, target, tmp_pa
         ("pageout", "valid", "OK", "", False),
         ("cold", "invalid", "INVALID_ARGUMENT", "COOKIE_INVALID", False),
         ("cold", "valid", "OK", "", True),
-        ("cold", "stale_layout", "FAILED_PRECONDITION", "LAYOUT_CHANGED", False),
+        ("cold", "layout_changed", "FAILED_PRECONDITION", "LAYOUT_CHANGED", False),
         ("cold", "missing", "INVALID_ARGUMENT", "COOKIE_REQUIRED", False),
     ]
     first = records[0]
@@ -702,6 +689,13 @@ def test_audit_file_gets_one_flushed_line_per_advise(start_agent, target, tmp_pa
     assert first["start_time"] == info.process.start_time and first["cgroup"].startswith("/")
     assert first["time"].endswith("Z") and first["identity"] == "uid:0"
     assert records[2]["advised_bytes"] == 2 * MiB and records[2]["syscalls"] == 0  # dry run
+    # The one call that made system calls had its intent on record before them, under the same request id.
+    everything = audit_records(log_path, event=None)
+    (intent,) = [r for r in everything if r["event"] == "advise_intent"]
+    assert everything.index(intent) < everything.index(first) and intent["request_id"] == first["request_id"]
+    assert (intent["pid"], intent["advice"], intent["requested_bytes"], intent["cookie"]) == (
+        target.pid, "pageout", 2 * MiB, "valid",
+    )  # fmt: skip
     for record in records:  # nothing secret: no cookie bytes in any form
         assert info.cookie.hex() not in json.dumps(record)
     target.verify()
@@ -731,18 +725,20 @@ def test_the_audit_log_fails_closed(tmp_path, target, zram_swap):
     try:
         assert b"agent_started" in agent.stdout.readline()
         start, end = target.map_anon(MiB, seed=7)
-        _wait_for(socket_path.exists)
+        wait_for(socket_path.exists)
         with Client(f"unix://{socket_path}") as client:
             info = client.get_vma_info(target.pid)
             agent.stdout.close()  # whoever read the audit log went away
-            # The advice applied before the write failed is reported truthfully...
-            assert client.advise_ranges(target.pid, [(start, end)], "cold", cookie=info.cookie).advised_bytes == MiB
-            # ...and from then on advice is refused; reads go on.
-            expect_error(
-                lambda: client.advise_ranges(target.pid, [(start, end)], "pageout", cookie=info.cookie),
-                "UNAVAILABLE",
-                "AUDIT_UNAVAILABLE",
-            )
+            # The record of the call's intent cannot be written before the advice: nothing is applied.
+            for advice in ("pageout", "pageout"):
+                expect_error(
+                    lambda advice=advice: client.advise_ranges(target.pid, [(start, end)], advice, cookie=info.cookie),
+                    "UNAVAILABLE",
+                    "AUDIT_UNAVAILABLE",
+                )
+            # A dry run applies nothing and reads go on.
+            dry = client.advise_ranges(target.pid, [(start, end)], "pageout", cookie=info.cookie, dry_run=True)
+            assert dry.syscalls == 0
             assert client.get_vma_info(target.pid).process.pid == target.pid
         untouched(target, start, 1024)
     finally:

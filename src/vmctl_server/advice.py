@@ -21,12 +21,12 @@ from __future__ import annotations
 import errno as errno_mod
 import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from vmctl_server import procfs, syscalls
-from vmctl_server.cookie import CookieSigner
+from vmctl_server.cookie import CookieClaims, CookieSigner
 from vmctl_server.errors import (
     AccessDenied,
     CookieInvalid,
@@ -254,33 +254,61 @@ def split_for_calls(segments: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return pieces
 
 
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A request whose fields, ranges and cookie signature passed: nothing
+    about it depends on the process any more."""
+
+    request: AdviceRequest
+    advice: str  # its name: "cold", "pageout", ...
+    claims: CookieClaims | None  # None: no cookie sent (and none required)
+
+
+class OpenedTarget:
+    """The process a request names, pinned by a pidfd and checked against the
+    cookie's identity claims; close it (or use ``with``) when done."""
+
+    def __init__(self, pidfd: int, identity: Identity) -> None:
+        self.pidfd = pidfd
+        self.identity = identity
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+    def __enter__(self) -> OpenedTarget:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Advisor:
+    """AdviseRanges in steps, each returning what the next (and the audit
+    record) needs: :meth:`check` (no process touched), :meth:`open` (pidfd
+    and identity), :meth:`plan` (layout against the cookie, ranges against
+    the layout), :meth:`apply` (the system calls). The caller puts its policy
+    check between open and plan, and its audit record between plan and apply.
+    """
+
     def __init__(
         self,
         signer: CookieSigner,
         reader: SnapshotReader,
         ranges: RangeBackend,
         supported_advices: frozenset[int],
-        require_cookie: bool = True,
         max_ranges: int = DEFAULT_MAX_RANGES,
     ) -> None:
         self.signer = signer
         self.reader = reader
         self.ranges = ranges  # how requests' ranges are held, checked and planned
         self.supported_advices = supported_advices
-        self.require_cookie = require_cookie
         self.max_ranges = max_ranges
 
-    def advise(
-        self,
-        request: AdviceRequest,
-        *,
-        check_target: Callable[[Identity], None] | None = None,
-        require_cookie: bool | None = None,
-    ) -> AdviceResult:
-        """Validate, check the cookie, and advise. ``check_target`` (the policy)
-        sees the process's identity as read through the pidfd, before its
-        layout is read; ``require_cookie`` overrides the agent's setting."""
+    def check(self, request: AdviceRequest, *, require_cookie: bool) -> CheckedRequest:
+        """Fields, ranges, kernel support and the cookie's signature, boot and
+        pid: every refusal that needs no process."""
         check_pid(request.pid)
         if request.advice not in ADVICE_BY_NUMBER:
             raise InvalidRequest(f"unknown advice {request.advice}", reason="UNKNOWN_ADVICE", field="advice")
@@ -300,52 +328,66 @@ class Advisor:
                 raise CookieInvalid(
                     f"cookie is for pid {claims.pid}, not {request.pid}", field="cookie", cookie_pid=claims.pid
                 )
-        elif self.require_cookie if require_cookie is None else require_cookie:
+        elif require_cookie:
             raise CookieRequired("a cookie from GetVmaInfo is required: read the layout first", field="cookie")
+        return CheckedRequest(request, name, claims)
 
-        pidfd = syscalls.pidfd_open(request.pid)
+    @staticmethod
+    def open(checked: CheckedRequest) -> OpenedTarget:
+        """A pidfd on the process, whose start time and exec id must be the
+        cookie's: from here on the calls reach this process or none."""
+        pid = checked.request.pid
+        pidfd = syscalls.pidfd_open(pid)
         try:
-            identity = read_identity(request.pid)
+            identity = read_identity(pid)
+            claims = checked.claims
             if claims is not None:
                 if identity.start_time != claims.start_time:
                     raise ProcessChanged(
-                        f"pid {request.pid} is now another process (started at tick {identity.start_time},"
+                        f"pid {pid} is now another process (started at tick {identity.start_time},"
                         f" the cookie's at {claims.start_time})",
-                        pid=request.pid,
+                        pid=pid,
                     )
                 if identity.exec_id != claims.exec_id:
-                    raise ProcessChanged(
-                        f"process {request.pid} has exec'd since the cookie was issued", pid=request.pid
-                    )
-            if check_target is not None:
-                check_target(identity)
-            records = self.reader.read_layout(request.pid)
-            if claims is not None and layout_digest(records) != claims.layout_digest:
-                raise LayoutChanged(
-                    f"the address space of process {request.pid} changed since the cookie was issued; read it again",
-                    pid=request.pid,
-                )
-            plan = request.ranges.plan(records, request.filter)
-            syscall_count = 0
-            if request.dry_run:
-                plan.dry_run()
-            else:
-                syscall_count, first_error = plan.apply(pidfd, ADVICES[name][1])
-                if first_error == errno_mod.ESRCH:
-                    raise ProcessGone(f"process {request.pid} exited before it could be advised", pid=request.pid)
-                if first_error == errno_mod.EPERM:
-                    raise AccessDenied(
-                        "the kernel refused process_madvise: the agent needs CAP_SYS_NICE and ptrace access"
-                    )
-            return AdviceResult(
-                pid=request.pid,
-                start_time=identity.start_time,
-                comm=identity.comm,
-                requested_bytes=plan.requested_bytes,
-                advised_bytes=plan.advised_bytes,
-                syscalls=syscall_count,
-                dry_run=request.dry_run,
-                plan=plan,
-            )
-        finally:
+                    raise ProcessChanged(f"process {pid} has exec'd since the cookie was issued", pid=pid)
+        except BaseException:
             os.close(pidfd)
+            raise
+        return OpenedTarget(pidfd, identity)
+
+    def plan(self, checked: CheckedRequest, target: OpenedTarget) -> Plan:
+        """The live layout must be the cookie's; then every range is checked
+        against it and split into the pieces to advise."""
+        records = self.reader.read_layout(target.identity.pid)
+        claims = checked.claims
+        if claims is not None and layout_digest(records) != claims.layout_digest:
+            raise LayoutChanged(
+                f"the address space of process {target.identity.pid} changed since the cookie was issued;"
+                " read it again",
+                pid=target.identity.pid,
+            )
+        return checked.request.ranges.plan(records, checked.request.filter)
+
+    @staticmethod
+    def apply(checked: CheckedRequest, target: OpenedTarget, plan: Plan) -> AdviceResult:
+        """The process_madvise calls (none for a dry run)."""
+        request, identity = checked.request, target.identity
+        syscall_count = 0
+        if request.dry_run:
+            plan.dry_run()
+        else:
+            syscall_count, first_error = plan.apply(target.pidfd, ADVICES[checked.advice][1])
+            if first_error == errno_mod.ESRCH:
+                raise ProcessGone(f"process {request.pid} exited before it could be advised", pid=request.pid)
+            if first_error == errno_mod.EPERM:
+                raise AccessDenied("the kernel refused process_madvise: the agent needs CAP_SYS_NICE and ptrace access")
+        return AdviceResult(
+            pid=request.pid,
+            start_time=identity.start_time,
+            comm=identity.comm,
+            requested_bytes=plan.requested_bytes,
+            advised_bytes=plan.advised_bytes,
+            syscalls=syscall_count,
+            dry_run=request.dry_run,
+            plan=plan,
+        )

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
 import socket
 import stat
 import sys
-import threading
 import time
+from collections.abc import Awaitable, Callable
 from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from vmctl_client.proto import vmctl_pb2 as pb
@@ -23,9 +25,9 @@ from vmctl_server import __version__, capabilities, guard, heap, logs, metrics, 
 from vmctl_server.advice import DEFAULT_MAX_RANGES, Advisor, RangeBackend
 from vmctl_server.cookie import CookieSigner
 from vmctl_server.guard import Guard
-from vmctl_server.observe import ObservingInterceptor
+from vmctl_server.observe import ObservingInterceptor, SideCallCaps
 from vmctl_server.pyranges import PyRanges
-from vmctl_server.service import SERVICE_NAME, VmControlService, rpc_handler
+from vmctl_server.service import DEFAULT_REQUEST_TIMEOUT, SERVICE_NAME, Pipeline, VmControlService, caller_of
 from vmctl_server.snapshot import SnapshotReader, SourceSupport, table_backend
 from vmctl_server.unixgate import UnixGateway
 
@@ -36,7 +38,10 @@ DEFAULT_LISTEN = "unix:///run/vmctl/agent.sock"
 # request within --max-ranges through and nothing much larger.
 MAX_RANGE_WIRE_BYTES = 26
 MESSAGE_SLACK_BYTES = 64 << 10
-HEALTH_WORKERS = 4  # health and reflection: never shared with VmControl calls
+MAX_SIDE_CALLS_PER_IDENTITY = 16  # health and reflection calls one identity may hold open at once
+HANDSHAKE_TIMEOUT_MS = 10_000  # a TCP peer that does not finish TLS in time is dropped
+TCP_IDLE_MS = 300_000  # TCP connections with no call for 5 minutes are closed (clients reconnect)
+FOLD_FLUSH_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=8,
-        help="VmControl calls served at once (default 8); health and reflection have threads of their own",
+        help="threads doing VmControl calls' work (default 8); admission, health and reflection run on the"
+        " event loop and never wait for one",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT,
+        metavar="SECONDS",
+        help="time an admitted call has to send its whole request (default %(default)g)",
     )
     parser.add_argument(
         "--max-message-bytes",
@@ -198,15 +211,17 @@ def _select_backend(no_native: bool) -> tuple[object, RangeBackend]:
 
 
 @dataclass
-class Agent:
-    server: grpc.Server
-    health: health.HealthServicer
+class Parts:
+    """What the agent is made of before its servers exist (they need the event loop)."""
+
+    service: VmControlService
     guard: Guard
     gateway: UnixGateway | None  # in front of the unix listeners
     trimmer: heap.HeapTrimmer  # gives back what large calls freed (see heap)
+    max_message_bytes: int
 
 
-def build_server(args: argparse.Namespace) -> Agent:
+def build_parts(args: argparse.Namespace) -> Parts:
     security = guard.from_args(args)
     signer = (
         CookieSigner.from_key_file(args.cookie_key_file) if args.cookie_key_file else CookieSigner.with_random_key()
@@ -223,27 +238,10 @@ def build_server(args: argparse.Namespace) -> Agent:
     )
     reader = SnapshotReader(backend, SourceSupport(pagemap_scan=caps.pagemap_scan, procmap_query=caps.procmap_query))
     advisor = Advisor(signer, reader, ranges, caps.advices, max_ranges=args.max_ranges)
-    service = VmControlService(reader, advisor, signer, caps, security)
-
-    max_message_bytes = args.max_message_bytes or args.max_ranges * MAX_RANGE_WIRE_BYTES + MESSAGE_SLACK_BYTES
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=HEALTH_WORKERS, thread_name_prefix="vmctl-health"),
-        interceptors=[ObservingInterceptor()],  # first: it also sees calls inner layers refuse
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),  # a second agent on the same port must fail, not share it
-        ],
-    )
-    workers = futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="vmctl-rpc")
     trimmer = heap.HeapTrimmer()
-    server.add_generic_rpc_handlers((rpc_handler(service, workers, trimmer),))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (pb.DESCRIPTOR.services_by_name["VmControl"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
-        server,
-    )
+    workers = futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="vmctl-rpc")
+    pipeline = Pipeline(workers, request_timeout=args.request_timeout, activity=trimmer)
+    service = VmControlService(reader, advisor, signer, caps, security, pipeline)
     gateway = None
     unix_paths = [a.unix_path for a in args.listen if a.unix_path is not None]
     if unix_paths:
@@ -256,11 +254,40 @@ def build_server(args: argparse.Namespace) -> Agent:
             max_connections=args.max_connections,
             max_connections_per_uid=args.max_connections_per_uid,
         )
-        server.add_insecure_port(f"unix://{gateway.upstream}")
+    max_message_bytes = args.max_message_bytes or args.max_ranges * MAX_RANGE_WIRE_BYTES + MESSAGE_SLACK_BYTES
+    return Parts(service, security, gateway, trimmer, max_message_bytes)
+
+
+def _server(
+    parts: Parts, health_servicer: health_aio.HealthServicer, request_timeout: float, *extra: tuple[str, int]
+) -> grpc.aio.Server:
+    """A server with VmControl, health and reflection. Each listener kind has
+    its own, so a flood of TCP connections cannot take the unix callers' room."""
+    side_calls = SideCallCaps(MAX_SIDE_CALLS_PER_IDENTITY, lambda context: caller_of(context).identity)
+    server = grpc.aio.server(
+        # First: it also sees calls inner layers refuse.
+        interceptors=[ObservingInterceptor(request_timeout, side_calls)],
+        options=[
+            ("grpc.max_receive_message_length", parts.max_message_bytes),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),  # a second agent on the same port must fail, not share it
+            *extra,
+        ],
+    )
+    server.add_generic_rpc_handlers((parts.service.handler(),))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["VmControl"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server,
+    )
+    return server
+
+
+def _add_tcp_ports(server: grpc.aio.Server, args: argparse.Namespace) -> None:
     for address in args.listen:
+        if address.unix_path is not None:
+            continue
         try:
-            if address.unix_path is not None:
-                continue  # served by the gateway once the server runs
             if args.tls_cert:
                 server.add_secure_port(address.grpc_target, _server_credentials(args))
             else:
@@ -268,7 +295,116 @@ def build_server(args: argparse.Namespace) -> Agent:
                 server.add_insecure_port(address.grpc_target)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {address.text}: {exc}") from exc
-    return Agent(server, health_servicer, security, gateway, trimmer)
+
+
+class Agent:
+    """The running agent: its servers on this thread's event loop, and how it stops."""
+
+    def __init__(self, args: argparse.Namespace, parts: Parts) -> None:
+        self.args = args
+        self.parts = parts
+        self.health = health_aio.HealthServicer()
+        self.servers: list[grpc.aio.Server] = []
+        self.stop_listeners: list[Callable[[], Awaitable[object]]] = []
+        self.stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        args, parts = self.args, self.parts
+        timeout = args.request_timeout
+        if parts.gateway is not None:
+            unix_server = _server(parts, self.health, timeout)
+            unix_server.add_insecure_port(f"unix://{parts.gateway.upstream}")
+            self.servers.append(unix_server)
+        if any(a.unix_path is None for a in args.listen):
+            tcp_server = _server(
+                parts,
+                self.health,
+                timeout,
+                ("grpc.max_allowed_incoming_connections", args.max_connections),
+                ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+                ("grpc.max_connection_idle_ms", TCP_IDLE_MS),
+            )
+            _add_tcp_ports(tcp_server, args)
+            self.servers.append(tcp_server)
+        self.stop_listeners = await operations.start_listeners(
+            args.health_listen, args.metrics_listen, self.health, timeout
+        )
+        for server in self.servers:
+            await server.start()
+        policy = parts.guard.policies.current
+        started = {"event": "agent_started", "version": __version__, "policy": policy.source}
+        if not parts.guard.audit.write(started, f"vmctl-agent {__version__} started"):
+            raise OSError(f"cannot write the audit log {parts.guard.audit.path}")
+        if parts.gateway is not None:
+            for address in args.listen:
+                if address.unix_path is not None:
+                    parts.gateway.listen(address.unix_path, args.socket_mode)
+        for name in (SERVICE_NAME, ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        parts.trimmer.start()  # its baseline: the RSS now, idle
+
+    def watch_signals(self) -> None:
+        """SIGTERM and SIGINT stop, SIGHUP reloads the policy. The loop hears a
+        signal whichever thread the kernel delivered it to (the wakeup fd)."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.parts.guard.policies.reload)
+
+    async def fold_refusals(self) -> None:
+        """Write the counts of folded refusals as their windows end."""
+        while True:
+            await asyncio.sleep(FOLD_FLUSH_SECONDS)
+            self.parts.guard.refusals.flush()
+
+    async def abandon(self) -> None:
+        """Undo a start that failed half way: nothing was served."""
+        await asyncio.gather(*(server.stop(None) for server in self.servers))
+        if self.parts.gateway is not None:
+            self.parts.gateway.close(drain_seconds=0)
+        for stop_listener in self.stop_listeners:
+            await stop_listener()
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING, no new connections, calls in flight finish, then the sockets go."""
+        grace = self.args.shutdown_grace
+        log.info("shutting down: letting in-flight calls finish (up to %.0fs)", grace)
+        deadline = time.monotonic() + grace
+        parts = self.parts
+        loop = asyncio.get_running_loop()
+        await self.health.enter_graceful_shutdown()
+        if parts.gateway is not None:
+            parts.gateway.stop_accepting()  # new connections are refused; open ones finish their calls
+        # Calls already admitted finish; later ones get UNAVAILABLE AGENT_STOPPING,
+        # an answer that says nothing was done (gRPC's own stop would cancel them).
+        if not await loop.run_in_executor(None, parts.guard.drain, grace):
+            log.warning("calls still running after %.0fs: cancelling them", grace)
+        await asyncio.gather(*(server.stop(max(0.0, deadline - time.monotonic())) for server in self.servers))
+        parts.trimmer.stop()
+        if parts.gateway is not None:
+            await loop.run_in_executor(None, parts.gateway.close)
+        for stop_listener in self.stop_listeners:
+            await stop_listener()
+        parts.guard.refusals.flush(everything=True)
+        parts.guard.audit.write({"event": "agent_stopped"}, "vmctl-agent stopped")
+        log.info("stopped")
+
+
+async def serve(args: argparse.Namespace, parts: Parts) -> int:
+    agent = Agent(args, parts)
+    agent.watch_signals()
+    try:
+        await agent.start()
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"vmctl-agent: {exc}", file=sys.stderr)
+        await agent.abandon()
+        return 1
+    log.info("vmctl-agent %s serving on %s", __version__, ", ".join(a.text for a in args.listen))
+    folding = asyncio.create_task(agent.fold_refusals())
+    await agent.stopping.wait()
+    folding.cancel()
+    await agent.stop()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,52 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     # is ignored, which loses nothing: the policy is read after this point.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        agent = build_server(args)
-        server, health_servicer = agent.server, agent.health
-        stop_listeners = operations.start_listeners(args.health_listen, args.metrics_listen, health_servicer)
+        parts = build_parts(args)
     except (OSError, ValueError) as exc:
         print(f"vmctl-agent: {exc}", file=sys.stderr)
         return 1
-
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: agent.guard.policies.reload())
-    policy = agent.guard.policies.current
-    started = {"event": "agent_started", "version": __version__, "policy": policy.source}
-    if not agent.guard.audit.write(started, f"vmctl-agent {__version__} started"):
-        print(f"vmctl-agent: cannot write the audit log {agent.guard.audit.path}", file=sys.stderr)
-        return 1
-
-    server.start()
-    if agent.gateway is not None:
-        for address in args.listen:
-            if address.unix_path is not None:
-                agent.gateway.listen(address.unix_path, args.socket_mode)
-    for name in (SERVICE_NAME, ""):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    agent.trimmer.start()  # its baseline: the RSS now, idle
-    log.info("vmctl-agent %s serving on %s", __version__, ", ".join(a.text for a in args.listen))
-
-    stop.wait()
-    log.info("shutting down: letting in-flight calls finish (up to %.0fs)", args.shutdown_grace)
-    deadline = time.monotonic() + args.shutdown_grace
-    health_servicer.enter_graceful_shutdown()
-    if agent.gateway is not None:
-        agent.gateway.stop_accepting()  # new connections are refused; open ones finish their calls
-    # Calls already admitted finish; later ones get UNAVAILABLE AGENT_STOPPING,
-    # an answer that says nothing was done (gRPC's own stop would cancel them).
-    if not agent.guard.drain(args.shutdown_grace):
-        log.warning("calls still running after %.0fs: cancelling them", args.shutdown_grace)
-    server.stop(max(0.0, deadline - time.monotonic())).wait()
-    agent.trimmer.stop()
-    if agent.gateway is not None:
-        agent.gateway.close()
-    for stop_listener in stop_listeners:
-        stop_listener()
-    agent.guard.audit.write({"event": "agent_stopped"}, "vmctl-agent stopped")
-    log.info("stopped")
-    return 0
+    return asyncio.run(serve(args, parts))
 
 
 if __name__ == "__main__":

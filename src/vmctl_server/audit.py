@@ -1,16 +1,33 @@
-"""The audit log: one JSON line for every AdviseRanges, allowed or refused.
+"""The audit log: JSON lines saying who asked the agent to do what, and what it did.
 
-Each record is written with a single ``write(2)`` on a descriptor opened with
+Records, by ``event``:
+
+- ``advise_intent``: an AdviseRanges that passed every check, written
+  *before* its first ``process_madvise``. If it cannot be written, nothing is
+  applied (UNAVAILABLE ``AUDIT_UNAVAILABLE``). An intent with no ``advise``
+  record after it (same ``request_id``) is a call the agent did not live to
+  finish: its advice may have been applied in part.
+- ``advise``: the outcome of every AdviseRanges, allowed or refused.
+- ``read``: GetVmaInfo, ListProcesses and GetNodeInfo calls refused for who
+  the caller is (authentication, policy, limits); reads that succeed are not
+  recorded (they change nothing).
+- ``policy_reload``: a policy reloaded (SIGHUP), or a bad file kept out.
+- ``agent_started`` / ``agent_stopped``.
+
+Each record is written with ``write(2)`` on a descriptor opened with
 ``O_APPEND`` (or standard output), so it reaches the kernel whole before the
-call is answered, and lines from concurrent calls never interleave. Python's
-buffering is bypassed: there is nothing to flush and nothing lost in a buffer
-when the agent is killed.
+call goes on, survives the agent being killed, and lines from concurrent
+calls never interleave. If a write fails part way (a full disk), the file is
+cut back to where the record began, so the log never holds half a line.
 
-The log fails closed. The agent writes an ``agent_started`` record before it
-serves, so an unwritable log stops it at once; if a write fails later (disk
-full, a closed pipe), that call's answer still tells the truth about the
-advice it applied, but further AdviseRanges calls are refused with
-UNAVAILABLE ``AUDIT_UNAVAILABLE`` until a record can be written again.
+Refusals decided before the request is read (unauthenticated, no rule
+granting the verb, over a limit, the agent draining) are folded: the first of
+a kind (same event, method, identity, status, reason) is written at once, the
+rest within :data:`FOLD_SECONDS` are counted and written as one record with
+``repeated``, so a caller with no rights cannot fill the disk.
+
+The log fails closed: an unwritable log stops the agent at start, and once a
+write fails no advice is applied until a record can be written again.
 """
 
 from __future__ import annotations
@@ -19,25 +36,62 @@ import datetime
 import json
 import logging
 import os
+import stat
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger("vmctl.audit")
 STDOUT = "-"
+FOLD_SECONDS = 60.0  # one record per kind of early refusal per identity per minute, plus a count
+MAX_FOLDED_KINDS = 4096  # kinds of refusal tracked at once; the oldest are written out beyond this
+
+# What became of an AdviseRanges call's cookie, in the audit log and the metrics alike.
+COOKIE_OUTCOMES = {
+    "valid": "the cookie passed every check",
+    "absent": "no cookie, and the policy does not require one",
+    "missing": "COOKIE_REQUIRED: no cookie where one is required",
+    "invalid": "COOKIE_INVALID: forged, edited, truncated, another key, host, boot or pid",
+    "process_changed": "PROCESS_CHANGED: the pid was reused or the process exec'd",
+    "layout_changed": "LAYOUT_CHANGED: the address space moved since the cookie",
+    "unchecked": "the call was refused before its cookie was checked to the end",
+}
+_COOKIE_BY_REASON = {
+    "COOKIE_REQUIRED": "missing",
+    "COOKIE_INVALID": "invalid",
+    "LAYOUT_CHANGED": "layout_changed",
+    "PROCESS_CHANGED": "process_changed",
+}
+# Refusals that come only after the cookie passed every check.
+_AFTER_COOKIE = {"RANGE_UNMAPPED", "AUDIT_UNAVAILABLE"}
+
+
+def cookie_outcome(sent: bool, status: str, reason: str) -> str:
+    """One of :data:`COOKIE_OUTCOMES` for a call that ended with ``status`` and ``reason``."""
+    if reason in _COOKIE_BY_REASON:
+        return _COOKIE_BY_REASON[reason]
+    if not sent:
+        return "absent"
+    return "valid" if status == "OK" or reason in _AFTER_COOKIE else "unchecked"
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _open_log(path: str) -> int:
+    if path == STDOUT:
+        return os.dup(1)  # our own descriptor: stays valid whatever else rebinds sys.stdout
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
 class AuditLog:
     def __init__(self, path: str = STDOUT) -> None:
         self.path = path
-        if path == STDOUT:
-            self._fd = os.dup(1)  # our own descriptor: stays valid whatever else rebinds sys.stdout
-        else:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = _open_log(path)
+        self._regular_file = stat.S_ISREG(os.fstat(self._fd).st_mode)
         self._lock = threading.Lock()
         self.healthy = True
 
@@ -52,10 +106,7 @@ class AuditLog:
         line = (json.dumps({**head, **record}, separators=(",", ":"), default=str) + "\n").encode()
         with self._lock:
             try:
-                view = memoryview(line)
-                while view:
-                    written = os.write(self._fd, view)
-                    view = view[written:]
+                self._append(line)
             except OSError as exc:
                 if self.healthy:
                     log.critical("cannot write the audit log %s: %s; advice is refused until it can", self.path, exc)
@@ -66,34 +117,102 @@ class AuditLog:
             self.healthy = True
             return True
 
+    def _append(self, line: bytes) -> None:
+        begin = os.fstat(self._fd).st_size if self._regular_file else -1
+        view = memoryview(line)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError:
+            if begin >= 0 and len(view) < len(line):  # part of the line got in: take it back out
+                try:
+                    os.ftruncate(self._fd, begin)
+                except OSError as exc:
+                    log.critical("cannot cut a partial record from the audit log %s: %s", self.path, exc)
+            raise
+
     def close(self) -> None:
         os.close(self._fd)
 
 
 @dataclass
+class _Fold:
+    since: float  # monotonic time of the record written at once
+    first_time: str
+    record: dict[str, Any]
+    message: str
+    repeated: int = 0
+
+
+class RefusalFolder:
+    """Writes the first refusal of a kind at once and counts the rest (see the module docs)."""
+
+    def __init__(
+        self, audit: AuditLog, window: float = FOLD_SECONDS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.audit = audit
+        self.window = window
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._folds: dict[tuple[object, ...], _Fold] = {}
+
+    def note(self, key: tuple[object, ...], record: dict[str, Any], message: str) -> None:
+        now = self.clock()
+        with self._lock:
+            fold = self._folds.get(key)
+            if fold is not None and now - fold.since < self.window:
+                fold.repeated += 1
+                return
+            expired = self._folds.pop(key, None)
+            if len(self._folds) >= MAX_FOLDED_KINDS:
+                oldest = min(self._folds, key=lambda k: self._folds[k].since)
+                self._write_repeats(self._folds.pop(oldest))
+            self._folds[key] = _Fold(now, _now(), record, message)
+        if expired is not None:
+            self._write_repeats(expired)
+        self.audit.write(record, message)
+
+    def flush(self, everything: bool = False) -> None:
+        """Write the counts of windows that have ended (all of them with ``everything``)."""
+        now = self.clock()
+        with self._lock:
+            done = [key for key, fold in self._folds.items() if everything or now - fold.since >= self.window]
+            folds = [self._folds.pop(key) for key in done]
+        for fold in folds:
+            self._write_repeats(fold)
+
+    def _write_repeats(self, fold: _Fold) -> None:
+        if fold.repeated:
+            record = {**fold.record, "repeated": fold.repeated, "first_time": fold.first_time}
+            self.audit.write(record, f"{fold.message} (x{fold.repeated} more)")
+
+
+@dataclass
 class AdviceAudit:
-    """What one AdviseRanges call did, gathered as it goes."""
+    """What one AdviseRanges call did, gathered step by step."""
 
     caller: dict[str, object]
-    pid: int
-    advice: str
-    filter: str
-    dry_run: bool
-    range_count: int
-    requested_bytes: int
-    cookie_sent: bool
+    request_id: str = ""
+    pid: int | None = None
+    advice: str = ""
+    filter: str = ""
+    dry_run: bool = False
+    range_count: int = 0
+    requested_bytes: int = 0
+    cookie_sent: bool = False
     target: dict[str, object] = field(default_factory=dict)  # start_time, comm, cgroup, uid once read
     rule: str = ""
     advised_bytes: int = 0
     syscalls: int = 0
 
     def summary(self, status: str) -> str:
-        return f"advise {self.advice or '?'} pid {self.pid}: {status}"
+        return f"advise {self.advice or '?'} pid {self.pid or '?'}: {status}"
 
-    def record(self, status: str, reason: str = "", message: str = "") -> dict[str, Any]:
+    def _fields(self) -> dict[str, Any]:
         return {
-            "event": "advise",
             **self.caller,
+            "request_id": self.request_id,
             "pid": self.pid,
             "start_time": self.target.get("start_time"),
             "comm": self.target.get("comm"),
@@ -104,34 +223,22 @@ class AdviceAudit:
             "dry_run": self.dry_run,
             "ranges": self.range_count,
             "requested_bytes": self.requested_bytes,
+            "rule": self.rule,
+        }
+
+    def intent(self) -> dict[str, Any]:
+        """The record written before the first system call."""
+        return {"event": "advise_intent", **self._fields(), "cookie": "valid" if self.cookie_sent else "absent"}
+
+    def record(self, status: str, reason: str = "", message: str = "") -> dict[str, Any]:
+        """The outcome record."""
+        return {
+            "event": "advise",
+            **self._fields(),
             "advised_bytes": self.advised_bytes,
             "syscalls": self.syscalls,
             "cookie": cookie_outcome(self.cookie_sent, status, reason),
-            "rule": self.rule,
             "status": status,
             "reason": reason,
             **({"detail": message} if message else {}),
         }
-
-
-_COOKIE_BY_REASON = {
-    "COOKIE_REQUIRED": "missing",
-    "COOKIE_INVALID": "invalid",
-    "LAYOUT_CHANGED": "stale_layout",
-    "PROCESS_CHANGED": "process_changed",
-}
-
-
-# Refusals that come only after the cookie passed every check.
-_AFTER_COOKIE = {"RANGE_UNMAPPED"}
-
-
-def cookie_outcome(sent: bool, status: str, reason: str) -> str:
-    """``absent`` (none sent, none required), ``missing``, ``invalid``,
-    ``process_changed``, ``stale_layout``, ``valid``, or ``unchecked``: the
-    call was refused before the cookie had been checked to the end."""
-    if reason in _COOKIE_BY_REASON:
-        return _COOKIE_BY_REASON[reason]
-    if not sent:
-        return "absent"
-    return "valid" if status == "OK" or reason in _AFTER_COOKIE else "unchecked"

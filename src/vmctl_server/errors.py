@@ -109,3 +109,9 @@ class AuditUnavailable(VmctlFault):
     """The audit log cannot be written, so no advice is applied until it can."""
 
     reason = "AUDIT_UNAVAILABLE"
+
+
+class RequestTimeout(VmctlFault):
+    """An admitted call whose request did not arrive in time (see --request-timeout)."""
+
+    reason = "REQUEST_TIMEOUT"

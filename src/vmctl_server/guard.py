@@ -1,31 +1,53 @@
-"""Admission of every VmControl call: identity, then policy, then limits.
+"""Admission of every VmControl call, and the record of what was refused.
 
-The order is deliberate. A caller the policy does not know learns nothing
-about the request it sent (no validation errors, no process facts); a caller
-over its limits costs the agent one dictionary lookup. Checks on the target
-come later, on the process the call will actually touch: for AdviseRanges
-inside the advisor, after the pidfd is open and the process's identity has
-been checked against the cookie, so the process the policy allowed is the
-process advised.
+Admission happens on a call's headers, before its request is read: the
+caller is named by the transport (SO_PEERCRED or its certificate), then its
+limits are checked (calls in flight, its token bucket, the agent's total),
+then whether some rule grants it the verb. A caller with no rights is
+refused at once and holds nothing: no worker, no request buffer. The order
+is deliberate: limits come before the policy so that a caller with no
+rights cannot flood the policy check or the audit log, and a caller the
+policy does not know learns nothing about the request it sent (no
+validation errors, no process facts).
+
+Checks on the target come later, on the process the call will actually
+touch: for AdviseRanges after the pidfd is open and the process's identity
+has been checked against the cookie, so the process the policy allowed is
+the process advised.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from vmctl_server.audit import STDOUT, AdviceAudit, AuditLog
+from vmctl_server.audit import STDOUT, AuditLog, RefusalFolder
 from vmctl_server.auth import Caller
-from vmctl_server.errors import AgentStopping, AuditUnavailable, ProcessChanged
+from vmctl_server.errors import AgentStopping, LimitExceeded, ProcessChanged, VmctlFault
 from vmctl_server.limits import IdentityLimits, LimitSettings
-from vmctl_server.policy import ADVISE, READ, Policy, PolicyStore, Target, read_target
+from vmctl_server.policy import ADVISE, READ, Policy, PolicyStore, Rule, Target, read_target
 from vmctl_server.snapshot import Identity, check_pid
 
 DRAIN_QUIET_SECONDS = 0.5
+DEFAULT_MAX_CALLS = 64
+
+
+class Ticket:
+    """An admitted call's hold on its limit slots; :meth:`release` once, when
+    its work is over (not merely when its caller went away)."""
+
+    def __init__(self, guard: Guard, identity: str, policy: Policy) -> None:
+        self.policy = policy
+        self._guard = guard
+        self._identity = identity
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._guard._release(self._identity)
 
 
 @dataclass
@@ -33,34 +55,50 @@ class Guard:
     policies: PolicyStore
     limits: IdentityLimits
     audit: AuditLog
+    max_calls: int = DEFAULT_MAX_CALLS  # calls admitted at once, all identities together
+    refusals: RefusalFolder = field(init=False)
     _calls: int = field(default=0, init=False)
     _draining: bool = field(default=False, init=False)
     _last_arrival: float = field(default=0.0, init=False)
     _idle: threading.Condition = field(default_factory=threading.Condition, init=False)
 
-    @contextlib.contextmanager
-    def admit(self, caller: Caller, verb: str) -> Iterator[Policy]:
-        """Check the verb and hold one of the caller's limit slots; yields the
-        policy in force, which the whole call then uses even across a reload."""
-        policy = self.policies.current
-        policy.check_verb(caller, verb)
-        with self.limits.admit(caller.identity), self._running():
-            yield policy
+    def __post_init__(self) -> None:
+        self.refusals = RefusalFolder(self.audit)
 
-    @contextlib.contextmanager
-    def _running(self) -> Iterator[None]:
+    def admit(self, caller: Caller, verb: str) -> Ticket:
+        """Limits, then the verb, then room: a :class:`Ticket` holding the
+        caller's slots and the policy in force, which the whole call then uses
+        even across a reload. Raises the refusal; holds nothing then."""
+        self.limits.acquire(caller.identity)
+        try:
+            policy = self.policies.current
+            policy.check_verb(caller, verb)
+            self._start_call()
+        except BaseException:
+            self.limits.release(caller.identity)
+            raise
+        return Ticket(self, caller.identity, policy)
+
+    def _start_call(self) -> None:
         with self._idle:
             self._last_arrival = time.monotonic()
             if self._draining:
                 raise AgentStopping("the agent is shutting down; the call was not started")
+            if self._calls >= self.max_calls:
+                raise LimitExceeded(
+                    f"the agent has {self._calls} calls in flight (limit {self.max_calls})",
+                    reason="CONCURRENCY_LIMIT",
+                    limit=self.max_calls,
+                    scope="agent",
+                )
             self._calls += 1
-        try:
-            yield
-        finally:
-            with self._idle:
-                self._calls -= 1
-                if not self._calls:
-                    self._idle.notify_all()
+
+    def _release(self, identity: str) -> None:
+        self.limits.release(identity)
+        with self._idle:
+            self._calls -= 1
+            if not self._calls:
+                self._idle.notify_all()
 
     def drain(self, timeout: float, quiet: float = DRAIN_QUIET_SECONDS) -> bool:
         """Admit no more calls; True once those running have finished and no
@@ -98,29 +136,38 @@ class Guard:
         if target is not None and target.start_time != start_time:
             raise ProcessChanged(f"pid {target.pid} became another process while it was read", pid=target.pid)
 
-    def require_audit(self) -> None:
-        if not self.audit.healthy:
-            raise AuditUnavailable(
-                f"the audit log {self.audit.path} cannot be written; no advice is applied until it can",
-                audit_log=self.audit.path,
-            )
+    @staticmethod
+    def advice_target(identity: Identity) -> Target:
+        """The facts the policy selects on, for a process opened through its pidfd."""
+        return read_target(identity.pid, identity.comm, identity.start_time)
 
     @staticmethod
-    def advice_check(policy: Policy, caller: Caller, advice: str, audit: AdviceAudit) -> Callable[[Identity], None]:
-        """The advisor's ``check_target``: protection first, then the rules."""
+    def check_advice_target(policy: Policy, caller: Caller, target: Target, advice: str) -> Rule:
+        """Protection first, then the rules: the rule that allows ``advice`` on ``target``."""
+        policy.check_protected(target)
+        return policy.check_target(caller, ADVISE, target, advice)
 
-        def check(identity: Identity) -> None:
-            target = read_target(identity.pid, identity.comm, identity.start_time)
-            audit.target = {
-                "start_time": target.start_time,
-                "comm": target.comm,
-                "cgroup": target.cgroup,
-                "uid": target.uid,
-            }
-            policy.check_protected(target)
-            audit.rule = policy.check_target(caller, ADVISE, target, advice).name
+    def record_refusal(
+        self, method: str, caller: Caller, code: str, fault: VmctlFault, request_id: str, *, early: bool
+    ) -> None:
+        """Audit a call refused with status ``code``: advice always, reads when
+        refused for who the caller is.
 
-        return check
+        ``early``: refused on its headers (identity, limits, draining); such
+        refusals are folded (see :class:`~vmctl_server.audit.RefusalFolder`).
+        """
+        event = "advise" if method == "AdviseRanges" else "read"
+        record: dict[str, object] = {"event": event, "method": method, **caller.audit_fields()}
+        record["request_id"] = request_id
+        if event == "advise":  # nothing was read or done: the shape of every advise record, zeroed
+            record.update(pid=None, advice=None, advised_bytes=0, syscalls=0, cookie="unchecked")
+        record.update(status=code, reason=fault.reason)
+        message = f"{method} refused: {code} {fault.reason}"
+        if early:
+            key = (event, method, caller.identity, code, fault.reason)
+            self.refusals.note(key, record, message)
+        else:
+            self.audit.write(record, message)
 
 
 # ---- the agent's flags -----------------------------------------------------------
@@ -158,11 +205,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="mode of unix sockets (default 0600: root only; 0666 lets every local user reach the policy)",
     )
     group.add_argument(
+        "--max-calls",
+        type=int,
+        default=DEFAULT_MAX_CALLS,
+        metavar="N",
+        help="VmControl calls admitted at once, all callers together: running, or waiting for a worker or for"
+        f" their request (default {DEFAULT_MAX_CALLS})",
+    )
+    group.add_argument(
         "--max-calls-per-identity",
         type=int,
         default=0,
         metavar="N",
-        help="VmControl calls one identity may have in flight (default 0: up to --workers)",
+        help="VmControl calls one identity may have in flight (default 0: up to --max-calls)",
     )
     group.add_argument(
         "--rate-per-identity",
@@ -192,8 +247,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace) -> Guard:
     """The guard the flags describe; a bad policy or an unwritable audit log is an error here, at start."""
-    policies = PolicyStore(args.policy)
+    audit = AuditLog(args.audit_log)
+    policies = PolicyStore(args.policy, on_reload=lambda record, message: audit.write(record, message))
     burst = args.burst_per_identity or max(1, round(2 * args.rate_per_identity))
     limits = IdentityLimits(LimitSettings(args.max_calls_per_identity, args.rate_per_identity, burst))
-    audit = AuditLog(args.audit_log)
-    return Guard(policies, limits, audit)
+    return Guard(policies, limits, audit, max_calls=args.max_calls)

@@ -12,10 +12,9 @@ are never limited.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmctl_server.errors import LimitExceeded
@@ -69,9 +68,8 @@ class IdentityLimits:
         with self._lock:
             return self._in_flight.get(identity, 0)
 
-    @contextlib.contextmanager
-    def admit(self, identity: str) -> Iterator[None]:
-        """Hold one of ``identity``'s slots for the duration, or raise LimitExceeded."""
+    def acquire(self, identity: str) -> None:
+        """Take one of ``identity``'s slots (give it back with :meth:`release`), or raise LimitExceeded."""
         settings = self.settings
         with self._lock:
             running = self._in_flight.get(identity, 0)
@@ -98,15 +96,14 @@ class IdentityLimits:
                         retry_after_ms=max(1, round(wait * 1000)),
                     )
             self._in_flight[identity] = running + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                left = self._in_flight[identity] - 1
-                if left:
-                    self._in_flight[identity] = left
-                else:
-                    del self._in_flight[identity]
+
+    def release(self, identity: str) -> None:
+        with self._lock:
+            left = self._in_flight[identity] - 1
+            if left:
+                self._in_flight[identity] = left
+            else:
+                del self._in_flight[identity]
 
     def _forget_idle(self, now: float) -> None:
         if len(self._buckets) >= MAX_TRACKED_IDENTITIES:

@@ -16,7 +16,7 @@ vmctl_grpc_refusals_total              refused calls by method and ErrorInfo rea
 vmctl_advice_requested_bytes_total     bytes named by successful, non-dry-run AdviseRanges, by advice
 vmctl_advised_bytes_total              bytes the kernel reported advised, by advice
 vmctl_process_madvise_calls_total      process_madvise system calls made, by advice
-vmctl_cookie_checks_total              AdviseRanges calls by cookie outcome (see COOKIE_OUTCOMES)
+vmctl_cookie_checks_total              AdviseRanges calls by cookie outcome (audit.COOKIE_OUTCOMES)
 vmctl_agent_path                       1 for the path each component uses (native C or the fallback)
 vmctl_agent_info                       version
 process_*, python_*                    the agent process (prometheus-client's collectors)
@@ -40,6 +40,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from vmctl_server import __version__
+from vmctl_server.audit import COOKIE_OUTCOMES
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
@@ -78,31 +79,27 @@ MADVISE_CALLS = Counter(
     "vmctl_process_madvise_calls", "process_madvise system calls made", ("advice",), registry=REGISTRY
 )
 
-# Outcome of an AdviseRanges call as far as its cookie goes. Calls refused for
-# another reason (a bad range, policy) are not counted here: their cookie did
-# not decide anything (see vmctl_grpc_refusals_total for them).
-COOKIE_OUTCOMES = {
-    "ok": "the call succeeded with a cookie",
-    "absent": "the call succeeded without a cookie (only when the policy does not require one)",
-    "invalid": "COOKIE_INVALID: forged, edited, truncated, another key, host, boot or pid",
-    "required": "COOKIE_REQUIRED: no cookie where one is required",
-    "layout_changed": "LAYOUT_CHANGED: the address space moved since the cookie",
-    "process_changed": "PROCESS_CHANGED: the pid was reused or the process exec'd",
-}
-COOKIE_OUTCOME_BY_REASON = {
-    "COOKIE_INVALID": "invalid",
-    "COOKIE_REQUIRED": "required",
-    "LAYOUT_CHANGED": "layout_changed",
-    "PROCESS_CHANGED": "process_changed",
-}
 COOKIE_CHECKS = Counter(
     "vmctl_cookie_checks",
-    "AdviseRanges calls by cookie outcome: " + "; ".join(f"{k}: {v}" for k, v in COOKIE_OUTCOMES.items()),
+    "AdviseRanges calls read past their headers, by cookie outcome: "
+    + "; ".join(f"{k}: {v}" for k, v in COOKIE_OUTCOMES.items()),
     ("outcome",),
     registry=REGISTRY,
 )
 for _outcome in COOKIE_OUTCOMES:
     COOKIE_CHECKS.labels(_outcome)  # present at 0 from the start, so rates and alerts see every outcome
+
+
+def record_advice(
+    cookie: str, advice: str, requested_bytes: int, advised_bytes: int, syscalls: int, *, applied: bool
+) -> None:
+    """One AdviseRanges call's outcome, in the audit log's words (``cookie`` is one of COOKIE_OUTCOMES)."""
+    COOKIE_CHECKS.labels(cookie).inc()
+    if applied:
+        REQUESTED_BYTES.labels(advice).inc(requested_bytes)
+        ADVISED_BYTES.labels(advice).inc(advised_bytes)
+        MADVISE_CALLS.labels(advice).inc(syscalls)
+
 
 PATH = Gauge(
     "vmctl_agent_path",

@@ -34,7 +34,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -366,10 +366,12 @@ def load_policy(path: str) -> Policy:
 
 class PolicyStore:
     """The policy in force; ``reload`` swaps in the file's new contents, or
-    keeps the old policy and says why when the file is bad."""
+    keeps the old policy and says why when the file is bad. ``on_reload``
+    hears of every reload, done or refused, as an audit record and a message."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, on_reload: Callable[[dict[str, object], str], object] | None = None) -> None:
         self.path = path
+        self.on_reload = on_reload
         self._lock = threading.Lock()
         self._policy = load_policy(path) if path else default_policy()
 
@@ -380,13 +382,20 @@ class PolicyStore:
     def reload(self) -> bool:
         if not self.path:
             log.info("SIGHUP: no --policy file; the built-in default stays")
+            self._report({"status": "UNCHANGED", "detail": "no --policy file"}, "no policy file to reload")
             return False
         with self._lock:
             try:
                 policy = load_policy(self.path)
             except PolicyError as exc:
                 log.error("policy not reloaded, the previous one stays in force: %s", exc)
+                self._report({"status": "REFUSED", "detail": str(exc)}, "policy not reloaded: the old one stays")
                 return False
             self._policy = policy
         log.info("policy reloaded from %s: %d rules", self.path, len(policy.rules))
+        self._report({"status": "OK", "rules": len(policy.rules)}, f"policy reloaded: {len(policy.rules)} rules")
         return True
+
+    def _report(self, fields: dict[str, object], message: str) -> None:
+        if self.on_reload is not None:
+            self.on_reload({"event": "policy_reload", "policy": self.path or "", **fields}, message)

@@ -1,4 +1,22 @@
-"""The gRPC face of the agent: translate messages to plain values and back.
+"""The gRPC face of the agent: admission on headers, then the work on a worker.
+
+Every VmControl method is served the same way, on the server's event loop
+(grpc.aio):
+
+1. the caller is named from the transport (``context.peer()`` and the TLS
+   auth context) and admitted by the guard on the call's headers alone: its
+   limits, then the policy's verb, then room in the agent. A caller refused
+   here has cost a dictionary lookup and holds nothing, not even a buffer
+   for its request: the handlers are registered as client-streaming, so gRPC
+   hands them the call before any request byte has been read;
+2. the request is read, within ``request_timeout`` seconds (a caller that
+   sends headers and never a body is cut off);
+3. the work (reading /proc, process_madvise) runs on a worker thread, and the
+   caller's slots are held until it ends, even if the caller went away.
+
+The wire format does not say whether a method is unary or client-streaming,
+so clients call the methods as the proto declares them (unary) and notice no
+difference.
 
 No logic lives here beyond the translation; faults raised by the core become
 statuses in :mod:`vmctl_server.status`. GetVmaInfo and AdviseRanges answer
@@ -6,91 +24,43 @@ with bytes they assembled themselves: the small header message serialized by
 protobuf, then the repeated field (``vmas``, ``ranges``) as the tables or the
 plan encoded it (protobuf concatenation is merging), so tens of thousands of
 VMAs or ranges never become Python message objects. AdviseRanges reads its
-ranges from the request's own bytes for the same reason (see
-:class:`AdviseCall`).
+ranges from the request's own bytes for the same reason.
 """
 
 from __future__ import annotations
 
-import functools
+import asyncio
+import contextvars
 import logging
 from collections.abc import Callable
-from concurrent import futures
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from operator import attrgetter
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from vmctl_client.proto import vmctl_pb2 as pb
-from vmctl_server import status
-from vmctl_server.advice import ADVICE_BY_NUMBER, AdviceRequest, Advisor, RangeSet
+from vmctl_server import logs, metrics, observe, status
+from vmctl_server.advice import ADVICE_BY_NUMBER, AdviceRequest, AdviceResult, Advisor, RangeSet
 from vmctl_server.audit import AdviceAudit
 from vmctl_server.auth import Caller, caller_from
 from vmctl_server.capabilities import Capabilities
 from vmctl_server.cookie import CookieSigner
-from vmctl_server.errors import InvalidRequest, VmctlFault
-from vmctl_server.guard import Guard
-from vmctl_server.node import list_processes, node_info
-from vmctl_server.policy import ADVISE, READ, Target
+from vmctl_server.errors import AuditUnavailable, InvalidRequest, RequestTimeout, VmctlFault
+from vmctl_server.guard import Guard, Ticket
+from vmctl_server.node import NodeInfo, list_processes, node_info
+from vmctl_server.policy import ADVISE, READ, Policy, Target
 from vmctl_server.snapshot import SnapshotReader, claims_for
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "vmctl.v1.VmControl"
+DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds from admission to a whole request: 7 MB need 0.7 MB/s
+# Reads refused for who the caller is are audited; other refusals of reads (no such process, a bad pid) are not.
+_AUDITED_READ_REFUSALS = {"UNAUTHENTICATED", "POLICY_DENIED", "PROTECTED_TARGET"}
 
-Handler = TypeVar("Handler", bound=Callable[..., Any])
-
-
-def _translate_faults(method: Handler) -> Handler:
-    @functools.wraps(method)
-    def wrapper(self: VmControlService, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return method(self, request, context)
-        except VmctlFault as fault:
-            context.abort_with_status(status.to_status(fault))
-        except Exception:
-            log.exception("%s failed", method.__name__)
-            context.abort_with_status(status.internal_status(f"{method.__name__} failed inside the agent; see its log"))
-
-    return wrapper  # type: ignore[return-value]
-
-
-class Malformed:
-    """A request whose bytes did not parse: refused inside the handler, after
-    the caller is known, with INVALID_ARGUMENT instead of gRPC's INTERNAL."""
-
-    def __init__(self, error: str) -> None:
-        self.error = error
-
-    def refuse(self) -> InvalidRequest:
-        return InvalidRequest(f"the request does not parse: {self.error}", reason="MALFORMED_REQUEST")
-
-
-@dataclass(frozen=True)
-class AdviseCall:
-    """An AdviseRangesRequest as protobuf parsed it, and the bytes it came in:
-    the advisor's range backend reads the ranges from those (in C, without a
-    Python object per range). Other fields read through to the message."""
-
-    message: pb.AdviseRangesRequest
-    wire: bytes
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.message, name)
-
-
-@dataclass(frozen=True)
-class EncodedReply:
-    """A reply already serialized (``wire``), with the header message it
-    began from, whose fields read through (the observing interceptor counts
-    the bytes advised and the calls made)."""
-
-    header: Any
-    wire: bytes
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.header, name)
+MessageType = TypeVar("MessageType", bound=Message)
+Work = Callable[[Caller, Policy, bytes], bytes]
 
 
 class CallActivity(Protocol):
@@ -98,8 +68,34 @@ class CallActivity(Protocol):
     def call_ended(self) -> None: ...
 
 
-def _caller(context: grpc.ServicerContext) -> Caller:
+def _parse(message_type: type[MessageType], data: bytes) -> MessageType:
+    try:
+        return message_type.FromString(data)
+    except DecodeError as exc:
+        raise InvalidRequest(
+            f"the request does not parse: {exc or 'not a protobuf message'}", reason="MALFORMED_REQUEST"
+        ) from None
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> Caller:
+    """Who is calling, by the transport's word (see :mod:`vmctl_server.auth`)."""
     return caller_from(context.peer(), context.auth_context())
+
+
+async def _abort(context: grpc.aio.ServicerContext, fault: VmctlFault) -> NoReturn:
+    observe.note(reason=fault.reason)
+    await context.abort_with_status(status.to_status(fault))
+    raise AssertionError("abort_with_status returned")  # it raises
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """How calls reach the workers: the pool, the time a request may take to
+    arrive, and who hears that calls start and end (the heap trimmer)."""
+
+    workers: Executor
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    activity: CallActivity | None = None
 
 
 class VmControlService:
@@ -110,22 +106,106 @@ class VmControlService:
         signer: CookieSigner,
         capabilities: Capabilities,
         guard: Guard,
+        pipeline: Pipeline,
     ) -> None:
         self.reader = reader
         self.advisor = advisor
         self.signer = signer
         self.capabilities = capabilities
         self.guard = guard
+        self.pipeline = pipeline
 
-    @_translate_faults
-    def GetVmaInfo(self, request: pb.GetVmaInfoRequest, context: grpc.ServicerContext) -> bytes:
-        caller = _caller(context)
-        with self.guard.admit(caller, READ) as policy:
-            if isinstance(request, Malformed):
-                raise request.refuse()
-            target = self.guard.check_read(policy, caller, request.pid)
-            snapshot = self.reader.take(request.pid, request.attr_mask)
-            self.guard.same_process(target, snapshot.identity.start_time)
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The method handlers, client-streaming on raw bytes (see the module docs)."""
+
+        def method(name: str, verb: str, work: Work) -> grpc.RpcMethodHandler:
+            async def behavior(_requests: Any, context: grpc.aio.ServicerContext) -> bytes:
+                return await self._serve(context, name, verb, work)
+
+            return grpc.stream_unary_rpc_method_handler(behavior)
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "GetVmaInfo": method("GetVmaInfo", READ, self.get_vma_info),
+                "AdviseRanges": method("AdviseRanges", ADVISE, self.advise_ranges),
+                "ListProcesses": method("ListProcesses", READ, self.list_processes),
+                "GetNodeInfo": method("GetNodeInfo", READ, self.get_node_info),
+            },
+        )
+
+    # ---- every call: admit, read, work -------------------------------------------
+
+    async def _serve(self, context: grpc.aio.ServicerContext, method: str, verb: str, work: Work) -> bytes:
+        caller = caller_of(context)
+        try:
+            ticket = self.guard.admit(caller, verb)
+        except VmctlFault as fault:
+            self._record_refusal(method, caller, fault, early=True)
+            await _abort(context, fault)
+        self._call_started()
+        try:
+            data = await self._read_request(context)
+            loop = asyncio.get_running_loop()
+            running = loop.run_in_executor(
+                self.pipeline.workers, contextvars.copy_context().run, work, caller, ticket.policy, data
+            )
+        except VmctlFault as fault:
+            self._call_ended(ticket)
+            if verb == ADVISE:  # admitted, so not folded: its identity is rate limited like any call
+                self._record_refusal(method, caller, fault, early=False)
+            await _abort(context, fault)
+        except BaseException:
+            self._call_ended(ticket)
+            raise
+        # The slots are held until the work ends, not merely until the caller
+        # goes away: a cancelled call's advice still runs to its end.
+        running.add_done_callback(lambda _done: self._call_ended(ticket))
+        try:
+            return await asyncio.shield(running)
+        except VmctlFault as fault:
+            if verb == READ and fault.reason in _AUDITED_READ_REFUSALS:
+                self._record_refusal(method, caller, fault, early=False)
+            await _abort(context, fault)
+        except Exception:
+            log.exception("%s failed", method)
+            await _abort(context, VmctlFault(f"{method} failed inside the agent; see its log", reason="INTERNAL"))
+
+    async def _read_request(self, context: grpc.aio.ServicerContext) -> bytes:
+        timeout = self.pipeline.request_timeout
+        try:
+            data = await asyncio.wait_for(context.read(), timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"the request did not arrive within {timeout:g} s") from None
+        if not isinstance(data, bytes):  # grpc.aio.EOF
+            # Either the caller closed its side without a message, or gRPC
+            # refused one over --max-message-bytes (and told the caller so).
+            raise InvalidRequest(
+                "no request message arrived: none was sent, or it was over the size limit", reason="MALFORMED_REQUEST"
+            )
+        return data
+
+    def _call_started(self) -> None:
+        if self.pipeline.activity is not None:
+            self.pipeline.activity.call_started()
+
+    def _call_ended(self, ticket: Ticket) -> None:
+        ticket.release()
+        if self.pipeline.activity is not None:
+            self.pipeline.activity.call_ended()
+
+    def _record_refusal(self, method: str, caller: Caller, fault: VmctlFault, *, early: bool) -> None:
+        code = status.code_name(fault)
+        self.guard.record_refusal(method, caller, code, fault, logs.request_id.get(), early=early)
+
+    # ---- the work of each method, on a worker thread --------------------------------
+
+    def get_vma_info(self, caller: Caller, policy: Policy, data: bytes) -> bytes:
+        request = _parse(pb.GetVmaInfoRequest, data)
+        observe.note(pid=request.pid)
+        target = self.guard.check_read(policy, caller, request.pid)
+        snapshot = self.reader.take(request.pid, request.attr_mask)
+        self.guard.same_process(target, snapshot.identity.start_time)
         identity = snapshot.identity
         header = pb.GetVmaInfoResponse(
             process=pb.Process(pid=identity.pid, start_time=identity.start_time, comm=identity.comm),
@@ -134,42 +214,18 @@ class VmControlService:
         )
         return snapshot.table.encode(snapshot.result_mask, prefix=header.SerializeToString())
 
-    @_translate_faults
-    def AdviseRanges(self, request: AdviseCall | Malformed, context: grpc.ServicerContext) -> EncodedReply:
-        caller = _caller(context)
-        if isinstance(request, Malformed):
-            message, ranges = pb.AdviseRangesRequest(), self.advisor.ranges.from_pairs([])
-        else:
-            # Read from the request only when first used: over the limit,
-            # the advisor refuses on the count alone.
-            message, ranges = request.message, self.advisor.ranges.from_message(request.message.ranges, request.wire)
-        audit = _advice_audit(caller, request, ranges, self.advisor.max_ranges)
+    def advise_ranges(self, caller: Caller, policy: Policy, data: bytes) -> bytes:
+        audit = AdviceAudit(caller.audit_fields(), request_id=logs.request_id.get())
         try:
-            with self.guard.admit(caller, ADVISE) as policy:
-                if isinstance(request, Malformed):
-                    raise request.refuse()
-                self.guard.require_audit()
-                result = self.advisor.advise(
-                    AdviceRequest(
-                        pid=message.pid,
-                        ranges=ranges,
-                        advice=message.advice,
-                        cookie=message.cookie,
-                        filter=message.filter,
-                        dry_run=message.dry_run,
-                    ),
-                    check_target=self.guard.advice_check(policy, caller, audit.advice, audit),
-                    require_cookie=policy.require_cookie,
-                )
+            result = self._advise(caller, policy, data, audit)
         except VmctlFault as fault:
-            code = status.code_name(fault)
-            self.guard.audit.write(audit.record(code, fault.reason, fault.message), audit.summary(code))
+            self._finish_advice(audit, status.code_name(fault), fault.reason, fault.message)
             raise
         except Exception:
-            self.guard.audit.write(audit.record("INTERNAL", "INTERNAL"), audit.summary("INTERNAL"))
+            self._finish_advice(audit, "INTERNAL", "INTERNAL")
             raise
         audit.advised_bytes, audit.syscalls = result.advised_bytes, result.syscalls
-        self.guard.audit.write(audit.record("OK"), audit.summary("OK"))
+        self._finish_advice(audit, "OK")
         header = pb.AdviseRangesResponse(
             requested_bytes=result.requested_bytes,
             advised_bytes=result.advised_bytes,
@@ -177,140 +233,101 @@ class VmControlService:
             dry_run=result.dry_run,
             process=pb.Process(pid=result.pid, start_time=result.start_time, comm=result.comm),
         )
-        return EncodedReply(header, result.plan.encode(prefix=header.SerializeToString()))
+        return result.plan.encode(prefix=header.SerializeToString())
 
-    @_translate_faults
-    def ListProcesses(
-        self, request: pb.ListProcessesRequest, context: grpc.ServicerContext
-    ) -> pb.ListProcessesResponse:
-        caller = _caller(context)
-        with self.guard.admit(caller, READ) as policy:
-            if isinstance(request, Malformed):
-                raise request.refuse()
-            processes = list_processes(request.cgroup_prefix)
+    def _advise(self, caller: Caller, policy: Policy, data: bytes, audit: AdviceAudit) -> AdviceResult:
+        """The advisor's steps with the policy between open and plan and the
+        audit record between plan and apply: the record is in the log before
+        the first system call, or nothing is applied."""
+        message = _parse(pb.AdviseRangesRequest, data)
+        observe.note(pid=message.pid)
+        ranges = self.advisor.ranges.from_message(message.ranges, data)
+        _describe(audit, message, ranges, self.advisor.max_ranges)
+        request = AdviceRequest(message.pid, ranges, message.advice, message.cookie, message.filter, message.dry_run)
+        checked = self.advisor.check(request, require_cookie=policy.require_cookie)
+        with self.advisor.open(checked) as target:
+            facts = self.guard.advice_target(target.identity)
+            audit.target = _target_fields(facts)
+            audit.rule = self.guard.check_advice_target(policy, caller, facts, checked.advice).name
+            plan = self.advisor.plan(checked, target)
+            if not request.dry_run and not self.guard.audit.write(audit.intent(), audit.summary("applying")):
+                raise AuditUnavailable(
+                    "the audit log cannot be written; no advice is applied until it can",
+                    audit_log=self.guard.audit.path,
+                )
+            return self.advisor.apply(checked, target, plan)
+
+    def _finish_advice(self, audit: AdviceAudit, code: str, reason: str = "", message: str = "") -> None:
+        record = audit.record(code, reason, message)
+        self.guard.audit.write(record, audit.summary(code))
+        metrics.record_advice(
+            record["cookie"], audit.advice, audit.requested_bytes, audit.advised_bytes, audit.syscalls,
+            applied=code == "OK" and not audit.dry_run,
+        )  # fmt: skip
+
+    def list_processes(self, caller: Caller, policy: Policy, data: bytes) -> bytes:
+        request = _parse(pb.ListProcessesRequest, data)
+        processes = list_processes(request.cgroup_prefix)
         if not policy.reads_any_process(caller):  # only what the caller may read
             processes = [
                 p for p in processes if policy.may_read(caller, Target(p.pid, p.uid, p.comm, p.cgroup, p.start_time))
             ]
-        return pb.ListProcessesResponse(processes=[pb.ProcessInfo(**vars(p)) for p in processes])
+        reply = pb.ListProcessesResponse(processes=[pb.ProcessInfo(**vars(p)) for p in processes])
+        return reply.SerializeToString()
 
-    @_translate_faults
-    def GetNodeInfo(self, request: pb.GetNodeInfoRequest, context: grpc.ServicerContext) -> pb.GetNodeInfoResponse:
-        with self.guard.admit(_caller(context), READ):
-            if isinstance(request, Malformed):
-                raise request.refuse()
-            info = node_info(self.capabilities)
-        caps = info.capabilities
-        response = pb.GetNodeInfoResponse(
-            hostname=info.hostname,
-            kernel=info.kernel,
-            machine=info.machine,
-            boot_id=info.boot_id,
-            mem_total_bytes=info.mem_total_bytes,
-            mem_available_bytes=info.mem_available_bytes,
-            swap_total_bytes=info.swap_total_bytes,
-            swap_free_bytes=info.swap_free_bytes,
-            agent_version=info.agent_version,
-            page_size=info.page_size,
-            capabilities=pb.Capabilities(
-                pidfd_open=caps.pidfd_open,
-                process_madvise=caps.process_madvise,
-                advices=sorted(caps.advices),
-                procmap_query=caps.procmap_query,
-                pagemap_scan=caps.pagemap_scan,
-                advice_permitted=caps.advice_permitted,
-                probe_errors=caps.probe_errors,
-            ),
-        )
-        if info.memory_pressure is not None:
-            for kind in ("some", "full"):
-                values = info.memory_pressure.get(kind)
-                if values:
-                    getattr(response.memory_pressure, kind).CopyFrom(
-                        pb.PressureStall(
-                            avg10=values.get("avg10", 0.0),
-                            avg60=values.get("avg60", 0.0),
-                            avg300=values.get("avg300", 0.0),
-                            total_us=int(values.get("total", 0)),
-                        )
-                    )
-        return response
+    def get_node_info(self, caller: Caller, policy: Policy, data: bytes) -> bytes:
+        _parse(pb.GetNodeInfoRequest, data)
+        return _node_info_reply(node_info(self.capabilities)).SerializeToString()
 
 
-def _advice_audit(caller: Caller, request: AdviseCall | Malformed, ranges: RangeSet, max_ranges: int) -> AdviceAudit:
-    if isinstance(request, Malformed):
-        return AdviceAudit(caller.audit_fields(), 0, "", "", False, 0, 0, False)
+def _describe(audit: AdviceAudit, message: pb.AdviseRangesRequest, ranges: RangeSet, max_ranges: int) -> None:
     count = len(ranges)
-    return AdviceAudit(
-        caller=caller.audit_fields(),
-        pid=request.pid,
-        advice=ADVICE_BY_NUMBER.get(request.advice, str(request.advice)),
-        filter=pb.Filter.Name(request.filter) if request.filter in pb.Filter.values() else str(request.filter),
-        dry_run=request.dry_run,
-        range_count=count,
-        requested_bytes=ranges.total_bytes() if count <= max_ranges else 0,
-        cookie_sent=bool(request.cookie),
+    audit.pid = message.pid
+    audit.advice = ADVICE_BY_NUMBER.get(message.advice, str(message.advice))
+    audit.filter = pb.Filter.Name(message.filter) if message.filter in pb.Filter.values() else str(message.filter)
+    audit.dry_run = message.dry_run
+    audit.range_count = count
+    audit.requested_bytes = ranges.total_bytes() if count <= max_ranges else 0
+    audit.cookie_sent = bool(message.cookie)
+
+
+def _target_fields(target: Target) -> dict[str, object]:
+    return {"start_time": target.start_time, "comm": target.comm, "cgroup": target.cgroup, "uid": target.uid}
+
+
+def _node_info_reply(info: NodeInfo) -> pb.GetNodeInfoResponse:
+    caps = info.capabilities
+    response = pb.GetNodeInfoResponse(
+        hostname=info.hostname,
+        kernel=info.kernel,
+        machine=info.machine,
+        boot_id=info.boot_id,
+        mem_total_bytes=info.mem_total_bytes,
+        mem_available_bytes=info.mem_available_bytes,
+        swap_total_bytes=info.swap_total_bytes,
+        swap_free_bytes=info.swap_free_bytes,
+        agent_version=info.agent_version,
+        page_size=info.page_size,
+        capabilities=pb.Capabilities(
+            pidfd_open=caps.pidfd_open,
+            process_madvise=caps.process_madvise,
+            advices=sorted(caps.advices),
+            procmap_query=caps.procmap_query,
+            pagemap_scan=caps.pagemap_scan,
+            advice_permitted=caps.advice_permitted,
+            probe_errors=caps.probe_errors,
+        ),
     )
-
-
-def _pass_through(data: bytes) -> bytes:
-    return data
-
-
-def _parser(request_type: Any, keep_wire: bool = False) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            message = request_type.FromString(data)
-        except DecodeError as exc:
-            return Malformed(str(exc) or "not a protobuf message")
-        return AdviseCall(message, data) if keep_wire else message
-
-    return parse
-
-
-def rpc_handler(
-    service: VmControlService,
-    pool: futures.ThreadPoolExecutor | None = None,
-    calls: CallActivity | None = None,
-) -> grpc.GenericRpcHandler:
-    """Method handlers for VmControl; GetVmaInfo's and AdviseRanges's
-    responses are already bytes.
-
-    With ``pool``, VmControl calls run on it instead of the server's own
-    pool, which then serves only health and reflection: however many slow
-    snapshots are running or queued, a health check finds a free thread.
-    (gRPC's ``experimental_thread_pool`` on a handler's behavior picks the
-    pool; an interceptor that wraps the behavior must keep the attribute,
-    e.g. with functools.wraps.) ``calls`` hears when each call starts and,
-    from gRPC's own thread, when it is over and its reply sent (the heap
-    trimmer waits for the agent to be idle).
-    """
-
-    def unary(
-        method: Callable[..., Any], request_type: Any, serializer: Callable[[Any], bytes], keep_wire: bool = False
-    ) -> grpc.RpcMethodHandler:
-        @functools.wraps(method)
-        def behavior(request: Any, context: grpc.ServicerContext) -> Any:
-            if calls is not None:
-                calls.call_started()
-                if not context.add_callback(calls.call_ended):
-                    calls.call_ended()  # already over (cancelled)
-            return method(request, context)
-
-        if pool is not None:
-            behavior.experimental_thread_pool = pool  # type: ignore[attr-defined]
-        return grpc.unary_unary_rpc_method_handler(
-            behavior, request_deserializer=_parser(request_type, keep_wire), response_serializer=serializer
-        )
-
-    return grpc.method_handlers_generic_handler(
-        SERVICE_NAME,
-        {
-            "GetVmaInfo": unary(service.GetVmaInfo, pb.GetVmaInfoRequest, _pass_through),
-            "AdviseRanges": unary(service.AdviseRanges, pb.AdviseRangesRequest, attrgetter("wire"), keep_wire=True),
-            "ListProcesses": unary(
-                service.ListProcesses, pb.ListProcessesRequest, pb.ListProcessesResponse.SerializeToString
-            ),
-            "GetNodeInfo": unary(service.GetNodeInfo, pb.GetNodeInfoRequest, pb.GetNodeInfoResponse.SerializeToString),
-        },
-    )
+    if info.memory_pressure is not None:
+        for kind in ("some", "full"):
+            values = info.memory_pressure.get(kind)
+            if values:
+                getattr(response.memory_pressure, kind).CopyFrom(
+                    pb.PressureStall(
+                        avg10=values.get("avg10", 0.0),
+                        avg60=values.get("avg60", 0.0),
+                        avg300=values.get("avg300", 0.0),
+                        total_us=int(values.get("total", 0)),
+                    )
+                )
+    return response

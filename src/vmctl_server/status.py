@@ -32,6 +32,7 @@ STATUS_CODES: dict[type[errors.VmctlFault], int] = {
     errors.LimitExceeded: code_pb2.RESOURCE_EXHAUSTED,
     errors.AuditUnavailable: code_pb2.UNAVAILABLE,
     errors.AgentStopping: code_pb2.UNAVAILABLE,
+    errors.RequestTimeout: code_pb2.DEADLINE_EXCEEDED,
 }
 
 
