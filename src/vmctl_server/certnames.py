@@ -77,8 +77,9 @@ class UnusableName(ValueError):
 
 
 def shown(name: str) -> str:
-    """``name`` as printable ASCII for a log line: escapes for every control
-    or non-ASCII character, cut at a bound, with its length."""
+    """``name`` (or a parser's complaint about one) as printable ASCII for a
+    log line: escapes for every control or non-ASCII character, cut at a
+    bound, with its length."""
     head = ascii(name[:_SHOWN_CHARS])
     return head if len(name) <= _SHOWN_CHARS else f"{head}... ({len(name)} characters)"
 
@@ -92,7 +93,7 @@ def load(pem: bytes) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(pem)
     except ValueError as exc:
-        raise UnusableName(f"the certificate cannot be parsed ({exc})") from None
+        raise UnusableName(f"the certificate cannot be parsed: {shown(str(exc))}") from None
 
 
 def _san_names(certificate: x509.Certificate) -> tuple[list[str], list[str]]:
@@ -104,7 +105,7 @@ def _san_names(certificate: x509.Certificate) -> tuple[list[str], list[str]]:
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         # A malformed SAN, two SAN extensions, or a kind of name cryptography
         # does not read: what it cannot read could be the name that counts.
-        raise UnusableName(f"its extensions cannot be read ({exc})") from None
+        raise UnusableName(f"its extensions cannot be read: {shown(str(exc))}") from None
     sans = extension.value
     return sans.get_values_for_type(x509.UniformResourceIdentifier), sans.get_values_for_type(x509.DNSName)
 
@@ -113,7 +114,7 @@ def _common_names(certificate: x509.Certificate) -> list[str]:
     try:
         attributes = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     except ValueError as exc:  # e.g. a UTF8String that is not UTF-8
-        raise UnusableName(f"its subject cannot be read ({exc})") from None
+        raise UnusableName(f"its subject cannot be read: {shown(str(exc))}") from None
     values = [attribute.value for attribute in attributes]
     if not all(isinstance(value, str) for value in values):
         raise UnusableName("its common name is not a string")
@@ -130,7 +131,7 @@ def _forbidden_character(names: Iterable[str]) -> tuple[str, str] | None:
 
 def check_uri(uri: str) -> str:
     if len(uri) > MAX_URI:
-        raise UnusableName(f"its URI SAN is longer than {MAX_URI} bytes: {shown(uri)}")
+        raise UnusableName(f"its URI SAN is longer than {MAX_URI} characters: {shown(uri)}")
     if not _URI.fullmatch(uri):
         raise UnusableName(f"its URI SAN is not a printable ASCII URI with a scheme: {shown(uri)}")
     return uri
