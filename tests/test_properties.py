@@ -10,9 +10,11 @@ helpers.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import itertools
 
 import pytest
+from certs import CertificateAuthority
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -245,14 +247,27 @@ targets = st.builds(
 )
 
 
+_CA = CertificateAuthority()
+
+
+@functools.cache
+def _certificate_naming(identity: str) -> bytes:
+    """A real client certificate (PEM) whose name is ``identity``."""
+    kind, _, name = identity.partition(":")
+    if kind == "dns":
+        return _CA.pem(sans=[("dns", name)])
+    if kind == "cn":
+        return _CA.pem(common_names=[name])
+    return _CA.pem(sans=[("uri", identity)])
+
+
 def _caller(identity: str):
     if identity.startswith("uid:"):
         return caller_from(f"unix-abstract:{peer_name(int(identity[4:]), 0, 77, 'ab')}", {})
-    if identity.startswith("spiffe:"):
-        return caller_from("ipv4:10.0.0.1:5", {"transport_security_type": [b"ssl"], "peer_uri": [identity.encode()]})
-    kind, _, name = identity.partition(":")
-    key = "peer_dns" if kind == "dns" else "x509_common_name"
-    return caller_from("ipv4:10.0.0.1:5", {"transport_security_type": [b"ssl"], key: [name.encode()]})
+    context = {"transport_security_type": [b"ssl"], "x509_pem_cert": [_certificate_naming(identity)]}
+    caller = caller_from("ipv4:10.0.0.1:5", context)
+    assert caller.identity == identity
+    return caller
 
 
 def _oracle(policy: Policy, identity: str, verb: str, target: Target, advice: str | None) -> bool:
@@ -375,18 +390,3 @@ def test_no_other_peer_string_passes_for_a_unix_peer(peer):
     assume(not peer.startswith("unix-abstract:vmctl-peer/"))
     caller = caller_from(peer, {})
     assert caller.identity == ANONYMOUS and not caller.authenticated
-
-
-@pytest.mark.parametrize(
-    ("context", "identity"),
-    [
-        ({"peer_uri": [b"spiffe://c/x"], "peer_dns": [b"a.example"], "x509_common_name": [b"cn"]}, "spiffe://c/x"),
-        ({"peer_uri": [b"uid:0"], "peer_dns": [b"a.example"]}, "dns:a.example"),  # a URI must not pass for root
-        ({"peer_dns": [b"a.example", b"b.example"], "x509_common_name": [b"cn"]}, "dns:a.example"),
-        ({"x509_common_name": [b"ops"]}, "cn:ops"),
-        ({}, ANONYMOUS),  # TLS without a client certificate
-    ],
-)
-def test_certificate_identity_precedence(context, identity):
-    caller = caller_from("ipv4:127.0.0.1:1", {"transport_security_type": [b"ssl"], **context})
-    assert caller.identity == identity and caller.transport == "tls"

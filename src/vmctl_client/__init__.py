@@ -14,7 +14,9 @@ from vmctl_client.calls import RetryPolicy
 from vmctl_client.channel import TlsOptions
 from vmctl_client.client import Client
 from vmctl_client.errors import (
+    AgentStoppingError,
     AgentUnavailableError,
+    AuditUnavailableError,
     InvalidRequestError,
     PermissionDeniedError,
     ProcessChangedError,
@@ -27,8 +29,10 @@ from vmctl_client.types import AdviceResult, NodeInfo, ProcessInfo, RangeResult,
 
 __all__ = [
     "AdviceResult",
+    "AgentStoppingError",
     "AgentUnavailableError",
     "AsyncClient",
+    "AuditUnavailableError",
     "Client",
     "Fleet",
     "HostResult",

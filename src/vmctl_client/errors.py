@@ -60,13 +60,38 @@ class InvalidRequestError(VmctlError):
 
 
 class AgentUnavailableError(VmctlError):
-    """No agent answered at the target."""
+    """The call could not be served now (status UNAVAILABLE): no agent
+    answered at the target (this class itself), or the agent answered that it
+    cannot serve it yet (the subclasses, which say why). Either way it may
+    succeed later, here or at another agent."""
+
+
+class AgentStoppingError(AgentUnavailableError):
+    """The agent answered that it is shutting down: the call was not started,
+    so sending it again (once an agent answers) is safe, advice included."""
+
+
+class AuditUnavailableError(AgentUnavailableError):
+    """The agent answered that it cannot write its audit log, so it applies
+    no advice until it can; reads still work. Its operator must act."""
 
 
 _BY_REASON: dict[str, type[VmctlError]] = {
     "LAYOUT_CHANGED": StaleCookieError,
     "PROCESS_CHANGED": ProcessChangedError,
     "PROCESS_GONE": ProcessGoneError,
+    "AGENT_STOPPING": AgentStoppingError,
+    "AUDIT_UNAVAILABLE": AuditUnavailableError,
+}
+
+# The domain of the agent's ErrorInfo: an answer carrying it came from the
+# agent itself, not from the transport or a proxy on the way.
+AGENT_DOMAIN = "vmctl.dev"
+
+# What the agent means by a reason, for an answer that came without a message.
+_AGENT_MEANS = {
+    "AGENT_STOPPING": "the agent is shutting down; the call was not started",
+    "AUDIT_UNAVAILABLE": "the agent refuses advice until its audit log can be written",
 }
 _BY_CODE: dict[grpc.StatusCode, type[VmctlError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
@@ -97,11 +122,16 @@ def from_rpc_error(exc: grpc.RpcError, target: str = "") -> VmctlError:
     ``grpc.aio.AioRpcError`` (which has the same methods but not the type)."""
     is_call = callable(getattr(exc, "code", None)) and callable(getattr(exc, "trailing_metadata", None))
     code = exc.code() if is_call else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
-    message = (exc.details() if is_call else None) or str(exc)  # type: ignore[attr-defined]
+    details = (exc.details() if is_call else None) or ""  # type: ignore[attr-defined]
+    message = details or str(exc)
     info = error_info(exc) if is_call else None  # type: ignore[arg-type]
     reason = info.reason if info else ""
     cls = _BY_REASON.get(reason) or _BY_CODE.get(code, VmctlError)
-    if cls is AgentUnavailableError and target.startswith("unix:") and "Permission denied" in message:
+    if info is not None and info.domain == AGENT_DOMAIN and reason:
+        # The agent itself answered: its own words. An UNAVAILABLE it sent
+        # (stopping, audit log unwritable) is not "no agent answers".
+        message = details or _AGENT_MEANS.get(reason, message)
+    elif cls is AgentUnavailableError and target.startswith("unix:") and "Permission denied" in message:
         message = (
             f"this user may not connect to the agent's socket at {target} ({message}). Run as root, or ask the"
             " agent's operator to open it to you (vmctl-agent --socket-mode, and a policy rule for your uid)"

@@ -7,9 +7,11 @@ Identities are spelled as the policy file spells them:
   connection); the peer's gid and pid are kept for the audit log;
 - the client certificate's URI SAN, verbatim (``spiffe://cluster/ns/ops/sa/x``),
   else ``dns:NAME`` (its first DNS SAN), else ``cn:NAME`` (its common name) —
-  a TCP peer under mutual TLS;
-- ``anonymous`` — anyone else: plaintext TCP (``--insecure``), or a path to
-  the gRPC server that bypassed the unix gateway. The policy admits
+  a TCP peer under mutual TLS, read from the certificate itself by
+  :mod:`vmctl_server.certnames`, which also says what a usable name is;
+- ``anonymous`` — anyone else: plaintext TCP (``--insecure``), a certificate
+  whose name is unusable (a NUL byte in it, say: never a part of the name),
+  or a path to the gRPC server that bypassed the unix gateway. The policy admits
   ``anonymous`` only where a rule names it; otherwise such a caller gets
   UNAUTHENTICATED.
 
@@ -19,9 +21,13 @@ mapping gRPC hands the service), so it is tested without a server.
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+log = logging.getLogger("vmctl.auth")
 
 ANONYMOUS = "anonymous"
 
@@ -73,26 +79,50 @@ def _first(auth_context: Mapping[str, Sequence[bytes]], key: str) -> str | None:
     return None
 
 
-def certificate_identity(auth_context: Mapping[str, Sequence[bytes]]) -> str | None:
-    """URI SAN, else ``dns:`` first DNS SAN, else ``cn:`` common name.
+@dataclass(frozen=True)
+class _Named:
+    identity: str | None
+    refusal: str = ""  # why the certificate names nobody, as printable ASCII
+    fingerprint: str = ""
 
-    gRPC's TLS layer already splits the verified peer certificate's SANs by
-    type (``peer_uri``, ``peer_dns``) and gives its ``x509_common_name``; the
-    certificate was checked against ``--client-ca`` before any call runs, so
-    parsing the PEM again would add nothing but a dependency.
-    """
-    for uri in auth_context.get("peer_uri") or ():
-        text = uri.decode("utf-8", "replace")
-        scheme = text.partition(":")[0].lower()
-        if text and scheme not in RESERVED_SCHEMES:
-            return text
-    dns = _first(auth_context, "peer_dns")
-    if dns:
-        return f"dns:{dns}"
-    cn = _first(auth_context, "x509_common_name")
-    if cn:
-        return f"cn:{cn}"
-    return None
+
+# One client makes many calls with one certificate: parse each once. Keyed by
+# the PEM bytes, so a different certificate is never served another's answer.
+@functools.lru_cache(maxsize=64)
+def _named_by(pem: bytes) -> _Named:
+    # Imported on the first certificate: cryptography adds ~10 MB to the RSS
+    # of an agent that serves only its unix socket and would never use it.
+    from vmctl_server import certnames
+
+    try:
+        certificate = certnames.load(pem)
+    except certnames.UnusableName as exc:
+        return _Named(None, str(exc))
+    try:
+        return _Named(certnames.certificate_identity(certificate))
+    except certnames.UnusableName as exc:
+        return _Named(None, str(exc), certnames.fingerprint(certificate))
+
+
+def certificate_identity(auth_context: Mapping[str, Sequence[bytes]]) -> str | None:
+    """URI SAN, else ``dns:`` first DNS SAN, else ``cn:`` common name, read
+    from the verified peer certificate (``x509_pem_cert``; gRPC checked it
+    against ``--client-ca`` before any call runs). Not from gRPC's own
+    ``peer_uri``/``peer_dns``/``x509_common_name``: gRPC core cuts those at a
+    NUL byte. None when the certificate names nobody usable; then this logs
+    why, once per call (call it once per call)."""
+    pem = next(iter(auth_context.get("x509_pem_cert") or ()), None)
+    if not pem:
+        return None
+    named = _named_by(bytes(pem))
+    if named.refusal:
+        log.warning(
+            "client certificate names nobody, caller is %s: %s",
+            ANONYMOUS,
+            named.refusal,
+            extra={"fields": {"certificate_sha256": named.fingerprint}},
+        )
+    return named.identity
 
 
 def caller_from(peer: str, auth_context: Mapping[str, Sequence[bytes]]) -> Caller:
