@@ -55,6 +55,11 @@ NEVER_ALLOWED = {
     "name_to_handle_at": "the handles open_by_handle_at takes",
     "ptrace": "the agent reads /proc and calls process_madvise; it never attaches",
     "process_vm_writev": "writes another process's memory",
+    "process_vm_readv": "reads another process's memory (the agent reads only /proc/PID/mem's AT_RANDOM bytes)",
+    "pidfd_getfd": "takes a copy of another process's open file",
+    "io_uring_setup": "file and socket operations that seccomp never sees",
+    "io_uring_enter": "file and socket operations that seccomp never sees",
+    "io_uring_register": "file and socket operations that seccomp never sees",
     "mount": "mounts",
     "umount2": "mounts",
     "fsopen": "mounts (the new mount API)",
@@ -235,7 +240,8 @@ def build_profile(traced: set[str]) -> dict:
                 "errnoRet": REFUSED_ERRNO,
                 "comment": "refused on purpose, whatever a trace shows: ways out of the container (by handle "
                 "through a hostPath, mounts, namespaces, a new root), into other processes' memory (ptrace, "
-                "process_vm_writev) and into the kernel (bpf, modules, kexec, keyrings, perf, userfaultfd); "
+                "process_vm_*, pidfd_getfd) and into the kernel (bpf, modules, kexec, keyrings, perf, userfaultfd, "
+                "io_uring, whose operations seccomp never sees); "
                 "scripts/trace_agent_syscalls.py says why for each",
             },
         ],

@@ -55,6 +55,11 @@ MUST_REFUSE = {
     "setns",
     "pivot_root",
     "perf_event_open",
+    # and, besides: reading another process's memory or files, and io_uring, whose file and
+    # socket operations seccomp never sees
+    "process_vm_readv",
+    "pidfd_getfd",
+    "io_uring_setup",
 }
 # What the agent is refused and copes with, by design: glibc makes threads with clone3, and on
 # ENOSYS with clone, whose flags the profile can check.
