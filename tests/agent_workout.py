@@ -230,20 +230,36 @@ def exercise_operations(log: str) -> None:
             assert b"vmctl_grpc_calls_total" in reply.read()
 
 
+def _reader_of(rig: Rig, holder: CertFiles, target) -> Callable[[], bool]:
+    """A check: may ``holder`` read ``target`` now?"""
+
+    def may_read() -> bool:
+        with Client(f"127.0.0.1:{rig.tcp_port}", tls=rig.tls(holder), timeout=20) as client:
+            try:
+                return client.get_vma_info(target.pid).process.pid == target.pid
+            except VmctlError as error:
+                assert error.reason == "POLICY_DENIED", error
+                return False
+
+    return may_read
+
+
 def reload_policy(rig: Rig, agent_pid: int, log: Callable[[], str], target) -> None:
-    """SIGHUP twice: a broken file keeps the policy in force, a good one that grants the reclaimer
-    every target takes effect (its read of the target, refused before, is answered)."""
-    original = rig.policy_path.read_text()
+    """SIGHUP twice: a broken file keeps the policy in force (the agent says why), a good one that
+    grants the reclaimer every target takes effect (its read of the target, refused before, is
+    answered)."""
+    reclaimer_may_read = _reader_of(rig, rig.reclaimer, target)
+    assert not reclaimer_may_read()
+    original, logged = rig.policy_path.read_text(), len(log())
     rig.policy_path.write_text("rules: [this is not a policy\n")
     signal_main_thread(agent_pid, signal.SIGHUP)
-    wait_for(lambda: "policy not reloaded" in log(), "the agent to refuse the broken policy")
+    wait_for(lambda: "policy" in log()[logged:], "the agent to refuse the broken policy")
+    assert not reclaimer_may_read()
     policy = yaml.safe_load(original)
     policy["rules"].append({"name": "workout", "identities": [RECLAIMER], "verbs": ["read"]})
     rig.policy_path.write_text(yaml.safe_dump(policy))
     signal_main_thread(agent_pid, signal.SIGHUP)
-    wait_for(lambda: f"{len(policy['rules'])} rules" in log(), "the agent to reload the policy")
-    with Client(f"127.0.0.1:{rig.tcp_port}", tls=rig.tls(rig.reclaimer), timeout=20) as reclaimer:
-        assert reclaimer.get_vma_info(target.pid).process.pid == target.pid
+    wait_for(reclaimer_may_read, "the reloaded policy to let the reclaimer read")
 
 
 def exercise_everything(rig: Rig, agent, agent_pid: int, targets: list) -> None:
