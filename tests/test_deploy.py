@@ -10,7 +10,9 @@ import argparse
 import copy
 import fnmatch
 import json
+import os
 import pathlib
+import posixpath
 import re
 import shutil
 import subprocess
@@ -20,8 +22,11 @@ import zipfile
 import kubernetes_validate
 import pytest
 import tomllib
+from agent_workout import Rig, exercise_operations, exercise_tls
 from deploy_files import (
+    DEPLOY,
     DOCKERFILE,
+    KUSTOMIZE_BASE,
     OVERLAYS,
     ROOT,
     UNIT,
@@ -31,6 +36,7 @@ from deploy_files import (
     require_tool,
     unit_settings,
 )
+from test_privileges import setpriv_prefix
 
 from vmctl_server import agent as agent_cli
 from vmctl_server.policy import parse_policy
@@ -39,6 +45,54 @@ from vmctl_server.policy import parse_policy
 SCHEMA_VERSIONS = ("1.32.0", kubernetes_validate.utils.latest_version())
 CAPABILITIES = {"SYS_PTRACE", "SYS_NICE", "DAC_READ_SEARCH"}
 OVERLAY_IDS = [p.name for p in OVERLAYS]
+NAMESPACE = "vmctl-system"
+SECCOMP_PROFILE = KUSTOMIZE_BASE / "seccomp" / "vmctl-agent.json"
+SECCOMP_LOCALHOST_PROFILE = "vmctl/vmctl-agent.json"  # relative to kubelet's seccomp directory
+KUBELET_SECCOMP_DIR = "/var/lib/kubelet/seccomp"  # <kubelet --root-dir>/seccomp, the default root
+HEALTH_PORT, METRICS_PORT, VMCONTROL_PORT = 50052, 9464, 50051
+# Kinds that have no namespace (kubectl api-resources --namespaced=false, Kubernetes 1.32); every
+# kind the overlays render must be in this list or in NAMESPACED_KINDS, so a new kind is classified
+# on purpose rather than assumed.
+CLUSTER_SCOPED_KINDS = {
+    "APIService",
+    "CertificateSigningRequest",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ComponentStatus",
+    "CSIDriver",
+    "CSINode",
+    "CustomResourceDefinition",
+    "DeviceClass",
+    "FlowSchema",
+    "IngressClass",
+    "IPAddress",
+    "MutatingWebhookConfiguration",
+    "Namespace",
+    "Node",
+    "PersistentVolume",
+    "PriorityClass",
+    "PriorityLevelConfiguration",
+    "RuntimeClass",
+    "ServiceCIDR",
+    "StorageClass",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+    "ValidatingWebhookConfiguration",
+    "VolumeAttachment",
+}
+NAMESPACED_KINDS = {
+    "ConfigMap",
+    "DaemonSet",
+    "Deployment",
+    "NetworkPolicy",
+    "PodDisruptionBudget",
+    "ResourceQuota",
+    "Role",
+    "RoleBinding",
+    "Secret",
+    "Service",
+    "ServiceAccount",
+}
 
 
 def test_the_overlays_are_the_documented_two():
@@ -94,8 +148,15 @@ def test_daemonset_security_invariants(overlay):
     assert security["readOnlyRootFilesystem"] is True
     assert security["capabilities"]["drop"] == ["ALL"]
     assert set(security["capabilities"]["add"]) == CAPABILITIES
-    seccomp = security.get("seccompProfile") or pod["securityContext"]["seccompProfile"]
-    assert seccomp == {"type": "RuntimeDefault"}
+    # The agent: its own Localhost seccomp profile (tests/test_seccomp_profile.py) and no AppArmor
+    # profile (the runtime's default one refuses ptrace-reads of host processes: see the comment in
+    # base/daemonset.yaml). The pod sandbox and the init container keep the runtime's defaults.
+    assert security["seccompProfile"] == {"type": "Localhost", "localhostProfile": SECCOMP_LOCALHOST_PROFILE}
+    assert security["appArmorProfile"] == {"type": "Unconfined"}
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["appArmorProfile"] == {"type": "RuntimeDefault"}
+    annotations = daemonset["spec"]["template"]["metadata"].get("annotations", {})
+    assert not [a for a in annotations if a.startswith(("container.apparmor.", "seccomp.security."))], "deprecated"
     assert pod["securityContext"]["runAsUser"] == 0  # see the comment in base/daemonset.yaml
     assert pod["automountServiceAccountToken"] is False
     assert pod["priorityClassName"] == "system-node-critical"
@@ -156,37 +217,214 @@ def test_every_path_the_agent_uses_is_mounted(overlay):
     assert "configMap" in volumes[mount_of(args.policy)["name"]]
 
 
+def init_container(docs: tuple[dict, ...]) -> dict:
+    (init,) = only(docs, "DaemonSet")["spec"]["template"]["spec"]["initContainers"]
+    return init
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
+def test_the_profile_installer_may_write_the_profiles_directory_and_nothing_else(overlay):
+    docs = render(overlay)
+    pod = only(docs, "DaemonSet")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    init, agent = init_container(docs), agent_container(docs)
+    assert init["image"] == agent["image"], "the agent's own image: nothing else to trust or pull"
+    security = init["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["privileged"] is False and security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert "seccompProfile" not in security and "appArmorProfile" not in security  # the pod's RuntimeDefault
+    assert {"cpu", "memory"} <= init["resources"]["limits"].keys()
+    profile_dir = posixpath.join(KUBELET_SECCOMP_DIR, posixpath.dirname(SECCOMP_LOCALHOST_PROFILE))
+    mounted = {m["mountPath"]: (m, volumes[m["name"]]) for m in init["volumeMounts"]}
+    host_paths = [v["hostPath"] for _, v in mounted.values() if "hostPath" in v]
+    assert host_paths == [{"path": profile_dir, "type": "DirectoryOrCreate"}]
+    assert all(m.get("readOnly") for m, v in mounted.values() if "hostPath" not in v)
+    assert not [m for m in agent["volumeMounts"] if "seccomp" in m["mountPath"]], "the agent never writes it"
+
+
+def _project_config_map(directory: pathlib.Path, data: dict[str, str]) -> None:
+    """A ConfigMap volume as kubelet lays it out: the files in a timestamped directory, "..data"
+    pointing at it, and each name a symlink through "..data"."""
+    payload = directory / "..2026_01_01_00_00_00.000000000"
+    payload.mkdir(parents=True)
+    (directory / "..data").symlink_to(payload.name)
+    for name, text in data.items():
+        (payload / name).write_text(text)
+        (directory / name).symlink_to(f"..data/{name}")
+
+
+def test_the_init_container_installs_the_profile_where_kubelet_reads_it(tmp_path):
+    """Its command, run here as uid 0 with no capability at all, with each of its mounts a
+    directory of the test's: the ConfigMap's profile ends up, whole, at the path the agent
+    container's localhostProfile names, on a fresh node and over an older profile alike."""
+    docs = render(OVERLAYS[0])
+    pod = only(docs, "DaemonSet")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    init = init_container(docs)
+    assert init["command"] == ["/bin/sh", "-c"]
+    (script,) = init["args"]
+    host_dir = None
+    for mount in init["volumeMounts"]:
+        local, volume = tmp_path / mount["name"], volumes[mount["name"]]
+        if "configMap" in volume:
+            config_map = next(d for d in docs if d["metadata"]["name"] == volume["configMap"]["name"])
+            _project_config_map(local, config_map["data"])
+        else:
+            assert volume["hostPath"]["path"].startswith(KUBELET_SECCOMP_DIR + "/")
+            local.mkdir()
+            host_dir = local
+        script = script.replace(mount["mountPath"], str(local))
+    assert host_dir is not None and "/etc/" not in script and "/var/" not in script, script
+    installed = host_dir / posixpath.basename(SECCOMP_LOCALHOST_PROFILE)
+    for before in (None, "{} an older profile"):
+        if before is not None:
+            installed.write_text(before)
+        result = subprocess.run([*setpriv_prefix(0, set()), "/bin/sh", "-c", script], capture_output=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert installed.read_bytes() == SECCOMP_PROFILE.read_bytes()
+        assert sorted(os.listdir(host_dir)) == [installed.name], "a temporary file was left behind"
+
+
+def misplaced_objects(docs: tuple[dict, ...]) -> list[str]:
+    """Every rendered object not where it must be: namespaced ones outside vmctl-system,
+    cluster-scoped ones with a namespace, and kinds this test has not classified."""
+    wrong = []
+    for doc in docs:
+        kind, meta = doc["kind"], doc["metadata"]
+        where = meta.get("namespace")
+        if kind not in CLUSTER_SCOPED_KINDS | NAMESPACED_KINDS:
+            wrong.append(f"{kind}/{meta['name']}: classify the kind as namespaced or cluster-scoped")
+        elif kind in NAMESPACED_KINDS and where != NAMESPACE:
+            wrong.append(f"{kind}/{meta['name']} is in {where or 'no namespace (kubectl puts it in default)'}")
+        elif kind in CLUSTER_SCOPED_KINDS and where is not None:
+            wrong.append(f"{kind}/{meta['name']} is cluster-scoped but names namespace {where}")
+    return wrong
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
+def test_every_namespaced_object_is_in_vmctl_system(overlay):
+    docs = render(overlay)
+    assert not misplaced_objects(docs)
+    assert only(docs, "Namespace")["metadata"]["name"] == NAMESPACE
+
+
+def test_the_namespace_check_catches_an_overlay_object_left_in_default(tmp_path):
+    """The bug it guards against: the cluster-mtls overlay without its namespace line put the
+    Service in default (the base's namespace covers only the base's objects)."""
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(DEPLOY / "kubernetes", tree)
+    kustomization = tree / "overlays" / "cluster-mtls" / "kustomization.yaml"
+    text = kustomization.read_text()
+    assert f"\nnamespace: {NAMESPACE}\n" in text
+    kustomization.write_text(text.replace(f"\nnamespace: {NAMESPACE}\n", "\n"))
+    assert misplaced_objects(render(tree / "overlays" / "cluster-mtls")) == [
+        "Service/vmctl-agent is in no namespace (kubectl puts it in default)"
+    ]
+
+
+def admitted_ports(policy: dict) -> dict[int, list[dict]]:
+    """port -> the namespace labels each NetworkPolicy rule admits to it."""
+    admitted: dict[int, list[dict]] = {}
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), "a rule without 'from' admits everyone"
+        assert rule.get("ports"), "a rule without 'ports' admits to every port"
+        for peer in rule["from"]:
+            assert set(peer) == {"namespaceSelector"} and peer["namespaceSelector"]["matchLabels"], peer
+            for port in rule["ports"]:
+                assert port["protocol"] == "TCP"
+                admitted.setdefault(port["port"], []).append(peer["namespaceSelector"]["matchLabels"])
+    return admitted
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
+def test_the_network_policy_admits_only_what_must_reach_each_port(overlay):
+    """Not hostNetwork: the agent's ports are on the pod network, where every pod could reach them.
+    Monitoring namespaces reach metrics, controller namespaces VmControl (cluster-mtls), and no pod
+    the health port (kubelet probes come from the node, which network plugins admit)."""
+    docs = render(overlay)
+    daemonset, policy = only(docs, "DaemonSet"), only(docs, "NetworkPolicy")
+    pod = daemonset["spec"]["template"]
+    assert pod["spec"]["hostPID"] is True and not pod["spec"].get("hostNetwork")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ports = {p["name"]: p["containerPort"] for p in agent_container(docs)["ports"]}
+    expected = {ports["metrics"]: [{"vmctl.dev/monitoring": "true"}]}
+    if "grpc" in ports:
+        expected[ports["grpc"]] = [{"vmctl.dev/controller": "true"}]
+    assert admitted_ports(policy) == expected
+    assert ports["health"] not in admitted_ports(policy)
+
+
 def test_node_local_has_no_network_access_to_vmcontrol():
     docs = render(next(p for p in OVERLAYS if p.name == "node-local"))
-    assert not [d for d in docs if d["kind"] in ("Service", "NetworkPolicy")]
+    assert not [d for d in docs if d["kind"] == "Service"]
     assert all(a.unix_path for a in _agent_args(docs).listen)
 
 
-def test_cluster_overlay_discovery_and_network_policy():
+def test_cluster_overlay_discovery():
     docs = render(next(p for p in OVERLAYS if p.name == "cluster-mtls"))
-    daemonset, service, policy = (only(docs, k) for k in ("DaemonSet", "Service", "NetworkPolicy"))
+    daemonset, service = only(docs, "DaemonSet"), only(docs, "Service")
     pod_labels = daemonset["spec"]["template"]["metadata"]["labels"]
     grpc_port = next(p["containerPort"] for p in agent_container(docs)["ports"] if p["name"] == "grpc")
-
     assert service["spec"]["clusterIP"] == "None"  # headless: DNS lists every agent
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert {p["port"] for p in service["spec"]["ports"]} >= {grpc_port}
+    assert service["metadata"]["namespace"] == daemonset["metadata"]["namespace"] == NAMESPACE
 
-    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
-    admitted_to_grpc = []
-    for rule in policy["spec"]["ingress"]:
-        assert rule.get("from"), "a rule without 'from' admits everyone"
-        for peer in rule["from"]:
-            assert set(peer) == {"namespaceSelector"} and peer["namespaceSelector"]["matchLabels"], peer
-        if grpc_port in {p["port"] for p in rule["ports"]}:
-            admitted_to_grpc += [peer["namespaceSelector"]["matchLabels"] for peer in rule["from"]]
-    assert admitted_to_grpc == [{"vmctl.dev/controller": "true"}]
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
+def test_a_resource_quota_admits_the_priority_class_in_the_namespace(overlay):
+    """system-node-critical outside kube-system needs a quota scoped to it where the API server
+    limits the class (GKE; --admission-control-config-file with limitedResources)."""
+    docs = render(overlay)
+    priority = only(docs, "DaemonSet")["spec"]["template"]["spec"]["priorityClassName"]
+    quota = only(docs, "ResourceQuota")
+    assert quota["metadata"]["namespace"] == NAMESPACE
+    (expression,) = quota["spec"]["scopeSelector"]["matchExpressions"]
+    assert expression == {"scopeName": "PriorityClass", "operator": "In", "values": [priority]}
+    # Only a pod count, and one far above any node count: a cpu or memory entry would make every
+    # pod of the class state requests for it, and a low count would leave nodes without an agent.
+    assert set(quota["spec"]["hard"]) == {"pods"} and int(quota["spec"]["hard"]["pods"]) >= 100_000
+
+
+# ---- the agent's listeners: IPv6 and IPv4 ---------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
+def test_listeners_bind_every_address_family(overlay):
+    args = _agent_args(render(overlay))
+    assert args.health_listen == ("::", HEALTH_PORT) and args.metrics_listen == ("::", METRICS_PORT)
+    tcp = [a.text for a in args.listen if a.unix_path is None]
+    assert tcp in ([], [f"tcp://[::]:{VMCONTROL_PORT}"])
+
+
+def test_the_agent_serves_the_overlays_listen_addresses_over_ipv4_and_ipv6(start_agent, target, tmp_path):
+    """The cluster-mtls overlay's listen addresses, given to a real agent (ports made free ones),
+    answer on ::1 and 127.0.0.1 alike: health, metrics and mutual TLS (dual-stack sockets)."""
+    docs = render(next(p for p in OVERLAYS if p.name == "cluster-mtls"))
+    rig = Rig.create(tmp_path / "rig")
+    args = _agent_args(docs)
+    hosts = {
+        "health": f"[{args.health_listen[0]}]:0",
+        "metrics": f"[{args.metrics_listen[0]}]:0",
+        "tcp": next(a.text for a in args.listen if a.unix_path is None).replace(
+            f":{VMCONTROL_PORT}", f":{rig.tcp_port}"
+        ),
+    }
+    assert hosts == {"health": "[::]:0", "metrics": "[::]:0", "tcp": f"tcp://[::]:{rig.tcp_port}"}
+    agent = start_agent(
+        *("--health-listen", hosts["health"], "--metrics-listen", hosts["metrics"], "--log-format", "json"),
+        *("--listen", hosts["tcp"], "--tls-cert", rig.server.cert, "--tls-key", rig.server.key),
+        *("--client-ca", rig.pki.ca, "--policy", str(rig.policy_path)),
+    )
+    exercise_operations(agent.log())  # health and metrics, each over 127.0.0.1 and ::1
+    exercise_tls(rig, target)  # mutual TLS over 127.0.0.1 and ::1
 
 
 def test_policy_configmap_is_a_policy_the_agent_accepts():
     """The ConfigMap's file, through the agent's own policy parser (the one --policy uses)."""
-    config_map = only(render(OVERLAYS[0]), "ConfigMap")
+    config_map = next(d for d in render(OVERLAYS[0]) if d["metadata"]["name"].startswith("vmctl-policy-"))
     policy = parse_policy(config_map["data"]["policy.yaml"], "policy.yaml")
     assert policy.require_cookie is True
     assert {rule.name for rule in policy.rules} == {"node-root", "reclaimer", "observer"}
