@@ -320,6 +320,10 @@ class Advisor:
             if check_target is not None:
                 check_target(identity)
             records = self.reader.read_layout(request.pid)
+            if check_target is not None and procfs.exec_id(request.pid) != identity.exec_id:
+                # An exec since the identity was read (a setuid program, say):
+                # the policy judged another image than the one just read.
+                raise ProcessChanged(f"process {request.pid} exec'd while it was checked", pid=request.pid)
             if claims is not None and layout_digest(records) != claims.layout_digest:
                 raise LayoutChanged(
                     f"the address space of process {request.pid} changed since the cookie was issued; read it again",

@@ -84,7 +84,8 @@ class Guard:
     @staticmethod
     def check_read(policy: Policy, caller: Caller, pid: int) -> Target | None:
         """For a snapshot: None when the caller may read every process, else
-        the target facts the policy was checked against."""
+        the target facts the policy was checked against, with the exec id of
+        the image they were read from (read_target names it before the facts)."""
         if policy.reads_any_process(caller):
             return None
         check_pid(pid)
@@ -93,10 +94,16 @@ class Guard:
         return target
 
     @staticmethod
-    def same_process(target: Target | None, start_time: int) -> None:
-        """The snapshot must be of the process the policy allowed (pid reuse in between)."""
-        if target is not None and target.start_time != start_time:
+    def same_process(target: Target | None, start_time: int, exec_id: bytes | None = None) -> None:
+        """The snapshot must be of the process the policy allowed (pid reuse in
+        between), and of the same image: a process of the caller's own that
+        exec'd a setuid program meanwhile is no longer the caller's."""
+        if target is None:
+            return
+        if target.start_time != start_time:
             raise ProcessChanged(f"pid {target.pid} became another process while it was read", pid=target.pid)
+        if exec_id is not None and target.exec_id and target.exec_id != exec_id:
+            raise ProcessChanged(f"process {target.pid} exec'd while it was read", pid=target.pid)
 
     def require_audit(self) -> None:
         if not self.audit.healthy:
@@ -107,18 +114,21 @@ class Guard:
 
     @staticmethod
     def advice_check(policy: Policy, caller: Caller, advice: str, audit: AdviceAudit) -> Callable[[Identity], None]:
-        """The advisor's ``check_target``: protection first, then the rules."""
+        """The advisor's ``check_target``: the rules, then protection. In that
+        order, a caller learns that a process is protected (and why, which names
+        its comm or cgroup) only when its rules let it read and advise it."""
 
         def check(identity: Identity) -> None:
-            target = read_target(identity.pid, identity.comm, identity.start_time)
+            target = read_target(identity.pid, identity.comm, identity.start_time, identity.exec_id)
             audit.target = {
                 "start_time": target.start_time,
                 "comm": target.comm,
                 "cgroup": target.cgroup,
                 "uid": target.uid,
             }
+            rule = policy.check_target(caller, ADVISE, target, advice)
             policy.check_protected(target)
-            audit.rule = policy.check_target(caller, ADVISE, target, advice).name
+            audit.rule = rule.name
 
         return check
 

@@ -33,7 +33,7 @@ from vmctl_server.cookie import CookieSigner
 from vmctl_server.errors import InvalidRequest, VmctlFault
 from vmctl_server.guard import Guard
 from vmctl_server.node import list_processes, node_info
-from vmctl_server.policy import ADVISE, READ, Target
+from vmctl_server.policy import ADVISE, READ
 from vmctl_server.snapshot import SnapshotReader, claims_for
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class VmControlService:
                 raise request.refuse()
             target = self.guard.check_read(policy, caller, request.pid)
             snapshot = self.reader.take(request.pid, request.attr_mask)
-            self.guard.same_process(target, snapshot.identity.start_time)
+            self.guard.same_process(target, snapshot.identity.start_time, snapshot.identity.exec_id)
         identity = snapshot.identity
         header = pb.GetVmaInfoResponse(
             process=pb.Process(pid=identity.pid, start_time=identity.start_time, comm=identity.comm),
@@ -187,11 +187,9 @@ class VmControlService:
         with self.guard.admit(caller, READ) as policy:
             if isinstance(request, Malformed):
                 raise request.refuse()
-            processes = list_processes(request.cgroup_prefix)
-        if not policy.reads_any_process(caller):  # only what the caller may read
-            processes = [
-                p for p in processes if policy.may_read(caller, Target(p.pid, p.uid, p.comm, p.cgroup, p.start_time))
-            ]
+            # Only what the caller may read, judged on the facts the policy sees.
+            readable = None if policy.reads_any_process(caller) else functools.partial(policy.may_read, caller)
+            processes = list_processes(request.cgroup_prefix, readable)
         return pb.ListProcessesResponse(processes=[pb.ProcessInfo(**vars(p)) for p in processes])
 
     @_translate_faults
