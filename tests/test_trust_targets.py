@@ -46,7 +46,11 @@ from vmctl_client.calls import RetryPolicy
 from vmctl_client.cgroup_paths import is_under
 from vmctl_client.proto import vmctl_pb2 as pb
 from vmctl_client.proto import vmctl_pb2_grpc
-from vmctl_server.policy import PolicyError, Target, load_policy, parse_policy
+from vmctl_server import procfs
+from vmctl_server.errors import ProcessChanged, ProcessGone
+from vmctl_server.guard import Guard
+from vmctl_server.policy import PolicyError, Target, load_policy, parse_policy, read_target
+from vmctl_server.snapshot import read_identity
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NO_RETRY = RetryPolicy(attempts=1)
@@ -300,6 +304,33 @@ def test_a_process_that_is_only_partly_a_users_is_not_theirs(start_agent, public
                 _refused_everything(client, root, proc.pid)
             except AssertionError as exc:
                 raise AssertionError(f"{kind}: {exc}") from exc
+
+
+def test_facts_read_through_one_open_proc_dir_are_of_one_process(spawn_target):
+    """Once the process is gone, the open /proc/PID answers ProcessGone: it
+    can never read the pid's next owner, so its start time vouches for the rest."""
+    target = spawn_target()
+    with procfs.ProcessDir(target.pid) as proc:
+        assert proc.stat().start_time == read_identity(target.pid).start_time
+        assert proc.status().owner == 0
+        target.kill()  # exited and reaped: the pid is free for another process
+        with pytest.raises(ProcessGone):
+            proc.status()
+
+
+def test_a_process_that_execs_after_the_check_is_not_the_one_checked(spawn_target):
+    """What GetVmaInfo does for a caller with rules on targets: the facts name
+    the image they were read from, and a snapshot of a later image (a setuid
+    program exec'd in between) is PROCESS_CHANGED."""
+    target = spawn_target()
+    checked = read_target(target.pid)
+    Guard.same_process(checked, read_identity(target.pid).start_time, read_identity(target.pid).exec_id)
+    target.call("exec")
+    target._read()  # the new image's hello
+    after = read_identity(target.pid)
+    assert after.start_time == checked.start_time  # the start time alone cannot tell
+    with pytest.raises(ProcessChanged):
+        Guard.same_process(checked, after.start_time, after.exec_id)
 
 
 # ---- item 7: a cgroup prefix is a path ---------------------------------------------------------
