@@ -139,16 +139,23 @@ def test_a_policy_selects_targets_by_node_paths(node, tmp_path):
     outside = node.target_in("other")
     in_agent_container = node.target_in("agent")
     policy = tmp_path / "policy.yaml"
-    rule = {
-        "name": "pods",
-        "identities": ["uid:0"],
-        "verbs": ["read", "advise"],
-        "targets": {"cgroup_prefixes": [node.path("pods")]},
-    }
-    policy.write_text(yaml.safe_dump({"require_cookie": False, "rules": [rule]}))
+    rules = [
+        {
+            "name": name,
+            "identities": ["uid:0"],
+            "verbs": ["read", "advise"],
+            "targets": {"cgroup_prefixes": [node.path(group)]},
+        }
+        # The agent's own container too: the rules are checked before protection,
+        # so only a caller they let advise a process learns that it is protected.
+        for name, group in (("pods", "pods"), ("agent-container", "agent"))
+    ]
+    policy.write_text(yaml.safe_dump({"require_cookie": False, "rules": rules}))
     agent = node.start_container_agent("--policy", str(policy))
     with agent.client() as client:
-        assert [p.pid for p in client.list_processes()] == [admitted.pid]  # what the rule lets the caller read
+        listed = {p.pid: p.cgroup for p in client.list_processes()}  # what the rules let the caller read
+        assert admitted.pid in listed and outside.pid not in listed
+        assert set(listed.values()) <= {node.path("pods/target"), node.path("agent")}
 
         start, end = admitted.map_anon(MiB, seed=3)
         info = client.get_vma_info(admitted.pid)
@@ -158,7 +165,8 @@ def test_a_policy_selects_targets_by_node_paths(node, tmp_path):
         error = expect_error(
             lambda: client.advise_ranges(outside.pid, [(start, end)], "cold"), "PERMISSION_DENIED", "POLICY_DENIED"
         )
-        assert node.path("other") in error.message
+        # The caller may not read it: the refusal names the pid alone (the audit record below keeps the cgroup).
+        assert node.path("other") not in error.message and f"pid {outside.pid}" in error.message
 
         # The agent's own container is protected by its node path (in the
         # namespace it reads "/", which would protect nothing).

@@ -277,7 +277,9 @@ def test_require_cookie_is_the_policys_choice(start_agent, client, target, tmp_p
     heap = next(v for v in client.get_vma_info(target.pid).vmas if v.path == "[heap]")
     expect_error(lambda: client.advise_ranges(target.pid, [heap], "cold"), "INVALID_ARGUMENT", "COOKIE_REQUIRED")
     relaxed = start_agent(
-        "--policy", write_policy(tmp_path, 'require_cookie: false\nrules: [{identities: ["uid:0"], verbs: [advise]}]')
+        # read too: advising takes leave to read (test_trust_targets.py)
+        "--policy",
+        write_policy(tmp_path, 'require_cookie: false\nrules: [{identities: ["uid:0"], verbs: [read, advise]}]'),
     )
     with relaxed.client() as relaxed_client:
         assert relaxed_client.advise_ranges(target.pid, [heap], "cold").advised_bytes == heap.size

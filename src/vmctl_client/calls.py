@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from vmctl_client.cgroup_paths import is_under
 from vmctl_client.errors import VmctlError
 from vmctl_client.proto import vmctl_pb2 as pb
 from vmctl_client.types import (
@@ -80,8 +81,16 @@ def advise_ranges(
 
 
 def list_processes(cgroup_prefix: str | None) -> Call[list[ProcessInfo]]:
+    """Processes in the cgroup ``cgroup_prefix`` names or below it. The reply
+    is held to that rule here too (:mod:`vmctl_client.cgroup_paths`): an agent
+    older than it matched string prefixes, and ``/app`` must never bring in
+    ``/app-evil``'s processes, to ``reclaim`` least of all."""
     request = pb.ListProcessesRequest(cgroup_prefix=cgroup_prefix or "")
-    return Call("ListProcesses", request, lambda reply: [ProcessInfo(p) for p in reply.processes], retryable=True)
+
+    def wrap(reply: Any) -> list[ProcessInfo]:
+        return [ProcessInfo(p) for p in reply.processes if not cgroup_prefix or is_under(p.cgroup, cgroup_prefix)]
+
+    return Call("ListProcesses", request, wrap, retryable=True)
 
 
 def node_info() -> Call[NodeInfo]:

@@ -278,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     who = reclaim_parser.add_mutually_exclusive_group(required=True)
     who.add_argument("pid", type=int, nargs="?", help="one process")
-    who.add_argument("--cgroup", metavar="PREFIX", help="every process whose cgroup v2 path starts with PREFIX")
+    who.add_argument(
+        "--cgroup", metavar="PREFIX", help="every process in cgroup v2 PREFIX or below it (/app: not /app-evil)"
+    )
     reclaim_parser.add_argument("--advice", choices=("cold", "pageout"), default="pageout", help="(default pageout)")
     reclaim_parser.add_argument(
         "--filter",
@@ -303,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     reclaim_parser.add_argument("--dry-run", action="store_true", help="report what would be advised, change nothing")
 
     ps = sub.add_parser("ps", parents=[output], help="processes on the node with a memory rollup")
-    ps.add_argument("--cgroup", metavar="PREFIX", help="only processes whose cgroup v2 path starts with PREFIX")
+    ps.add_argument(
+        "--cgroup", metavar="PREFIX", help="only processes in cgroup v2 PREFIX or below it (/app: not /app-evil)"
+    )
 
     sub.add_parser("node", parents=[output], help="node info and kernel capabilities")
     return parser

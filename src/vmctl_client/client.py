@@ -86,7 +86,8 @@ class Client:
         return self._invoke(calls.advise_ranges(pid, ranges, advice, cookie, filter, dry_run), timeout)
 
     def list_processes(self, cgroup_prefix: str | None = None, *, timeout: float | None = None) -> list[ProcessInfo]:
-        """User processes whose cgroup v2 path starts with ``cgroup_prefix``."""
+        """User processes in cgroup v2 ``cgroup_prefix`` or below it, by whole
+        path components (``/app`` is not ``/app-evil``); None for all."""
         return self._invoke(calls.list_processes(cgroup_prefix), timeout)
 
     def node_info(self, *, timeout: float | None = None) -> NodeInfo:

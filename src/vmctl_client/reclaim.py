@@ -215,8 +215,8 @@ def reclaim(
     on_start: Callable[[int], None] | None = None,
     on_process: Callable[[ProcessReclaim], None] | None = None,
 ) -> ReclaimReport:
-    """Reclaim ``pid``, or every process whose cgroup v2 path starts with
-    ``cgroup``, one after another. For one pid, errors are raised; for a
+    """Reclaim ``pid``, or every process in cgroup v2 ``cgroup`` or below it
+    (whole path components: ``/app`` is not ``/app-evil``), one after another. For one pid, errors are raised; for a
     cgroup, each process's error is its own entry (a process that exits
     meanwhile is ``gone``, one whose pid was reused ``changed``).
     ``on_start(count)`` and ``on_process(outcome)`` report progress."""

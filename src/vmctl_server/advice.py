@@ -343,11 +343,8 @@ class Advisor:
             claims = checked.claims
             if claims is not None:
                 if identity.start_time != claims.start_time:
-                    raise ProcessChanged(
-                        f"pid {pid} is now another process (started at tick {identity.start_time},"
-                        f" the cookie's at {claims.start_time})",
-                        pid=pid,
-                    )
+                    # Said before the policy has looked at the new process: nothing of it (its start time).
+                    raise ProcessChanged(f"pid {pid} is now another process than the cookie's", pid=pid)
                 if identity.exec_id != claims.exec_id:
                     raise ProcessChanged(f"process {pid} has exec'd since the cookie was issued", pid=pid)
         except BaseException:
@@ -358,7 +355,12 @@ class Advisor:
     def plan(self, checked: CheckedRequest, target: OpenedTarget) -> Plan:
         """The live layout must be the cookie's; then every range is checked
         against it and split into the pieces to advise."""
-        records = self.reader.read_layout(target.identity.pid)
+        pid = target.identity.pid
+        records = self.reader.read_layout(pid)
+        if procfs.exec_id(pid) != target.identity.exec_id:
+            # An exec since the identity was read (a setuid program, say): the
+            # policy judged another image than the one whose layout was just read.
+            raise ProcessChanged(f"process {pid} exec'd while it was checked", pid=pid)
         claims = checked.claims
         if claims is not None and layout_digest(records) != claims.layout_digest:
             raise LayoutChanged(

@@ -37,8 +37,14 @@ import os
 import re
 from dataclasses import dataclass
 
+from vmctl_client.cgroup_paths import RULE, is_under, prefix_problem
 from vmctl_server import procfs
 from vmctl_server.errors import AccessDenied, ProcessGone
+
+# Which cgroups a prefix selects is part of the contract, so the rule lives
+# with the client's half of it; everything in the agent that matches a prefix
+# (policy selectors, protection, ListProcesses) uses it from here.
+__all__ = ["RULE", "CgroupView", "cgroup_of", "establish", "is_under", "prefix_problem", "read_cgroup", "view"]
 
 log = logging.getLogger("vmctl.cgroups")
 
@@ -210,3 +216,8 @@ def view() -> CgroupView:
 def read_cgroup(pid: int) -> str:
     """The process's cgroup v2 path as the node names it (see :func:`view`)."""
     return view().absolute(procfs.read_cgroup_v2(pid))
+
+
+def cgroup_of(proc: procfs.ProcessDir) -> str:
+    """As :func:`read_cgroup`, through a /proc/PID already open."""
+    return view().absolute(proc.cgroup_v2())

@@ -122,7 +122,8 @@ class Guard:
     @staticmethod
     def check_read(policy: Policy, caller: Caller, pid: int) -> Target | None:
         """For a snapshot: None when the caller may read every process, else
-        the target facts the policy was checked against."""
+        the target facts the policy was checked against, with the exec id of
+        the image they were read from (read_target names it before the facts)."""
         if policy.reads_any_process(caller):
             return None
         check_pid(pid)
@@ -131,21 +132,31 @@ class Guard:
         return target
 
     @staticmethod
-    def same_process(target: Target | None, start_time: int) -> None:
-        """The snapshot must be of the process the policy allowed (pid reuse in between)."""
-        if target is not None and target.start_time != start_time:
+    def same_process(target: Target | None, start_time: int, exec_id: bytes | None = None) -> None:
+        """The snapshot must be of the process the policy allowed (pid reuse in
+        between), and of the same image: a process of the caller's own that
+        exec'd a setuid program meanwhile is no longer the caller's."""
+        if target is None:
+            return
+        if target.start_time != start_time:
             raise ProcessChanged(f"pid {target.pid} became another process while it was read", pid=target.pid)
+        if exec_id is not None and target.exec_id and target.exec_id != exec_id:
+            raise ProcessChanged(f"process {target.pid} exec'd while it was read", pid=target.pid)
 
     @staticmethod
     def advice_target(identity: Identity) -> Target:
         """The facts the policy selects on, for a process opened through its pidfd."""
-        return read_target(identity.pid, identity.comm, identity.start_time)
+        return read_target(identity.pid, identity.comm, identity.start_time, identity.exec_id)
 
     @staticmethod
     def check_advice_target(policy: Policy, caller: Caller, target: Target, advice: str) -> Rule:
-        """Protection first, then the rules: the rule that allows ``advice`` on ``target``."""
+        """The rules, then protection: the rule that allows ``advice`` on
+        ``target``. In that order, a caller learns that a process is protected
+        (and why, which names its comm or cgroup) only when its rules let it
+        read and advise it."""
+        rule = policy.check_target(caller, ADVISE, target, advice)
         policy.check_protected(target)
-        return policy.check_target(caller, ADVISE, target, advice)
+        return rule
 
     def record_refusal(
         self, method: str, caller: Caller, code: str, fault: VmctlFault, request_id: str, *, early: bool

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmctl_server import __version__, cgroups, procfs
 from vmctl_server.capabilities import Capabilities
 from vmctl_server.errors import AccessDenied, ProcessGone
+from vmctl_server.policy import Target
 
 # The last cgroup path component of a container carries its 64-hex id:
 # docker/<id>, docker-<id>.scope, cri-containerd-<id>.scope, crio-<id>.scope,
@@ -36,35 +38,46 @@ class ProcessSummary:
     ppid: int
 
 
-def _summarize(pid: int, cgroup_prefix: str) -> ProcessSummary | None:
-    cgroup = cgroups.read_cgroup(pid)
-    if not cgroup.startswith(cgroup_prefix):
+def _summarize(
+    proc: procfs.ProcessDir, cgroup_prefix: str, may_read: Callable[[Target], bool] | None
+) -> ProcessSummary | None:
+    cgroup = cgroups.cgroup_of(proc)
+    if cgroup_prefix and not cgroups.is_under(cgroup, cgroup_prefix):
         return None
-    stat = procfs.read_stat(pid)
+    stat = proc.stat()
     if stat.is_kernel_thread or stat.is_zombie:
         return None
-    status = procfs.read_status(pid)
+    status = proc.status()
+    if may_read is not None and not may_read(
+        Target(proc.pid, status.uid, stat.comm, cgroup, stat.start_time, status.owner)
+    ):
+        return None
     return ProcessSummary(
-        pid=pid,
+        pid=proc.pid,
         start_time=stat.start_time,
         comm=stat.comm,
         cgroup=cgroup,
         container_id=container_id(cgroup),
         rss_bytes=status.rss_bytes,
         swap_bytes=status.swap_bytes,
-        vma_count=procfs.count_vmas(pid),
+        vma_count=proc.count_vmas(),
         uid=status.uid,
         ppid=stat.ppid,
     )
 
 
-def list_processes(cgroup_prefix: str = "") -> list[ProcessSummary]:
-    """User processes (no kernel threads, no zombies) whose cgroup v2 path
-    starts with ``cgroup_prefix``. Processes that exit mid-read are left out."""
+def list_processes(cgroup_prefix: str = "", may_read: Callable[[Target], bool] | None = None) -> list[ProcessSummary]:
+    """User processes (no kernel threads, no zombies) in the cgroup
+    ``cgroup_prefix`` names or below it (:func:`cgroups.is_under`; "" for
+    all), and of those only the ones ``may_read`` accepts when it is given
+    (the policy, judging the same facts it judges a GetVmaInfo on). Each
+    process's facts are read through one open /proc/PID, so they are of one
+    process. Processes that exit mid-read are left out."""
     summaries = []
     for pid in procfs.list_pids():
         try:
-            summary = _summarize(pid, cgroup_prefix)
+            with procfs.ProcessDir(pid) as proc:
+                summary = _summarize(proc, cgroup_prefix, may_read)
         except (ProcessGone, AccessDenied):
             continue
         if summary is not None:

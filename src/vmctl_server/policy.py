@@ -18,9 +18,25 @@ optionally, to target selectors and to the advices allowed::
 
 A rule without ``targets`` selects every process; within ``targets`` each
 non-empty list must match (any of its entries), and empty lists match all.
-cgroup prefixes are plain string prefixes of the cgroup v2 path as the node
-names it (:mod:`vmctl_server.cgroups`), as ListProcesses' filter is. A rule without ``advices`` allows every advice.
-Rules only grant: a call is allowed when some rule allows it.
+
+- ``cgroup_prefixes`` are cgroup v2 paths as the node names them
+  (:mod:`vmctl_server.cgroups`), matched by whole components as ListProcesses'
+  filter is: ``/app`` selects ``/app`` and ``/app/web``, never ``/app-evil``;
+  ``/`` selects everything (:mod:`vmctl_client.cgroup_paths`).
+- ``uids`` select the processes that wholly belong to one of those uids: real,
+  effective and saved uid all that uid, no setgid, and dumpable
+  (:attr:`vmctl_server.procfs.ProcStatus.owner`), which is when the kernel
+  itself would let that user read the process. A setuid program a user
+  started is not that user's, and belongs to no uid at all.
+- ``comm`` patterns match a name any process may give itself: they say what
+  a process calls itself, never whose it is.
+
+A rule without ``advices`` allows every advice. Rules only grant: a call is
+allowed when some rule allows it, and advising a process also takes leave to
+read it (:meth:`Policy.check_target`).
+
+What a refusal tells a caller about a process is only what the caller may
+read: for a process it may not read, the pid it sent, nothing else.
 
 Without a policy file the agent behaves as if it had one rule: ``uid:0``
 (root on the unix socket) may read and advise anything. Protected targets
@@ -43,7 +59,7 @@ import yaml
 from vmctl_server import cgroups, procfs
 from vmctl_server.advice import ADVICES
 from vmctl_server.auth import RESERVED_SCHEMES, Caller
-from vmctl_server.errors import PolicyDenied, ProtectedTarget, Unauthenticated
+from vmctl_server.errors import PolicyDenied, ProcessChanged, ProtectedTarget, Unauthenticated
 
 log = logging.getLogger("vmctl.policy")
 
@@ -64,23 +80,45 @@ class Target:
     """The facts about a process that rules select on."""
 
     pid: int
-    uid: int  # real uid (/proc/PID/status)
+    uid: int  # real uid (/proc/PID/status): who started it; the audit log's target_uid
     comm: str
     cgroup: str  # cgroup v2 path, as the node names it
     start_time: int
+    owner: int | None = None  # the uid it wholly belongs to (procfs.ProcStatus.owner): what `uids` select
+    exec_id: bytes = b""  # the image the facts were read from, when known (snapshot.Identity.exec_id)
 
     def describe(self) -> str:
-        return f"pid {self.pid} ({self.comm}, uid {self.uid}, cgroup {self.cgroup or '?'})"
+        """Everything rules saw: only for callers that may read the process."""
+        owner = "" if self.owner == self.uid else ", belongs to no uid"
+        return f"pid {self.pid} ({self.comm}, uid {self.uid}{owner}, cgroup {self.cgroup or '?'})"
+
+    def describe_to(self, readable: bool) -> str:
+        """:meth:`describe` for a caller that may read the process, else its pid alone."""
+        return self.describe() if readable else f"pid {self.pid}"
 
 
-def read_target(pid: int, comm: str | None = None, start_time: int | None = None) -> Target:
-    """The facts rules select on; ``comm`` and ``start_time`` when the caller
-    already read them (through a pidfd), else from /proc/PID/stat."""
-    if comm is None or start_time is None:
-        stat = procfs.read_stat(pid)
-        procfs.require_user_process(stat)
-        comm, start_time = stat.comm, stat.start_time
-    return Target(pid, procfs.read_status(pid).uid, comm, cgroups.read_cgroup(pid), start_time)
+def read_target(
+    pid: int, comm: str | None = None, start_time: int | None = None, exec_id: bytes | None = None
+) -> Target:
+    """The facts rules select on, all read through one open /proc/PID, so all
+    of one process (:class:`procfs.ProcessDir`).
+
+    A caller that already identified the process (through a pidfd) passes its
+    ``comm``, ``start_time`` and ``exec_id``; a process that is no longer that
+    one is PROCESS_CHANGED. Otherwise the image is named first and its facts
+    read after, so a later check that the same image is still there (the
+    snapshot's exec id, see ``Guard.same_process``) vouches for the facts.
+    """
+    with procfs.ProcessDir(pid) as proc:
+        first = proc.stat()
+        procfs.require_user_process(first)
+        if start_time is not None and first.start_time != start_time:
+            raise ProcessChanged(f"pid {pid} became another process while it was checked", pid=pid)
+        image = exec_id if exec_id is not None else proc.exec_id()
+        stat = first if exec_id is not None else proc.stat()  # the comm of the image just named
+        status = proc.status()
+        cgroup = cgroups.cgroup_of(proc)
+    return Target(pid, status.uid, comm or stat.comm, cgroup, stat.start_time, status.owner, image)
 
 
 @dataclass(frozen=True)
@@ -100,20 +138,16 @@ class AgentSelf:
         return self.cgroup not in ("", "/")
 
 
-def _under(cgroup: str, prefix: str) -> bool:
-    return cgroup == prefix or cgroup.startswith(prefix.rstrip("/") + "/")
-
-
 @dataclass(frozen=True)
 class TargetSelector:
-    cgroup_prefixes: tuple[str, ...] = ()
-    uids: frozenset[int] = frozenset()
+    cgroup_prefixes: tuple[str, ...] = ()  # whole-component prefixes (cgroups.is_under)
+    uids: frozenset[int] = frozenset()  # owners (Target.owner), never the real uid alone
     comm: tuple[str, ...] = ()  # fnmatch patterns
 
     def matches(self, target: Target) -> bool:
-        if self.cgroup_prefixes and not any(target.cgroup.startswith(p) for p in self.cgroup_prefixes):
+        if self.cgroup_prefixes and not any(cgroups.is_under(target.cgroup, p) for p in self.cgroup_prefixes):
             return False
-        if self.uids and target.uid not in self.uids:
+        if self.uids and target.owner not in self.uids:
             return False
         return not self.comm or any(fnmatch.fnmatchcase(target.comm, p) for p in self.comm)
 
@@ -122,7 +156,7 @@ class TargetSelector:
         if self.cgroup_prefixes:
             parts.append(f"cgroup_prefixes {list(self.cgroup_prefixes)}")
         if self.uids:
-            parts.append(f"uids {sorted(self.uids)}")
+            parts.append(f"uids {sorted(self.uids)} (processes wholly theirs: no setuid, setgid or non-dumpable ones)")
         if self.comm:
             parts.append(f"comm {list(self.comm)}")
         return ", ".join(parts) or "every process"
@@ -174,8 +208,9 @@ class Policy:
                 verb=verb,
                 transport=caller.transport,
             )
+        # Not the policy file's path: that is the agent's business (its log says where the policy came from).
         raise PolicyDenied(
-            f"no rule of the policy ({self.source}) grants {verb} to {caller.identity}",
+            f"no rule of the policy grants {verb} to {caller.identity}",
             identity=caller.identity,
             verb=verb,
             rule="none",
@@ -189,7 +224,33 @@ class Policy:
         return any(rule.selects(target) for rule in self._granting(caller, READ))
 
     def check_target(self, caller: Caller, verb: str, target: Target, advice: str | None = None) -> Rule:
-        """The rule that allows ``verb`` (and ``advice``) on ``target``, or POLICY_DENIED naming the rules tried."""
+        """The rule that allows ``verb`` (and ``advice``) on ``target``, or POLICY_DENIED naming the rules tried.
+
+        Advising a process takes leave to read it too. Every answer AdviseRanges
+        gives is a reading of the target's layout (RANGE_UNMAPPED names the first
+        unmapped address; even a dry run that passes says the ranges are mapped;
+        the per-range bytes tell file from anonymous memory), so an identity that
+        may advise what it may not read would read it anyway. The kernel asks the
+        same of process_madvise(2): ptrace read access to the target.
+
+        A refusal describes the target only to a caller that may read it; to any
+        other it names the pid alone, and it is decided before the caller's advise
+        rules are looked at, so which of them select the target (by comm, by
+        cgroup) shows in no answer.
+        """
+        readable = self.may_read(caller, target)
+        if verb == ADVISE and not readable:
+            readers = [rule.name for rule in self._granting(caller, READ)]
+            raise PolicyDenied(
+                f"{caller.identity} may not advise pid {target.pid}: advice needs leave to read the process too"
+                " (its answers reveal the layout), and no rule granting read to it selects this one",
+                identity=caller.identity,
+                verb=verb,
+                advice=advice or "",
+                rule=", ".join(readers) or "none",
+                pid=target.pid,
+            )
+        shown = target.describe_to(readable)
         granting = self._granting(caller, verb)
         selecting = [rule for rule in granting if rule.selects(target)]
         for rule in selecting:
@@ -199,18 +260,17 @@ class Policy:
             allowed = sorted({a for rule in selecting for a in rule.advices or ()})
             names = ", ".join(rule.name for rule in selecting)
             raise PolicyDenied(
-                f"{caller.identity} may not advise {advice} on {target.describe()}: rule {names} allows only"
-                f" {', '.join(allowed)}",
+                f"{caller.identity} may not advise {advice} on {shown}: rule {names} allows only {', '.join(allowed)}",
                 identity=caller.identity,
                 verb=verb,
                 advice=advice or "",
                 rule=names,
                 pid=target.pid,
             )
+        # The caller's own rules' selectors, whatever the target: they say what it was granted, not what the target is.
         tried = "; ".join(f"{rule.name} selects {rule.targets.describe()}" for rule in granting if rule.targets)
         raise PolicyDenied(
-            f"no rule granting {verb} to {caller.identity} selects {target.describe()}"
-            + (f" ({tried})" if tried else ""),
+            f"no rule granting {verb} to {caller.identity} selects {shown}" + (f" ({tried})" if tried else ""),
             identity=caller.identity,
             verb=verb,
             rule=", ".join(rule.name for rule in granting) or "none",
@@ -223,7 +283,7 @@ class Policy:
             return "pid 1 (init)"
         if target.pid == self.agent.pid:
             return "the agent itself"
-        if self.agent.has_own_cgroup and _under(target.cgroup, self.agent.cgroup):
+        if self.agent.has_own_cgroup and cgroups.is_under(target.cgroup, self.agent.cgroup):
             return f"the agent's cgroup {self.agent.cgroup}"
         if target.pid in self.protected_pids:
             return "protected_pids"
@@ -231,11 +291,14 @@ class Policy:
             if fnmatch.fnmatchcase(target.comm, pattern):
                 return f"protected_comm {pattern!r}"
         for prefix in self.protected_cgroup_prefixes:
-            if target.cgroup.startswith(prefix):
+            if cgroups.is_under(target.cgroup, prefix):
                 return f"protected_cgroup_prefixes {prefix!r}"
         return None
 
     def check_protected(self, target: Target) -> None:
+        """PROTECTED_TARGET, naming the protection and the target's facts: check
+        the rules first (:meth:`check_target`), so only a caller that may read
+        the target (advising takes that) ever learns it is protected, or why."""
         why = self.protection(target)
         if why is not None:
             raise ProtectedTarget(
@@ -286,13 +349,19 @@ def _identity(text: str, where: str) -> str:
     return text
 
 
+def _cgroup_prefixes(value: Any, where: str) -> list[str]:
+    prefixes = _list_of(value, str, where, "cgroup paths")
+    for i, prefix in enumerate(prefixes):
+        problem = cgroups.prefix_problem(prefix)
+        if problem:
+            raise PolicyError(f"{where}[{i}]: {prefix!r} is not a cgroup path: {problem}; {cgroups.RULE}")
+    return prefixes
+
+
 def _selector(value: Any, where: str) -> TargetSelector:
     _expect(value, dict, where, "a mapping with cgroup_prefixes, uids, comm")
     _only_keys(value, ("cgroup_prefixes", "uids", "comm"), where)
-    prefixes = _list_of(value.get("cgroup_prefixes"), str, f"{where}.cgroup_prefixes", "cgroup paths")
-    for i, prefix in enumerate(prefixes):
-        if not prefix.startswith("/"):
-            raise PolicyError(f"{where}.cgroup_prefixes[{i}]: {prefix!r} must start with /")
+    prefixes = _cgroup_prefixes(value.get("cgroup_prefixes"), f"{where}.cgroup_prefixes")
     uids = _list_of(value.get("uids"), int, f"{where}.uids", "uids")
     comm = _list_of(value.get("comm"), str, f"{where}.comm", "comm patterns")
     return TargetSelector(tuple(prefixes), frozenset(uids), tuple(comm))
@@ -347,7 +416,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         protected_pids=frozenset(_list_of(document.get("protected_pids"), int, "protected_pids", "pids")),
         protected_comm=tuple(_list_of(document.get("protected_comm"), str, "protected_comm", "comm patterns")),
         protected_cgroup_prefixes=tuple(
-            _list_of(document.get("protected_cgroup_prefixes"), str, "protected_cgroup_prefixes", "cgroup paths")
+            _cgroup_prefixes(document.get("protected_cgroup_prefixes"), "protected_cgroup_prefixes")
         ),
         source=source,
     )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -205,7 +206,7 @@ class VmControlService:
         observe.note(pid=request.pid)
         target = self.guard.check_read(policy, caller, request.pid)
         snapshot = self.reader.take(request.pid, request.attr_mask)
-        self.guard.same_process(target, snapshot.identity.start_time)
+        self.guard.same_process(target, snapshot.identity.start_time, snapshot.identity.exec_id)
         identity = snapshot.identity
         header = pb.GetVmaInfoResponse(
             process=pb.Process(pid=identity.pid, start_time=identity.start_time, comm=identity.comm),
@@ -267,11 +268,9 @@ class VmControlService:
 
     def list_processes(self, caller: Caller, policy: Policy, data: bytes) -> bytes:
         request = _parse(pb.ListProcessesRequest, data)
-        processes = list_processes(request.cgroup_prefix)
-        if not policy.reads_any_process(caller):  # only what the caller may read
-            processes = [
-                p for p in processes if policy.may_read(caller, Target(p.pid, p.uid, p.comm, p.cgroup, p.start_time))
-            ]
+        # Only what the caller may read, judged on the facts the policy sees.
+        readable = None if policy.reads_any_process(caller) else functools.partial(policy.may_read, caller)
+        processes = list_processes(request.cgroup_prefix, readable)
         reply = pb.ListProcessesResponse(processes=[pb.ProcessInfo(**vars(p)) for p in processes])
         return reply.SerializeToString()
 
