@@ -84,12 +84,13 @@ def fill(directory: pathlib.Path) -> None:
 
 
 def advise_until_refused(client: Client, pid: int, page: tuple[int, int]) -> VmctlError:
-    """Dry-run advice (each call one audit record) until the agent refuses one:
-    the records first fill what is left of the log's last page."""
+    """Advice of one page (each call two audit records: its intent, then its
+    outcome) until the agent refuses one: the records first fill what is left
+    of the log's last page."""
     cookie = client.get_vma_info(pid).cookie
     for _ in range(100):
         try:
-            client.advise_ranges(pid, [page], "cold", cookie=cookie, dry_run=True)
+            client.advise_ranges(pid, [page], "cold", cookie=cookie)
         except VmctlError as error:
             return error
     raise AssertionError("the agent never refused advice with its audit log's file system full")
@@ -114,19 +115,19 @@ def test_audit_unavailable_says_the_agent_refuses_advice(tiny_tmpfs, start_agent
         async with AsyncClient(agent.address, retry=NO_RETRY) as aclient:
             cookie = (await aclient.get_vma_info(target.pid)).cookie
             with pytest.raises(VmctlError) as refused:
-                await aclient.advise_ranges(target.pid, [page], "cold", cookie=cookie, dry_run=True)
+                await aclient.advise_ranges(target.pid, [page], "cold", cookie=cookie)
             return refused.value
 
     assert type(asyncio.run(advise_async())) is AuditUnavailableError
 
     page_range = f"{page[0]:#x}-{page[1]:#x}"
     advise = ("--target", agent.address, "advise", str(target.pid), "--advice", "cold", "--range", page_range)
-    run = vmctl(*advise, "--dry-run")
+    run = vmctl(*advise)
     assert run.returncode == 1, run.stderr
     assert run.stderr.startswith("vmctl: UNAVAILABLE AUDIT_UNAVAILABLE: the audit log "), run.stderr
     assert "no advice is applied until it can" in run.stderr
     assert_not_told_to_start_an_agent(run.stderr)
-    run = vmctl(*advise, "--dry-run", "-o", "json")
+    run = vmctl(*advise, "-o", "json")
     assert run.returncode == 1, run.stderr
     refused = json.loads(run.stdout)["error"]
     assert (refused["code"], refused["reason"]) == ("UNAVAILABLE", "AUDIT_UNAVAILABLE")
