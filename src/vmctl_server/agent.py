@@ -255,6 +255,8 @@ def build_server(args: argparse.Namespace) -> Agent:
             unix_paths[0],
             max_connections=args.max_connections,
             max_connections_per_uid=args.max_connections_per_uid,
+            reserved_for_root=args.connections_reserved_for_root,
+            idle_timeout=args.connection_idle_timeout,
         )
         server.add_insecure_port(f"unix://{gateway.upstream}")
     for address in args.listen:
