@@ -3,20 +3,18 @@ and the plaintext health-only listener the kubelet's grpc probes use."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
 from conftest import expect_error
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
+from scrape import Scrape, logged_port
 
 from vmctl_client.proto import vmctl_pb2 as pb
 from vmctl_client.proto import vmctl_pb2_grpc
@@ -24,39 +22,10 @@ from vmctl_client.proto import vmctl_pb2_grpc
 MiB = 1 << 20
 
 
-def _logged_port(agent, field: str) -> int:
-    """The port the agent reports binding (it was started with port 0)."""
-    for line in agent.log().splitlines():
-        if line.startswith("{"):
-            value = json.loads(line).get(field)
-            if value is not None:
-                return int(value)
-    raise AssertionError(f"the agent logged no {field}:\n{agent.log()}")
-
-
-class Scrape:
-    """One GET of /metrics, parsed with prometheus-client's own parser."""
-
-    def __init__(self, port: int) -> None:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-            assert reply.status == 200
-            text = reply.read().decode()
-        self.samples = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                self.samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-
-    def value(self, name: str, **labels: str) -> float:
-        return self.samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-    def calls(self, method: str, code: str) -> float:
-        return self.value("vmctl_grpc_calls_total", service="vmctl.v1.VmControl", method=method, code=code)
-
-
 @pytest.fixture
 def metered_agent(start_agent):
     agent = start_agent("--metrics-listen", "127.0.0.1:0", "--log-format", "json")
-    return agent, _logged_port(agent, "metrics_port")
+    return agent, logged_port(agent, "metrics_port")
 
 
 def test_metrics_count_real_calls_by_method_code_reason_and_cookie_outcome(metered_agent, target):
@@ -115,7 +84,7 @@ def test_metrics_count_real_calls_by_method_code_reason_and_cookie_outcome(meter
 
 def test_in_flight_calls_and_the_fallback_path_are_visible(start_agent, target):
     agent = start_agent("--no-native", "--metrics-listen", "127.0.0.1:0", "--log-format", "json")
-    port = _logged_port(agent, "metrics_port")
+    port = logged_port(agent, "metrics_port")
     limit = int(pathlib.Path("/proc/sys/vm/max_map_count").read_text())
     target.call("many_vmas", limit=limit)  # the pure-Python smaps parse of these takes a second or more
     done = threading.Event()
@@ -149,7 +118,7 @@ def test_in_flight_calls_and_the_fallback_path_are_visible(start_agent, target):
 
 def test_health_listener_serves_only_health_and_reports_draining(start_agent, target):
     agent = start_agent("--health-listen", "127.0.0.1:0", "--log-format", "json")
-    port = _logged_port(agent, "health_port")
+    port = logged_port(agent, "health_port")
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "vmctl.v1.VmControl"):
