@@ -168,6 +168,61 @@ def test_a_connection_grpc_closes_frees_its_slot_though_the_client_keeps_it(star
             assert health_as(agent.socket_path, NOBODY) == health_pb2.HealthCheckResponse.SERVING
 
 
+def http2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def header_only_call(path: bytes) -> bytes:
+    """The HTTP/2 preface, SETTINGS and the HEADERS of a gRPC call whose body never comes
+    (HPACK literals without indexing, RFC 7541 6.2.2: no table, no Huffman)."""
+    fields = [
+        (b":method", b"POST"), (b":scheme", b"http"), (b":path", path), (b":authority", b"localhost"),
+        (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+    ]  # fmt: skip
+    block = b"".join(b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value for name, value in fields)
+    settings, headers, end_headers = 0x4, 0x1, 0x4
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    return preface + http2_frame(settings, 0, 0) + http2_frame(headers, end_headers, 1, block)
+
+
+def test_calls_that_never_send_their_body_lose_their_connections(start_agent):
+    with public_directory() as public:
+        agent = start_agent(
+            "--socket-mode", "0666", "--workers", "2", "--connection-idle-timeout", "2", *METERED, socket_dir=public
+        )  # fmt: skip
+        gate = Gate(agent)
+        with held_sockets() as held:
+            for _ in range(4):  # twice --workers, from a user the policy does not know
+                held.append(connect_as(str(agent.socket_path), NOBODY, NOBODY))
+                held[-1].sendall(header_only_call(b"/vmctl.v1.VmControl/GetNodeInfo"))
+            # Headers and nothing more is no activity: the gateway closes those
+            # connections, and gRPC lets go of the workers they held.
+            assert all(ended(sock) for sock in held)
+            assert gate.closed("idle") >= 4
+            with agent.client(retry=NO_RETRY, timeout=60) as root:
+                assert root.node_info().hostname
+
+
+def test_a_user_refused_in_a_loop_does_not_flood_the_log(start_agent):
+    with public_directory() as public:
+        agent = start_agent(
+            "--socket-mode", "0666", "--max-connections-per-uid", "1", *METERED, socket_dir=public
+        )  # fmt: skip
+        gate = Gate(agent)
+        path = str(agent.socket_path)
+        gate.wait_open(0)
+        with held_sockets() as held:
+            held.append(connect_as(path, NOBODY, NOBODY))
+            gate.wait_open(1)
+            for _ in range(200):
+                refused = connect_as(path, NOBODY, NOBODY)
+                assert closed_unread(refused)
+                refused.close()
+            assert gate.refused("uid_limit") == 200
+            warnings = [line for line in agent.log().splitlines() if f"connection from uid {NOBODY}" in line]
+            assert len(warnings) == 1, warnings  # one a uid per 10 s; the count follows in the next
+
+
 def test_connections_cost_no_threads_and_end_with_the_agent(start_agent):
     agent = start_agent("--max-connections", "128", "--max-connections-per-uid", "128", *METERED)
     gate = Gate(agent)

@@ -201,8 +201,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
-        help="close a unix-socket connection after this long with no byte either way; gRPC clients"
-        f" reconnect on their next call (default {DEFAULT_IDLE_TIMEOUT:.0f})",
+        help="close a unix-socket connection after this long with no byte either way (gRPC clients"
+        " reconnect on their next call); keep it above the longest call clients wait for"
+        f" (default {DEFAULT_IDLE_TIMEOUT:.0f})",
     )
 
 

@@ -26,6 +26,10 @@ side closes it (gRPC closing an idle or broken connection frees it as surely
 as the client closing), or until no byte has moved either way for
 ``idle_timeout`` seconds: gRPC clients reconnect by themselves on their next
 call, so closing an idle connection costs a legitimate client one reconnect.
+Bytes are all the gateway sees, so a call waiting for its answer is as idle
+as an abandoned connection: the timeout must be longer than the longest call
+a client waits for (the client's default deadline is 30 s; the default
+timeout 120 s). Headers of a call whose body never comes are no activity.
 Slots are bounded three ways: ``max_connections`` in all, ``max_connections_per_uid``
 for each local user, and the last ``reserved_for_root`` of ``max_connections``
 are for uid 0 alone, so local users together can never lock root out.
@@ -242,14 +246,21 @@ class _Relay:
                 if end.link.closed:
                     continue  # closed earlier in this batch
                 end.link.last_active = now
-                if end.backlog is not None and mask & (_WRITE | _HANGUP):
-                    self._flush(end)
-                if end.reading and mask & (_READ | _HANGUP) and not end.link.closed:
-                    self._forward(end)
+                try:
+                    self._handle(end, mask)
+                except Exception:  # a bug must cost one connection, never the relay of all of them
+                    log.exception("relaying a connection of uid %d failed", end.link.cred.uid)
+                    self._close(end.link, "error")
             if now >= next_sweep:
                 self._close_idle(now)
                 next_sweep = now + self._sweep_every
         self._close_all()
+
+    def _handle(self, end: _End, mask: int) -> None:
+        if end.backlog is not None and mask & (_WRITE | _HANGUP):
+            self._flush(end)
+        if end.reading and mask & (_READ | _HANGUP) and not end.link.closed:
+            self._forward(end)
 
     def _take_arrivals(self) -> None:
         with contextlib.suppress(BlockingIOError):
