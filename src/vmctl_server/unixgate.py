@@ -41,9 +41,14 @@ deliberately; the timeout frees what clients abandon.
 The relay is one thread for every connection: non-blocking sockets on one
 epoll, a 256 KiB buffer shared by all, and a per-direction backlog only while
 a reader is slower than its writer (the source is not read meanwhile, so a
-peer that never reads holds at most one buffer's worth). One thread instead
-of two per connection keeps the thread count flat and hands the GIL around
-less under many clients (see the measurements in the report of issue 9).
+peer that never reads holds at most one buffer's worth). It used to be two
+threads and two 64 KiB buffers per connection; measured against that on this
+project's 2-core machine (medians of 5 interleaved rounds, a loaded machine),
+it costs the same: +0.035 ms on a health check over gRPC's private socket
+(0.38 ms), a 30,000-VMA snapshot 21.9 ms (was 23.3), and 16 or 64 clients of
+accounting reads the same p50, p99 and calls/s within noise (64 clients: p99
+212 ms, was 228; the same agent over plain TCP 245 ms). Most of the cost is
+handing the GIL to the relay; a relay in C would remove that.
 """
 
 from __future__ import annotations
