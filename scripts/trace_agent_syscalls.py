@@ -142,7 +142,7 @@ CLONE_CALL = re.compile(r"^\d+\s+clone\(.*flags=([A-Z0-9_|]+)")
 
 def _agent_pid(tracer_pid: int) -> int:
     """strace's child: the agent (strace forked it and it exec'd)."""
-    from agent_workout import wait_for
+    from waiting import wait_for
 
     children = pathlib.Path(f"/proc/{tracer_pid}/task/{tracer_pid}/children")
     return int(wait_for(lambda: children.read_text().split(), "strace to start the agent")[0])

@@ -21,7 +21,6 @@ import json
 import pathlib
 import signal
 import socket
-import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import yaml
 from certs import CertFiles, Pki
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from waiting import wait_for
 
 from vmctl_client import Client, TlsOptions, VmctlError
 from vmctl_client.calls import RetryPolicy
@@ -71,16 +71,6 @@ def signal_main_thread(pid: int, signum: int) -> None:
     not wake for it: the workout must not depend on that."""
     if _libc.tgkill(pid, pid, signum) != 0:
         raise OSError(ctypes.get_errno(), f"tgkill({pid}, {signum})")
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from waiting import wait_for  # noqa: F401  (the tests' one way to wait, re-exported)
 from zram import zram_swap_device
 
 from vmctl_client import Client, VmctlError
@@ -317,9 +318,3 @@ def write_policy(directory: pathlib.Path, text: str) -> str:
     return str(path)
 
 
-def wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} not met within {timeout:g} s"
-        time.sleep(0.05)

@@ -1,4 +1,4 @@
-"""Reading an agent's operations endpoints back: the ports it logged, and /metrics."""
+"""Reading an agent's state back: the port it logged, and one scrape of its /metrics parsed."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ def logged_port(agent, field: str) -> int:
 class Scrape:
     """One GET of /metrics, parsed with prometheus-client's own parser."""
 
-    def __init__(self, port: int) -> None:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        with urllib.request.urlopen(f"http://{netloc}/metrics", timeout=10) as reply:
             assert reply.status == 200
             text = reply.read().decode()
         self.samples = {}

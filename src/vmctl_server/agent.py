@@ -253,6 +253,8 @@ def build_parts(args: argparse.Namespace) -> Parts:
             unix_paths[0],
             max_connections=args.max_connections,
             max_connections_per_uid=args.max_connections_per_uid,
+            reserved_for_root=args.connections_reserved_for_root,
+            idle_timeout=args.connection_idle_timeout,
         )
     max_message_bytes = args.max_message_bytes or args.max_ranges * MAX_RANGE_WIRE_BYTES + MESSAGE_SLACK_BYTES
     return Parts(service, security, gateway, trimmer, max_message_bytes)

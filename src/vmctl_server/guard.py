@@ -29,6 +29,7 @@ from vmctl_server.errors import AgentStopping, LimitExceeded, ProcessChanged, Vm
 from vmctl_server.limits import IdentityLimits, LimitSettings
 from vmctl_server.policy import ADVISE, READ, Policy, PolicyStore, Rule, Target, read_target
 from vmctl_server.snapshot import Identity, check_pid
+from vmctl_server.unixgate import DEFAULT_IDLE_TIMEOUT
 
 DRAIN_QUIET_SECONDS = 0.5
 DEFAULT_MAX_CALLS = 64
@@ -253,6 +254,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=64,
         metavar="N",
         help="unix-socket connections one uid may hold open (default 64)",
+    )
+    group.add_argument(
+        "--connections-reserved-for-root",
+        type=int,
+        metavar="N",
+        help="the last N of --max-connections are for uid 0 only, so other users together can never"
+        " lock root out (default: a sixteenth, at least 1)",
+    )
+    group.add_argument(
+        "--connection-idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a unix-socket connection after this long with no byte either way (gRPC clients"
+        " reconnect on their next call); keep it above the longest call clients wait for"
+        f" (default {DEFAULT_IDLE_TIMEOUT:.0f})",
     )
 
 
