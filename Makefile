@@ -14,7 +14,7 @@ BENCH_ARGS  ?=
 
 .PHONY: setup run test lint proto bench clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard src/vmctl_server/csrc/*)
+$(STAMP): pyproject.toml setup.py $(wildcard src/vmctl_server/backends/native/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -39,4 +39,4 @@ bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/vmctl_server/_native*.so .pytest_cache .hypothesis
+	rm -rf $(VENV) build src/*.egg-info src/vmctl_server/backends/native/_native*.so .pytest_cache .hypothesis

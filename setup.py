@@ -3,4 +3,4 @@ has no pyproject.toml spelling. Everything else lives in pyproject.toml."""
 
 from setuptools import setup
 
-setup(cffi_modules=["src/vmctl_server/csrc/build.py:ffibuilder"])
+setup(cffi_modules=["src/vmctl_server/backends/native/csrc/build.py:ffibuilder"])

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmctl_server import syscalls
+from vmctl_server.core import kernel
 
-UIO_MAXIOV = syscalls.UIO_MAXIOV
+UIO_MAXIOV = kernel.UIO_MAXIOV
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -80,23 +80,23 @@ class Iovecs:
     def __init__(self, ranges: list[tuple[int, int]]) -> None:
         self.count = len(ranges)
         self.lengths = [end - start for start, end in ranges]
-        self.array = syscalls.ffi.new("struct iovec[]", max(1, self.count))
+        self.array = kernel.ffi.new("struct iovec[]", max(1, self.count))
         for i, (start, _end) in enumerate(ranges):
-            self.array[i].iov_base = syscalls.ffi.cast("void *", start)
+            self.array[i].iov_base = kernel.ffi.cast("void *", start)
             self.array[i].iov_len = self.lengths[i]
 
 
 def pageout_batched(pid: int, iovecs: Iovecs) -> dict:
     """The floor: process_madvise(MADV_PAGEOUT) with up to UIO_MAXIOV iovecs
     per call, resuming after a short count (and skipping an iovec that fails)."""
-    pidfd = syscalls.pidfd_open(pid)
+    pidfd = kernel.pidfd_open(pid)
     iov, lengths, n = iovecs.array, iovecs.lengths, iovecs.count
     calls = resumes = advised = 0
     i = 0
     try:
         while i < n:
-            stop = syscalls.batch_end(lengths, i)
-            result = syscalls.process_madvise(pidfd, iov + i, stop - i, syscalls.MADV_PAGEOUT)
+            stop = kernel.batch_end(lengths, i)
+            result = kernel.process_madvise(pidfd, iov + i, stop - i, kernel.MADV_PAGEOUT)
             calls += 1
             if result == -errno.EINTR:
                 continue
@@ -110,7 +110,7 @@ def pageout_batched(pid: int, iovecs: Iovecs) -> dict:
                 i += 1
             if i < stop:
                 resumes += 1
-                iov[i].iov_base = syscalls.ffi.cast("char *", iov[i].iov_base) + result
+                iov[i].iov_base = kernel.ffi.cast("char *", iov[i].iov_base) + result
                 iov[i].iov_len -= result
                 lengths[i] -= result
     finally:
@@ -120,11 +120,11 @@ def pageout_batched(pid: int, iovecs: Iovecs) -> dict:
 
 def pageout_per_vma(pid: int, iovecs: Iovecs) -> dict:
     """The design the seed argues against: one process_madvise per VMA."""
-    pidfd = syscalls.pidfd_open(pid)
+    pidfd = kernel.pidfd_open(pid)
     advised = 0
     try:
         for i in range(iovecs.count):
-            advised += max(0, syscalls.process_madvise(pidfd, iovecs.array + i, 1, syscalls.MADV_PAGEOUT))
+            advised += max(0, kernel.process_madvise(pidfd, iovecs.array + i, 1, kernel.MADV_PAGEOUT))
     finally:
         os.close(pidfd)
     return {"syscalls": iovecs.count, "advised_bytes": advised}

@@ -30,8 +30,8 @@ import psutil
 import zram
 from measure import Iovecs, Samples, Variant, interleaved, percentile
 
+from vmctl_api import vmctl_pb2, vmctl_pb2_grpc
 from vmctl_client import Client
-from vmctl_client.proto import vmctl_pb2, vmctl_pb2_grpc
 
 SYSTEM_SERVER_VMAS = 4204
 MAX_VMAS = 65530
@@ -340,7 +340,7 @@ def main() -> int:
         # The load before any pageout, so its peak is the reads' alone. It
         # leaves a thread per client in the agent's pool; big calls after it
         # (GetVmaInfo and AdviseRanges over tens of thousands of VMAs) spread
-        # over those threads, all on one malloc arena (vmctl_server.heap).
+        # over those threads, all on one malloc arena (vmctl_server.runtime.malloc_trim).
         progress(f"{args.clients} clients for {args.load_seconds:.0f}s on a {small.vmas}-VMA target")
         load = measure.concurrent_load(
             agent.address, small.pid, ACCOUNTING, args.clients, args.load_seconds, agent.reset_peak_rss
@@ -378,7 +378,7 @@ def main() -> int:
         )
         results["health"] = health
         rss["at_end"] = agent_mb("VmRSS")
-        # Once idle, the agent gives back what the large calls freed (vmctl_server.heap).
+        # Once idle, the agent gives back what the large calls freed (vmctl_server.runtime.malloc_trim).
         time.sleep(IDLE_SECONDS)
         rss["idle_after_end"] = agent_mb("VmRSS")
         results["agent_rss_mb"] = rss

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Generate the Python stubs from proto/ into src/vmctl_client/proto/.
+"""Generate the Python stubs from proto/ into src/vmctl_api/.
 
     python scripts/gen_proto.py            # regenerate in place
     python scripts/gen_proto.py --out DIR  # generate elsewhere (the drift test)
 
 grpc_tools emits absolute imports named after the proto package
 (``from vmctl.v1 import vmctl_pb2``); they are rewritten to the module's
-real home so the stubs live inside vmctl_client.
+real home, the leaf package vmctl_api that client and agent both import.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PROTO = "vmctl/v1/vmctl.proto"
-DEFAULT_OUT = ROOT / "src" / "vmctl_client" / "proto"
+DEFAULT_OUT = ROOT / "src" / "vmctl_api"
 GENERATED = ("vmctl_pb2.py", "vmctl_pb2.pyi", "vmctl_pb2_grpc.py")
 
 
@@ -40,7 +40,7 @@ def generate(out: pathlib.Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         for name in GENERATED:
             text = (pathlib.Path(tmp) / "vmctl" / "v1" / name).read_text()
-            text = text.replace("from vmctl.v1 import vmctl_pb2", "from vmctl_client.proto import vmctl_pb2")
+            text = text.replace("from vmctl.v1 import vmctl_pb2", "from vmctl_api import vmctl_pb2")
             (out / name).write_text(text)
     init = out / "__init__.py"
     if not init.exists():

@@ -35,10 +35,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         raise pytest.UsageError("no tests collected: refusing to report success")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        pytest.exit("the vmctl suite needs root (it reads other processes' memory maps and sets up swap)", 2)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without root only the tests marked ``unprivileged`` run (parsers, policy,
+    cookie, limits, views, the layers): the rest read other processes' memory
+    maps, make users and set up swap."""
+    if os.geteuid() == 0:
+        return
+    needs_root = pytest.mark.skip(reason="needs root: it reads other processes, makes users or sets up swap")
+    for item in items:
+        if item.get_closest_marker("unprivileged") is None:
+            item.add_marker(needs_root)
 
 
 # ---- target processes --------------------------------------------------------

@@ -26,9 +26,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from scrape import Scrape, logged_port
 
+from vmctl_api import vmctl_pb2 as pb
 from vmctl_client import Client, TlsOptions
-from vmctl_client.proto import vmctl_pb2 as pb
-from vmctl_server.node import container_id
+from vmctl_server.core.node import container_id
 
 CGROUP2 = pathlib.Path("/sys/fs/cgroup/unified")
 if not (CGROUP2 / "cgroup.procs").exists():

@@ -36,9 +36,9 @@ from audit_lines import audit_records
 from conftest import PAGE, Agent, expect_error
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from vmctl_api import vmctl_pb2 as pb
 from vmctl_client.calls import RetryPolicy
-from vmctl_client.proto import vmctl_pb2 as pb
-from vmctl_server.advice import DEFAULT_MAX_RANGES
+from vmctl_server.core.advice import DEFAULT_MAX_RANGES
 
 MiB = 1 << 20
 U64 = 2**64

@@ -3,7 +3,7 @@ a URI SAN or the common name (gRPC core cuts its own copies of these at the
 NUL), control and invisible characters, UTF-8 tricks, several names where
 the first is bad, a common name reading ``uid:0``.
 
-The rules are in src/vmctl_server/certnames.py. Here they are checked on
+The rules are in src/vmctl_server/access/certnames.py. Here they are checked on
 real certificates signed by a test CA (tests/certs.py builds any bytes into
 a name), through ``caller_from`` as the service calls it, and end to end:
 an agent under mutual TLS whose policy grants ``dns:reclaimer.ops`` must not
@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 
 from vmctl_client import Client, TlsOptions, VmctlError
 from vmctl_client.calls import RetryPolicy
-from vmctl_server import certnames
-from vmctl_server.auth import ANONYMOUS, caller_from
+from vmctl_server.access import certnames
+from vmctl_server.access.identity import ANONYMOUS, caller_from
 
 # cryptography warns of a common name over 64 characters; the agent silences
 # that (certnames refuses such a name itself), but pytest resets the filters.

@@ -33,7 +33,7 @@ from cgroup2 import CGROUP2, cgroup
 from conftest import Agent, expect_error
 from pidns import NamespacedTarget, PidNamespace
 
-from vmctl_server.cgroups import CgroupView, _cgroup2_mounts
+from vmctl_server.core.cgroups import CgroupView, _cgroup2_mounts
 
 pytestmark = pytest.mark.skipif(CGROUP2 is None, reason="needs a cgroup v2 hierarchy")
 

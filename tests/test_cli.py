@@ -13,7 +13,7 @@ import sys
 from cgroup2 import cgroup
 from conftest import PAGE
 
-from vmctl_server.cookie import COOKIE_SIZE
+from vmctl_server.core.cookie import COOKIE_SIZE
 
 
 def vmctl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -22,6 +22,8 @@ import pytest
 from cgroup2 import cgroup
 from conftest import PAGE, Agent, expect_error
 
+from vmctl_api import vmctl_pb2 as pb
+from vmctl_api import vmctl_pb2_grpc as pb_grpc
 from vmctl_client import (
     AsyncClient,
     Client,
@@ -33,8 +35,6 @@ from vmctl_client import (
     StaleCookieError,
     VmctlError,
 )
-from vmctl_client.proto import vmctl_pb2 as pb
-from vmctl_client.proto import vmctl_pb2_grpc as pb_grpc
 from vmctl_client.reclaim import reclaim, reclaim_process
 from vmctl_client.targets import expand_targets, parse_dns_target, read_targets_file, split_targets
 from vmctl_client.types import LAYOUT_WORDS, WORD_GROUP, VmaList

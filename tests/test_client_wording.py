@@ -31,6 +31,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from vmctl_api import vmctl_pb2_grpc
 from vmctl_client import (
     AgentStoppingError,
     AgentUnavailableError,
@@ -40,7 +41,6 @@ from vmctl_client import (
     VmctlError,
 )
 from vmctl_client.calls import RetryPolicy
-from vmctl_client.proto import vmctl_pb2_grpc
 
 NO_RETRY = RetryPolicy(attempts=1)
 NO_AGENT = "no vmctl agent answers"

@@ -11,13 +11,14 @@ import sys
 import pytest
 from google.rpc import code_pb2
 
-from vmctl_client.proto import vmctl_pb2 as pb
-from vmctl_server import attrs, errors, layout, status
-from vmctl_server.advice import ADVICES, FILTER_ANONYMOUS, FILTER_FILE, FILTER_NONE
-from vmctl_server.cookie import COOKIE_SIZE, CookieClaims, CookieSigner
+from vmctl_api import vmctl_pb2 as pb
+from vmctl_server.core import attrs, faults, layout
+from vmctl_server.core.advice import ADVICES, FILTER_ANONYMOUS, FILTER_FILE, FILTER_NONE
+from vmctl_server.core.cookie import COOKIE_SIZE, CookieClaims, CookieSigner
+from vmctl_server.transport import grpc_status
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-STUBS = ROOT / "src" / "vmctl_client" / "proto"
+STUBS = ROOT / "src" / "vmctl_api"
 
 
 def test_committed_stubs_equal_what_the_proto_generates(tmp_path):
@@ -55,19 +56,19 @@ def test_core_numbers_equal_the_proto_enums():
 @pytest.mark.parametrize(
     ("fault", "code"),
     [
-        (errors.InvalidRequest, code_pb2.INVALID_ARGUMENT),
-        (errors.CookieInvalid, code_pb2.INVALID_ARGUMENT),
-        (errors.CookieRequired, code_pb2.INVALID_ARGUMENT),
-        (errors.LayoutChanged, code_pb2.FAILED_PRECONDITION),
-        (errors.ProcessGone, code_pb2.NOT_FOUND),
-        (errors.ProcessChanged, code_pb2.FAILED_PRECONDITION),
-        (errors.NoAddressSpace, code_pb2.FAILED_PRECONDITION),
-        (errors.AccessDenied, code_pb2.PERMISSION_DENIED),
-        (errors.KernelUnsupported, code_pb2.FAILED_PRECONDITION),
+        (faults.InvalidRequest, code_pb2.INVALID_ARGUMENT),
+        (faults.CookieInvalid, code_pb2.INVALID_ARGUMENT),
+        (faults.CookieRequired, code_pb2.INVALID_ARGUMENT),
+        (faults.LayoutChanged, code_pb2.FAILED_PRECONDITION),
+        (faults.ProcessGone, code_pb2.NOT_FOUND),
+        (faults.ProcessChanged, code_pb2.FAILED_PRECONDITION),
+        (faults.NoAddressSpace, code_pb2.FAILED_PRECONDITION),
+        (faults.AccessDenied, code_pb2.PERMISSION_DENIED),
+        (faults.KernelUnsupported, code_pb2.FAILED_PRECONDITION),
     ],
 )
 def test_every_fault_has_its_documented_status(fault, code):
-    rendered = status.to_status(fault("why", field="ranges[3]"))
+    rendered = grpc_status.to_status(fault("why", field="ranges[3]"))
     assert rendered.code.value[0] == code
     assert rendered.details == "why"
     assert any(key == "grpc-status-details-bin" for key, _ in rendered.trailing_metadata)
@@ -84,7 +85,7 @@ def test_cookie_round_trip_and_tamper_evidence():
     cookie = signer.issue(_claims())
     assert len(cookie) == COOKIE_SIZE
     assert signer.verify(cookie) == _claims()
-    with pytest.raises(errors.CookieInvalid):
+    with pytest.raises(faults.CookieInvalid):
         CookieSigner.with_random_key().verify(cookie)  # another agent's key
     assert signer.issue(_claims(pid=43)) != cookie
 

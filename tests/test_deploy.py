@@ -38,8 +38,8 @@ from deploy_files import (
 )
 from test_privileges import setpriv_prefix
 
-from vmctl_server import agent as agent_cli
-from vmctl_server.policy import parse_policy
+from vmctl_server import config as agent_cli
+from vmctl_server.access.policy import parse_policy
 
 # kubectl here is 1.32; also the newest schemas kubernetes-validate bundles (it works offline from them).
 SCHEMA_VERSIONS = ("1.32.0", kubernetes_validate.utils.latest_version())
@@ -129,7 +129,7 @@ def _agent_args(docs: tuple[dict, ...]) -> argparse.Namespace:
     assert "command" not in container, "the image's ENTRYPOINT runs vmctl-agent"
     parser = agent_cli.build_parser()
     args = parser.parse_args(container["args"])  # an unknown or malformed flag exits here
-    agent_cli._check_tls_args(parser, args)
+    agent_cli.check_args(parser, args)
     return args
 
 
@@ -526,7 +526,7 @@ def test_the_build_context_builds_a_wheel_with_the_extension_and_the_agent(tmp_p
     (wheel,) = wheels.glob("vmctl-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-        assert any(re.fullmatch(r"vmctl_server/_native\..*\.so", n) for n in names), names
+        assert any(re.fullmatch(r"vmctl_server/backends/native/_native\..*\.so", n) for n in names), names
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "vmctl-agent = vmctl_server.agent:main" in entry_points
 

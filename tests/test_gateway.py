@@ -28,8 +28,8 @@ from scrape import Scrape, logged_port
 from waiting import wait_for
 
 from vmctl_client.calls import RetryPolicy
-from vmctl_server import metrics
-from vmctl_server.unixgate import UnixGateway
+from vmctl_server.runtime import metrics
+from vmctl_server.transport.unixgate import UnixGateway
 
 OTHER_USER = 65533  # a second unprivileged uid: SO_PEERCRED needs no passwd entry
 METERED = ("--metrics-listen", "127.0.0.1:0", "--log-format", "json")

@@ -1,4 +1,4 @@
-"""The heap trimmer (vmctl_server.heap) on this process's own glibc heap.
+"""The heap trimmer (vmctl_server.runtime.malloc_trim) on this process's own glibc heap.
 
 Real allocations, real malloc_trim: 64 MiB of chunks below glibc's mmap
 threshold, every other one freed, so 32 MiB of free pages sit between live
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vmctl_server import heap
+from vmctl_server.runtime import malloc_trim
 
 CHUNK = 64 << 10  # below glibc's mmap threshold (128 KiB at least): from the heap, not mmap
 CHUNKS = 1024
@@ -26,8 +26,8 @@ libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.
 
 
 @pytest.fixture
-def trimmer() -> Iterator[heap.HeapTrimmer]:
-    made = heap.HeapTrimmer(slack_bytes=8 * MIB, quiet=0.05)
+def trimmer() -> Iterator[malloc_trim.HeapTrimmer]:
+    made = malloc_trim.HeapTrimmer(slack_bytes=8 * MIB, quiet=0.05)
     if not made.available:
         pytest.skip("no glibc malloc_trim in this process")
     # Free pages earlier tests left in this process's heap would take the test's
@@ -58,15 +58,15 @@ def freed_holes() -> Iterator[None]:
                 libc.free(chunk)
 
 
-def wait_for_trims(trimmer: heap.HeapTrimmer, count: int, timeout: float = 30.0) -> None:
+def wait_for_trims(trimmer: malloc_trim.HeapTrimmer, count: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while trimmer.trims < count and time.monotonic() < deadline:
         time.sleep(0.01)
     assert trimmer.trims == count
 
 
-def test_trims_once_idle_and_returns_the_freed_pages(trimmer: heap.HeapTrimmer, freed_holes: None) -> None:
-    held = heap.rss_bytes()
+def test_trims_once_idle_and_returns_the_freed_pages(trimmer: malloc_trim.HeapTrimmer, freed_holes: None) -> None:
+    held = malloc_trim.rss_bytes()
     assert held > trimmer.baseline + trimmer.slack_bytes
     trimmer.call_started()
     time.sleep(0.3)  # a call is running: not idle, whatever the RSS
@@ -75,10 +75,10 @@ def test_trims_once_idle_and_returns_the_freed_pages(trimmer: heap.HeapTrimmer, 
     wait_for_trims(trimmer, 1)
     # The 32 MiB of holes went back, less the chunk headers' pages; what the
     # process allocates meanwhile is far below the margin.
-    assert heap.rss_bytes() < held - 16 * MIB
+    assert malloc_trim.rss_bytes() < held - 16 * MIB
 
 
-def test_no_trim_within_the_slack(trimmer: heap.HeapTrimmer) -> None:
+def test_no_trim_within_the_slack(trimmer: malloc_trim.HeapTrimmer) -> None:
     trimmer.slack_bytes = 1 << 40
     trimmer.call_started()
     trimmer.call_ended()

@@ -13,9 +13,9 @@ import grpc
 import pytest
 from certs import Pki
 
+from vmctl_api import vmctl_pb2 as pb
+from vmctl_api import vmctl_pb2_grpc
 from vmctl_client import Client, TlsOptions
-from vmctl_client.proto import vmctl_pb2 as pb
-from vmctl_client.proto import vmctl_pb2_grpc
 
 MiB = 1 << 20
 GENERATED_ID = re.compile(r"[0-9a-f]{16}")

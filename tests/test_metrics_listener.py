@@ -20,7 +20,8 @@ import pytest
 from scrape import Scrape, logged_port
 from waiting import wait_for
 
-from vmctl_server import __version__, metrics
+from vmctl_server import __version__
+from vmctl_server.runtime import metrics
 
 IDLE_CONNECTIONS = 1000
 

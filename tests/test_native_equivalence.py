@@ -22,17 +22,18 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from vmctl_api import vmctl_pb2 as pb
 from vmctl_client.errors import VmctlError
-from vmctl_client.proto import vmctl_pb2 as pb
-from vmctl_server import _native, syscalls
-from vmctl_server.advice import FILTER_KINDS, Plan, RangeSet
-from vmctl_server.attrs import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
-from vmctl_server.errors import InvalidRequest, ProcessGone
-from vmctl_server.layout import KIND_ANONYMOUS, KIND_FILE, KIND_SPECIAL, LAYOUT_RECORD
-from vmctl_server.nativeranges import NativeRanges, request_ranges
-from vmctl_server.nativetable import NativeVmaTable, advise_segments
-from vmctl_server.pyranges import PyRanges
-from vmctl_server.pytable import SMAPS_KB_FIELDS, PyVmaTable
+from vmctl_server.backends.native import _native
+from vmctl_server.backends.native.ranges import NativeRanges, request_ranges
+from vmctl_server.backends.native.tables import NativeVmaTable, advise_segments
+from vmctl_server.backends.reference.ranges import PyRanges
+from vmctl_server.backends.reference.tables import SMAPS_KB_FIELDS, PyVmaTable
+from vmctl_server.core import kernel
+from vmctl_server.core.advice import FILTER_KINDS, Plan, RangeSet
+from vmctl_server.core.attrs import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
+from vmctl_server.core.faults import InvalidRequest, ProcessGone
+from vmctl_server.core.layout import KIND_ANONYMOUS, KIND_FILE, KIND_SPECIAL, LAYOUT_RECORD
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 ALL_MASKS = range(16)
@@ -206,9 +207,9 @@ def decoded(table: PyVmaTable | NativeVmaTable, mask: int) -> list[pb.Vma]:
 
 def test_kernel_structs_match_the_reference() -> None:
     for name in ("struct iovec", "struct procmap_query", "struct page_region", "struct pm_scan_arg"):
-        fields = [field for field, _ in syscalls.ffi.typeof(name).fields]
-        assert _native.ffi.sizeof(name) == syscalls.ffi.sizeof(name)
-        assert [_native.ffi.offsetof(name, f) for f in fields] == [syscalls.ffi.offsetof(name, f) for f in fields]
+        fields = [field for field, _ in kernel.ffi.typeof(name).fields]
+        assert _native.ffi.sizeof(name) == kernel.ffi.sizeof(name)
+        assert [_native.ffi.offsetof(name, f) for f in fields] == [kernel.ffi.offsetof(name, f) for f in fields]
 
 
 # ------------------------------------------------------ a real target
@@ -333,16 +334,16 @@ def advice_segments(target: Target) -> list[tuple[int, int]]:
 @needs_cap_sys_nice
 @pytest.mark.parametrize(
     ("advice", "locked_errno"),
-    [(syscalls.MADV_COLD, errno.EINVAL), (syscalls.MADV_WILLNEED, 0)],
+    [(kernel.MADV_COLD, errno.EINVAL), (kernel.MADV_WILLNEED, 0)],
     ids=["cold", "willneed"],
 )
 def test_advice_loops_equal(target: Target, advice: int, locked_errno: int) -> None:
     segments = advice_segments(target)
     hole = segments[1281]
     assert not any(r["start"] < hole[1] and hole[0] < r["end"] for r in PyVmaTable.from_maps(target.read("maps")).rows)
-    pidfd = syscalls.pidfd_open(target.pid)
+    pidfd = kernel.pidfd_open(target.pid)
     try:
-        reference = syscalls.advise_segments(pidfd, segments, advice)
+        reference = kernel.advise_segments(pidfd, segments, advice)
         native = advise_segments(pidfd, segments, advice)
     finally:
         os.close(pidfd)
@@ -368,22 +369,22 @@ def test_advice_on_an_exited_process(target: Target) -> None:
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     pidfd = -1
     try:
-        pidfd = syscalls.pidfd_open(proc.pid)
+        pidfd = kernel.pidfd_open(proc.pid)
         proc.kill()
         proc.wait()
         segments = [target.regions["anon"], target.regions["spaces"], target.regions["locked"]]
-        reference = syscalls.advise_segments(pidfd, segments, syscalls.MADV_COLD)
-        native = advise_segments(pidfd, segments, syscalls.MADV_COLD)
+        reference = kernel.advise_segments(pidfd, segments, kernel.MADV_COLD)
+        native = advise_segments(pidfd, segments, kernel.MADV_COLD)
     finally:
         if pidfd >= 0:
             os.close(pidfd)
         proc.kill()
         proc.wait()
-    assert native == reference == syscalls.AdviseOutcome([0, 0, 0], [errno.ESRCH] * 3, 1)
+    assert native == reference == kernel.AdviseOutcome([0, 0, 0], [errno.ESRCH] * 3, 1)
 
 
 def test_advice_with_no_segments() -> None:
-    assert advise_segments(-1, [], syscalls.MADV_COLD) == syscalls.advise_segments(-1, [], syscalls.MADV_COLD)
+    assert advise_segments(-1, [], kernel.MADV_COLD) == kernel.advise_segments(-1, [], kernel.MADV_COLD)
 
 
 # ------------------------------------------------ AdviseRanges per range
@@ -426,7 +427,7 @@ def layouts(draw: st.DrawFn) -> tuple[bytes, list[tuple[int, int]]]:
     cursor = draw(st.integers(0, 16)) * PAGE
     for _ in range(draw(st.integers(1, 10))):
         cursor += draw(st.sampled_from([0, 0, 0, 0, 1, 5])) * PAGE
-        pages = draw(st.sampled_from([1, 2, 7]) | st.integers(1, 3 * syscalls.MAX_RW_COUNT // PAGE))
+        pages = draw(st.sampled_from([1, 2, 7]) | st.integers(1, 3 * kernel.MAX_RW_COUNT // PAGE))
         kind = draw(st.sampled_from([KIND_ANONYMOUS, KIND_FILE, KIND_SPECIAL]))
         spans.append((cursor, cursor + pages * PAGE))
         records.append(LAYOUT_RECORD.pack(cursor, cursor + pages * PAGE, 0, 7, 8, 1, 3, kind))
@@ -648,7 +649,7 @@ def live_ranges(target: Target) -> list[tuple[int, int]]:
 
 @needs_cap_sys_nice
 @pytest.mark.parametrize("filter_", sorted(FILTER_KINDS))
-@pytest.mark.parametrize("advice", [syscalls.MADV_COLD, syscalls.MADV_WILLNEED], ids=["cold", "willneed"])
+@pytest.mark.parametrize("advice", [kernel.MADV_COLD, kernel.MADV_WILLNEED], ids=["cold", "willneed"])
 def test_plans_applied_alike(target: Target, advice: int, filter_: int) -> None:
     records = NativeVmaTable.read(target.pid, "maps").layout_records()
     assert records == PyVmaTable.read(target.pid, "maps").layout_records()
@@ -658,7 +659,7 @@ def test_plans_applied_alike(target: Target, advice: int, filter_: int) -> None:
     reference.check()
     plans = native.plan(records, filter_), reference.plan(records, filter_)
     assert plans[0].pieces() == plans[1].pieces()
-    pidfd = syscalls.pidfd_open(target.pid)
+    pidfd = kernel.pidfd_open(target.pid)
     try:
         applied = [plan.apply(pidfd, advice) for plan in plans]
     finally:
@@ -670,7 +671,7 @@ def test_plans_applied_alike(target: Target, advice: int, filter_: int) -> None:
     # ... and what they agree on is right: the mlocked range stops COLD.
     locked = plans[0].outcomes()[len(pairs) - 6]
     if filter_ != 2:  # the file filter leaves the anonymous locked range out
-        assert locked.error == ("EINVAL" if advice == syscalls.MADV_COLD else "")
+        assert locked.error == ("EINVAL" if advice == kernel.MADV_COLD else "")
     if filter_ == 0:
         assert applied[0][0] > 2  # 1,999 runs and a 3 GiB range take several calls
 
@@ -681,11 +682,11 @@ def test_plans_applied_to_an_exited_process_alike(target: Target) -> None:
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     pidfd = -1
     try:
-        pidfd = syscalls.pidfd_open(proc.pid)
+        pidfd = kernel.pidfd_open(proc.pid)
         proc.kill()
         proc.wait()
         plans = [kind.from_pairs(live_ranges(target)).plan(records, 0) for kind in (NativeRanges, PyRanges)]
-        applied = [plan.apply(pidfd, syscalls.MADV_COLD) for plan in plans]
+        applied = [plan.apply(pidfd, kernel.MADV_COLD) for plan in plans]
     finally:
         if pidfd >= 0:
             os.close(pidfd)
@@ -982,12 +983,12 @@ def test_build_without_a_compiler_says_so(cc: str) -> None:
 def test_missing_extension_is_a_helpful_import_error(tmp_path: Path) -> None:
     shutil.copytree(PACKAGE, tmp_path / "vmctl_server", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     result = subprocess.run(
-        [sys.executable, "-c", "import vmctl_server.nativetable"],
+        [sys.executable, "-c", "import vmctl_server.backends.native.tables"],
         env=dict(os.environ, PYTHONPATH=str(tmp_path)),
         capture_output=True,
         text=True,
         check=False,
     )
     assert result.returncode != 0
-    assert "ImportError: vmctl's native extension (vmctl_server._native) is not built" in result.stderr
+    assert "ImportError: vmctl's native extension (vmctl_server.backends.native._native) is not built" in result.stderr
     assert "--no-native" in result.stderr

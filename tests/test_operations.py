@@ -16,8 +16,8 @@ from conftest import expect_error
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scrape import Scrape, logged_port
 
-from vmctl_client.proto import vmctl_pb2 as pb
-from vmctl_client.proto import vmctl_pb2_grpc
+from vmctl_api import vmctl_pb2 as pb
+from vmctl_api import vmctl_pb2_grpc
 
 MiB = 1 << 20
 

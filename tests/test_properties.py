@@ -18,13 +18,13 @@ from certs import CertificateAuthority
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from vmctl_server import syscalls
-from vmctl_server.advice import FILTER_KINDS, check_ranges, plan_ranges, split_for_calls
-from vmctl_server.auth import ANONYMOUS, caller_from, peer_name
-from vmctl_server.errors import InvalidRequest, PolicyDenied, ProtectedTarget
-from vmctl_server.layout import KIND_ANONYMOUS, KIND_FILE, KIND_SPECIAL, Layout
-from vmctl_server.limits import TokenBucket
-from vmctl_server.policy import ADVISE, READ, AgentSelf, Policy, Rule, Target, TargetSelector
+from vmctl_server.access.identity import ANONYMOUS, caller_from, peer_name
+from vmctl_server.access.limits import TokenBucket
+from vmctl_server.access.policy import ADVISE, READ, AgentSelf, Policy, Rule, Target, TargetSelector
+from vmctl_server.core import kernel
+from vmctl_server.core.advice import FILTER_KINDS, check_ranges, plan_ranges, split_for_calls
+from vmctl_server.core.faults import InvalidRequest, PolicyDenied, ProtectedTarget
+from vmctl_server.core.layout import KIND_ANONYMOUS, KIND_FILE, KIND_SPECIAL, Layout
 
 PAGE = 4096
 U64 = 2**64 - 1
@@ -160,7 +160,7 @@ def test_plan_covers_each_range_exactly_and_only_admitted_kinds(case, filter_):
 # ---- cutting and batching for process_madvise ----------------------------------------
 
 big_segments = st.lists(
-    st.tuples(st.integers(0, 1 << 20), st.integers(1, 3 * syscalls.MAX_RW_COUNT // PAGE)).map(
+    st.tuples(st.integers(0, 1 << 20), st.integers(1, 3 * kernel.MAX_RW_COUNT // PAGE)).map(
         lambda t: (t[0] * PAGE, t[0] * PAGE + t[1] * PAGE)
     ),
     max_size=6,
@@ -171,7 +171,7 @@ big_segments = st.lists(
 @given(big_segments)
 def test_split_for_calls_keeps_every_byte_in_pieces_a_call_can_carry(segments):
     pieces = split_for_calls(segments)
-    assert all(0 < e - s <= syscalls.MAX_RW_COUNT for s, e in pieces)
+    assert all(0 < e - s <= kernel.MAX_RW_COUNT for s, e in pieces)
     remaining = iter(pieces)
     for start, end in segments:  # each segment, rebuilt from consecutive pieces
         cursor = start
@@ -191,7 +191,7 @@ def iovec_lengths(draw) -> list[int]:
     for _ in range(draw(st.integers(0, 6))):
         if sizes:
             index = draw(st.integers(0, len(sizes) - 1))
-            sizes[index] = PAGE * draw(st.integers(1, syscalls.MAX_RW_COUNT // PAGE))
+            sizes[index] = PAGE * draw(st.integers(1, kernel.MAX_RW_COUNT // PAGE))
     return sizes
 
 
@@ -200,16 +200,16 @@ def iovec_lengths(draw) -> list[int]:
 def test_batches_respect_both_kernel_limits_are_maximal_and_cover_everything(sizes):
     first, batches = 0, []
     while first < len(sizes):
-        end = syscalls.batch_end(sizes, first)
+        end = kernel.batch_end(sizes, first)
         batches.append((first, end))
         first = end
     assert [i for a, b in batches for i in range(a, b)] == list(range(len(sizes)))
     for a, b in batches:
-        assert 1 <= b - a <= syscalls.UIO_MAXIOV
-        assert b - a == 1 or sum(sizes[a:b]) <= syscalls.MAX_RW_COUNT
+        assert 1 <= b - a <= kernel.UIO_MAXIOV
+        assert b - a == 1 or sum(sizes[a:b]) <= kernel.MAX_RW_COUNT
         if b < len(sizes):  # one more iovec would break a limit
-            assert b - a == syscalls.UIO_MAXIOV or sum(sizes[a : b + 1]) > syscalls.MAX_RW_COUNT
-    full_calls = -(-len(sizes) // syscalls.UIO_MAXIOV)
+            assert b - a == kernel.UIO_MAXIOV or sum(sizes[a : b + 1]) > kernel.MAX_RW_COUNT
+    full_calls = -(-len(sizes) // kernel.UIO_MAXIOV)
     if all(s == PAGE for s in sizes):
         assert len(batches) == full_calls  # small ranges: ceil(n / 1024) calls
 

@@ -32,8 +32,9 @@ from peers import NOBODY, ConnectAs, connect_as
 
 from vmctl_client import Client, TlsOptions
 from vmctl_client.calls import RetryPolicy
-from vmctl_server import errors, status
-from vmctl_server.policy import PolicyError, load_policy, parse_policy
+from vmctl_server.access.policy import PolicyError, load_policy, parse_policy
+from vmctl_server.core import faults
+from vmctl_server.transport import grpc_status
 
 MiB = 1 << 20
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -58,15 +59,15 @@ def comm_of(pid: int) -> str:
 @pytest.mark.parametrize(
     ("fault", "code", "reason"),
     [
-        (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
-        (errors.PolicyDenied, grpc.StatusCode.PERMISSION_DENIED, "POLICY_DENIED"),
-        (errors.ProtectedTarget, grpc.StatusCode.PERMISSION_DENIED, "PROTECTED_TARGET"),
-        (errors.LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"),
-        (errors.AuditUnavailable, grpc.StatusCode.UNAVAILABLE, "AUDIT_UNAVAILABLE"),
+        (faults.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
+        (faults.PolicyDenied, grpc.StatusCode.PERMISSION_DENIED, "POLICY_DENIED"),
+        (faults.ProtectedTarget, grpc.StatusCode.PERMISSION_DENIED, "PROTECTED_TARGET"),
+        (faults.LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"),
+        (faults.AuditUnavailable, grpc.StatusCode.UNAVAILABLE, "AUDIT_UNAVAILABLE"),
     ],
 )
 def test_security_faults_have_their_documented_status(fault, code, reason):
-    rendered = status.to_status(fault("why", rule="r"))
+    rendered = grpc_status.to_status(fault("why", rule="r"))
     assert rendered.code == code
     assert fault("why").reason == reason
 

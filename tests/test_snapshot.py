@@ -13,7 +13,7 @@ import time
 import pytest
 from conftest import PAGE, expect_error
 
-from vmctl_client.proto import vmctl_pb2 as pb
+from vmctl_api import vmctl_pb2 as pb
 
 MAPS_LINE = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+) ?\s*(.*)$")
 

@@ -41,16 +41,17 @@ from cgroup2 import cgroup
 from conftest import PAGE, expect_error
 from peers import NOBODY, ConnectAs, public_directory
 
+from vmctl_api import vmctl_pb2 as pb
+from vmctl_api import vmctl_pb2_grpc
+from vmctl_api.cgroup_paths import is_under
 from vmctl_client import Client, VmctlError, calls
 from vmctl_client.calls import RetryPolicy
-from vmctl_client.cgroup_paths import is_under
-from vmctl_client.proto import vmctl_pb2 as pb
-from vmctl_client.proto import vmctl_pb2_grpc
-from vmctl_server import procfs
-from vmctl_server.errors import ProcessChanged, ProcessGone
-from vmctl_server.guard import Guard
-from vmctl_server.policy import PolicyError, Target, load_policy, parse_policy, read_target
-from vmctl_server.snapshot import read_identity
+from vmctl_server.access.admission import Guard
+from vmctl_server.access.policy import PolicyError, load_policy, parse_policy
+from vmctl_server.core import procfs
+from vmctl_server.core.faults import ProcessChanged, ProcessGone
+from vmctl_server.core.snapshot import read_identity
+from vmctl_server.core.targets import Target, read_target
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NO_RETRY = RetryPolicy(attempts=1)

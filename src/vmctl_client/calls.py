@@ -15,9 +15,9 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from vmctl_client.cgroup_paths import is_under
+from vmctl_api import vmctl_pb2 as pb
+from vmctl_api.cgroup_paths import is_under
 from vmctl_client.errors import VmctlError
-from vmctl_client.proto import vmctl_pb2 as pb
 from vmctl_client.types import (
     ADVICE_NAMES,
     FILTER_NAMES,

@@ -8,11 +8,11 @@ from typing import TypeVar
 
 import grpc
 
+from vmctl_api import vmctl_pb2_grpc as pb_grpc
 from vmctl_client import calls
 from vmctl_client.calls import READ_RETRY, Attempts, Attrs, Call, RangeLike, RetryPolicy
 from vmctl_client.channel import DEFAULT_TIMEOUT, TlsOptions, default_target, open_channel
 from vmctl_client.errors import from_rpc_error
-from vmctl_client.proto import vmctl_pb2_grpc as pb_grpc
 from vmctl_client.types import AdviceResult, NodeInfo, ProcessInfo, VmaInfo
 
 T = TypeVar("T")

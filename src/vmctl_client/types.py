@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import overload
 
-from vmctl_client.proto import vmctl_pb2 as pb
+from vmctl_api import vmctl_pb2 as pb
 
 # Attribute words by the VmaAttr group that fills them.
 LAYOUT_WORDS = ("start", "end", "perms", "offset", "dev_major", "dev_minor", "inode", "path", "kind")

@@ -1,0 +1,130 @@
+"""VMA tables in C: the same interface and the same answers as
+:class:`vmctl_server.backends.reference.tables.PyVmaTable`, without a Python object per VMA.
+
+The table lives in C memory owned by a cffi handle that frees it as soon as
+the :class:`NativeVmaTable` is dropped. Bytes come out through one copy
+each (``layout_records``, ``encode``). The calls release the GIL; ``read``
+reads and parses /proc text in one such call, so a large address space never
+becomes a Python bytes object and other threads run while the kernel writes
+the text.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from vmctl_server.core import kernel, procfs
+from vmctl_server.core.attrs import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
+from vmctl_server.core.layout import LAYOUT_RECORD
+
+try:
+    from vmctl_server.backends.native._native import ffi, lib
+except ImportError as exc:
+    raise ImportError(
+        "vmctl's native extension (vmctl_server.backends.native._native) is not built or does not load:"
+        " reinstall vmctl with a C compiler present (`pip install .`, or"
+        " `python src/vmctl_server/backends/native/csrc/build.py` in a checkout), or run the agent with"
+        f" --no-native to use the pure-Python tables ({exc})"
+    ) from exc
+
+
+class NativeVmaTable:
+    """VMA rows in a C array; see PyVmaTable for the meaning of each method."""
+
+    native = True
+
+    def __init__(self, table: object, filled_mask: int) -> None:
+        self._table = table
+        self._len = int(lib.vmctl_table_len(table))
+        self.filled_mask = filled_mask
+
+    def __len__(self) -> int:
+        return self._len
+
+    @classmethod
+    def from_maps(cls, data: bytes) -> NativeVmaTable:
+        return cls(_parse(lib.vmctl_table_from_maps, data, "maps"), 0)
+
+    @classmethod
+    def from_smaps(cls, data: bytes) -> NativeVmaTable:
+        return cls(_parse(lib.vmctl_table_from_smaps, data, "smaps"), ATTR_RESIDENCY | ATTR_ACCOUNTING)
+
+    @classmethod
+    def read(cls, pid: int, source: str) -> NativeVmaTable:
+        """/proc/PID/maps or /proc/PID/smaps (``source``), read and parsed in C."""
+        fd = procfs.open_fd(pid, source)
+        try:
+            return cls.from_fd(fd, source, pid=pid)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def from_fd(cls, fd: int, source: str, *, chunk: int = 0, pid: int = 0) -> NativeVmaTable:
+        """The text of ``source`` read from ``fd`` to its end, at most ``chunk``
+        bytes per read(2) (0: as much as the kernel gives)."""
+        smaps = source == "smaps"
+        out = ffi.new("struct vmctl_table **")
+        bad_line = ffi.new("size_t *")
+        rc = lib.vmctl_table_read(fd, smaps, chunk, out, bad_line)
+        if rc < 0:
+            if bad_line[0]:
+                raise ValueError(f"/proc/PID/{source} text is malformed at line {bad_line[0]}")
+            if rc == -errno.ENOMEM:
+                raise MemoryError(f"no memory to parse /proc/PID/{source}")
+            raise procfs._gone_or_denied(pid, OSError(-rc, f"reading /proc/{pid}/{source}: {os.strerror(-rc)}"))
+        return cls(ffi.gc(out[0], lib.vmctl_table_free), ATTR_RESIDENCY | ATTR_ACCOUNTING if smaps else 0)
+
+    def layout_records(self) -> bytes:
+        out = ffi.new("char[]", self._len * LAYOUT_RECORD.size)
+        lib.vmctl_table_layout(self._table, out)
+        return ffi.buffer(out)[:]
+
+    def fill_residency(self, pagemap_fd: int) -> None:
+        """rss_bytes and swap_bytes per VMA from one PAGEMAP_SCAN walk."""
+        rc = lib.vmctl_table_fill_residency(self._table, pagemap_fd)
+        if rc < 0:
+            raise kernel._ioctl_error("PAGEMAP_SCAN", -rc)
+        self.filled_mask |= ATTR_RESIDENCY
+
+    def fill_build_ids(self, maps_fd: int) -> None:
+        rc = lib.vmctl_table_fill_build_ids(self._table, maps_fd)
+        if rc < 0:
+            raise kernel._ioctl_error("PROCMAP_QUERY", -rc)
+        self.filled_mask |= ATTR_BUILD_ID
+
+    def encode(self, mask: int, prefix: bytes = b"") -> bytes:
+        """``prefix``, then the wire bytes of ``repeated Vma vmas = 4`` for the
+        groups in ``mask``: a whole reply in one copy out of C."""
+        out = ffi.new("char **")
+        size = ffi.new("size_t *")
+        if lib.vmctl_table_encode(self._table, mask & self.filled_mask, prefix, len(prefix), out, size) < 0:
+            raise MemoryError("no memory to encode the VMA table")
+        try:
+            return ffi.buffer(out[0], size[0])[:]
+        finally:
+            lib.vmctl_free(out[0])
+
+
+def _parse(parser: object, data: bytes, name: str) -> object:
+    out = ffi.new("struct vmctl_table **")
+    bad_line = ffi.new("size_t *")
+    rc = parser(ffi.from_buffer(data), len(data), out, bad_line)
+    if rc == -errno.EINVAL:
+        raise ValueError(f"/proc/PID/{name} text is malformed at line {bad_line[0]}")
+    if rc < 0:
+        raise MemoryError(f"no memory to parse /proc/PID/{name}")
+    return ffi.gc(out[0], lib.vmctl_table_free)
+
+
+def advise_segments(pidfd: int, segments: list[tuple[int, int]], advice: int) -> kernel.AdviseOutcome:
+    """:func:`vmctl_server.core.kernel.advise_segments`, with the loop in C."""
+    n = len(segments)
+    advised = ffi.new("uint64_t[]", n)
+    errors = ffi.new("int[]", n)
+    calls = lib.vmctl_advise(pidfd, ffi.new("struct vmctl_segment[]", segments), n, advice, advised, errors)
+    if calls == -errno.EINVAL:
+        raise ValueError("a segment ends before it starts")
+    if calls < 0:
+        raise MemoryError("no memory for the iovecs")
+    return kernel.AdviseOutcome(ffi.unpack(advised, n), ffi.unpack(errors, n), int(calls))

@@ -1,0 +1,1 @@
+"""The pure-Python twins of the native back-end (--no-native)."""

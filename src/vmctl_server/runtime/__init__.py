@@ -1,0 +1,1 @@
+"""The agent as a process: logs, metrics, the allocator, kernel probes, files it owns."""

@@ -1,0 +1,259 @@
+"""One gRPC interceptor (grpc.aio) that times, counts and logs every call,
+and gives every single-request method a bounded time to receive its request.
+
+It sits outermost, so it also sees calls that inner layers (authentication,
+policy, limits) refuse. For each call it sets the request id for the log,
+keeps the in-flight gauge, and at the end records the status code, the
+``google.rpc.ErrorInfo`` reason of a refusal, and the latency; then it writes
+one access-log line. It never reads the request: the handler tells it the
+pid and reason through :func:`note`.
+
+Methods whose request is one message (health ``Check`` and ``Watch``) are
+served as client-streaming here, and their request must arrive within
+``request_timeout`` seconds: gRPC would otherwise wait for a body forever,
+and a caller sending headers only would hold the call. (VmControl's own
+methods are client-streaming already, so that the agent can admit the
+caller before reading its request; see :mod:`vmctl_server.transport.service`.)
+
+Health and reflection calls are never rate limited, but each caller may
+hold only so many open at once (:class:`SideCallCaps`): a ``Watch`` or a
+reflection stream lives as long as its caller likes. Over the cap a call is
+refused at once with RESOURCE_EXHAUSTED. (HTTP/2's own per-connection
+stream limit is no substitute: gRPC clients open streams past it in bursts
+and their calls fail with REFUSED_STREAM, so the main servers leave it
+unset.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+
+from vmctl_server.runtime import logs, metrics
+
+log = logging.getLogger("vmctl.access")
+_QUIET_SERVICES = {"grpc.health.v1.Health"}  # probes every few seconds: logged at debug only
+_SERVER_FAULTS = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
+
+# What the handler of the current call tells the access log: pid, reason.
+_call_facts: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("vmctl_call_facts", default=None)
+
+
+def note(**facts: Any) -> None:
+    """Tell the current call's access-log line (``pid``, ``reason``); a no-op outside a call."""
+    current = _call_facts.get()
+    if current is not None:
+        current.update(facts)
+
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+VMCONTROL = "vmctl.v1.VmControl"  # admitted by the service itself, before its request is read
+
+
+class SideCallCaps:
+    """At most ``limit`` health and reflection calls open at once per caller,
+    the caller named by ``key`` (its identity, or its address)."""
+
+    def __init__(self, limit: int, key: Callable[[grpc.aio.ServicerContext], str]) -> None:
+        self.limit = limit
+        self.key = key
+        self._open: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def holding(self, context: grpc.aio.ServicerContext) -> Iterator[bool]:
+        """Yields whether the call may go on; its place is given back on exit.
+        (Only the event loop's thread calls this: no lock.)"""
+        key = self.key(context)
+        held = self._open.get(key, 0)
+        if held >= self.limit:
+            yield False
+            return
+        self._open[key] = held + 1
+        try:
+            yield True
+        finally:
+            left = self._open[key] - 1
+            if left:
+                self._open[key] = left
+            else:
+                del self._open[key]
+
+
+class ObservingInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, request_timeout: float, side_calls: SideCallCaps | None = None) -> None:
+        self.request_timeout = request_timeout
+        self.side_calls = side_calls
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # an unknown method: gRPC answers UNIMPLEMENTED
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        caps = None if service == VMCONTROL else self.side_calls
+        call = _Call(service, method, logs.request_id_from(handler_call_details.invocation_metadata), caps)
+        streams = handler.response_streaming
+        if handler.request_streaming:
+            behavior = handler.stream_stream if streams else handler.stream_unary
+            deserializer = handler.request_deserializer
+        else:  # read raw here, deserialize in _one_request
+            single = handler.unary_stream if streams else handler.unary_unary
+            behavior, deserializer = self._one_request(single, handler.request_deserializer, streams), None
+        if streams:
+            return grpc.stream_stream_rpc_method_handler(
+                call.observe_stream(behavior),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_unary_rpc_method_handler(
+            call.observe_unary(behavior),
+            request_deserializer=deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _one_request(
+        self, behavior: Behavior, deserializer: Callable[[bytes], Any] | None, streams: bool
+    ) -> Behavior:
+        """A single-request behavior served from a request stream, its one message read with a deadline."""
+        timeout = self.request_timeout
+
+        def served(_requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def read() -> Any:
+                try:
+                    data = await asyncio.wait_for(context.read(), timeout)
+                except asyncio.TimeoutError:
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no request within {timeout:g} s")
+                if not isinstance(data, bytes):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
+                return deserializer(data) if deserializer else data
+
+            async def unary() -> Any:
+                result = behavior(await read(), context)
+                return await result if inspect.isawaitable(result) else result
+
+            async def stream() -> AsyncIterator[Any]:
+                result = behavior(await read(), context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                elif inspect.isawaitable(result):
+                    await result  # it writes with context.write
+
+            return stream() if streams else unary()
+
+        return served
+
+
+class _Call:
+    """One call's observation: request id, in-flight gauge, status, latency, access line."""
+
+    def __init__(self, service: str, method: str, request_id: str, caps: SideCallCaps | None) -> None:
+        self.service = service
+        self.method = method
+        self.request_id = request_id
+        self.caps = caps
+
+    def observe_unary(self, behavior: Behavior) -> Behavior:
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with self._observing(context), self._room(context) as room:
+                if not room:
+                    await self._refuse(context)
+                result = behavior(request, context)
+                return await result if inspect.isawaitable(result) else result
+
+        return observed
+
+    def observe_stream(self, behavior: Behavior) -> Behavior:
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            with self._observing(context), self._room(context) as room:
+                if not room:
+                    await self._refuse(context)
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                elif inspect.isawaitable(result):
+                    await result
+
+        return observed
+
+    def _room(self, context: grpc.aio.ServicerContext) -> contextlib.AbstractContextManager[bool]:
+        return self.caps.holding(context) if self.caps is not None else contextlib.nullcontext(True)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext) -> None:
+        assert self.caps is not None
+        note(reason="TOO_MANY_CALLS")
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"at most {self.caps.limit} {self.service} calls may be open at once per caller",
+        )
+
+    @contextlib.contextmanager
+    def _observing(self, context: grpc.aio.ServicerContext) -> Iterator[None]:
+        id_token = logs.request_id.set(self.request_id)
+        peer = context.peer()  # now: a call that ended may no longer say
+        facts: dict[str, Any] = {}
+        facts_token = _call_facts.set(facts)
+        in_flight = metrics.IN_FLIGHT.labels(self.service, self.method)
+        in_flight.inc()
+        started = time.perf_counter()
+        outcome = grpc.StatusCode.OK
+        try:
+            yield
+        except asyncio.CancelledError:
+            outcome = grpc.StatusCode.CANCELLED
+            raise
+        except BaseException:
+            outcome = grpc.StatusCode.UNKNOWN  # an abort sets the context's code, read below
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            in_flight.dec()
+            code = context.code() or outcome
+            if not isinstance(code, grpc.StatusCode):
+                code = _status_code(code)
+            reason = facts.get("reason", "") if code != grpc.StatusCode.OK else ""
+            metrics.CALLS.labels(self.service, self.method, code.name).inc()
+            metrics.LATENCY.labels(self.service, self.method, code.name).observe(elapsed)
+            if reason:
+                metrics.REFUSALS.labels(self.method, reason).inc()
+            self._log(peer, code, reason, facts.get("pid"), elapsed)
+            _call_facts.reset(facts_token)
+            logs.request_id.reset(id_token)
+
+    def _log(self, peer: str, code: grpc.StatusCode, reason: str, pid: Any, elapsed: float) -> None:
+        if code in _SERVER_FAULTS:
+            level = logging.ERROR
+        elif self.service in _QUIET_SERVICES:
+            level = logging.DEBUG
+        else:
+            level = logging.INFO
+        if not log.isEnabledFor(level):
+            return
+        fields: dict[str, object] = {"method": f"{self.service}/{self.method}", "code": code.name}
+        if reason:
+            fields["reason"] = reason
+        if isinstance(pid, int) and pid:
+            fields["pid"] = pid
+        fields["duration_ms"] = round(elapsed * 1000, 3)
+        fields["peer"] = peer
+        log.log(level, "%s %s", self.method, code.name, extra={"fields": fields})
+
+
+def _status_code(value: Any) -> grpc.StatusCode:
+    """gRPC's aio context may report a code as its integer value."""
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN

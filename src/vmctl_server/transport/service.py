@@ -1,0 +1,333 @@
+"""The gRPC face of the agent: admission on headers, then the work on a worker.
+
+Every VmControl method is served the same way, on the server's event loop
+(grpc.aio):
+
+1. the caller is named from the transport (``context.peer()`` and the TLS
+   auth context) and admitted by the guard on the call's headers alone: its
+   limits, then the policy's verb, then room in the agent. A caller refused
+   here has cost a dictionary lookup and holds nothing, not even a buffer
+   for its request: the handlers are registered as client-streaming, so gRPC
+   hands them the call before any request byte has been read;
+2. the request is read, within ``request_timeout`` seconds (a caller that
+   sends headers and never a body is cut off);
+3. the work (reading /proc, process_madvise) runs on a worker thread, and the
+   caller's slots are held until it ends, even if the caller went away.
+
+The wire format does not say whether a method is unary or client-streaming,
+so clients call the methods as the proto declares them (unary) and notice no
+difference.
+
+No logic lives here beyond the translation; faults raised by the core become
+statuses in :mod:`vmctl_server.transport.grpc_status`. GetVmaInfo and AdviseRanges answer
+with bytes they assembled themselves: the small header message serialized by
+protobuf, then the repeated field (``vmas``, ``ranges``) as the tables or the
+plan encoded it (protobuf concatenation is merging), so tens of thousands of
+VMAs or ranges never become Python message objects. AdviseRanges reads its
+ranges from the request's own bytes for the same reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, NoReturn, Protocol, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from vmctl_api import vmctl_pb2 as pb
+from vmctl_server.access.admission import Guard, Ticket
+from vmctl_server.access.audit import AdviceAudit
+from vmctl_server.access.identity import Caller, caller_from
+from vmctl_server.access.policy import ADVISE, READ, Policy, Target
+from vmctl_server.core.advice import ADVICE_BY_NUMBER, AdviceRequest, AdviceResult, Advisor, RangeSet
+from vmctl_server.core.cookie import CookieSigner
+from vmctl_server.core.faults import AuditUnavailable, InvalidRequest, RequestTimeout, VmctlFault
+from vmctl_server.core.node import NodeInfo, list_processes, node_info
+from vmctl_server.core.snapshot import SnapshotReader, claims_for
+from vmctl_server.runtime import logs, metrics
+from vmctl_server.runtime.kernel_probe import Capabilities
+from vmctl_server.transport import grpc_status, interceptor
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "vmctl.v1.VmControl"
+DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds from admission to a whole request: 7 MB need 0.7 MB/s
+# Reads refused for who the caller is are audited; other refusals of reads (no such process, a bad pid) are not.
+_AUDITED_READ_REFUSALS = {"UNAUTHENTICATED", "POLICY_DENIED", "PROTECTED_TARGET"}
+
+MessageType = TypeVar("MessageType", bound=Message)
+Work = Callable[[Caller, Policy, bytes], bytes]
+
+
+class CallActivity(Protocol):
+    def call_started(self) -> None: ...
+    def call_ended(self) -> None: ...
+
+
+def _parse(message_type: type[MessageType], data: bytes) -> MessageType:
+    try:
+        return message_type.FromString(data)
+    except DecodeError as exc:
+        raise InvalidRequest(
+            f"the request does not parse: {exc or 'not a protobuf message'}", reason="MALFORMED_REQUEST"
+        ) from None
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> Caller:
+    """Who is calling, by the transport's word (see :mod:`vmctl_server.access.identity`)."""
+    return caller_from(context.peer(), context.auth_context())
+
+
+async def _abort(context: grpc.aio.ServicerContext, fault: VmctlFault) -> NoReturn:
+    interceptor.note(reason=fault.reason)
+    await context.abort_with_status(grpc_status.to_status(fault))
+    raise AssertionError("abort_with_status returned")  # it raises
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """How calls reach the workers: the pool, the time a request may take to
+    arrive, and who hears that calls start and end (the heap trimmer)."""
+
+    workers: Executor
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    activity: CallActivity | None = None
+
+
+class VmControlService:
+    def __init__(
+        self,
+        reader: SnapshotReader,
+        advisor: Advisor,
+        signer: CookieSigner,
+        capabilities: Capabilities,
+        guard: Guard,
+        pipeline: Pipeline,
+    ) -> None:
+        self.reader = reader
+        self.advisor = advisor
+        self.signer = signer
+        self.capabilities = capabilities
+        self.guard = guard
+        self.pipeline = pipeline
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The method handlers, client-streaming on raw bytes (see the module docs)."""
+
+        def method(name: str, verb: str, work: Work) -> grpc.RpcMethodHandler:
+            async def behavior(_requests: Any, context: grpc.aio.ServicerContext) -> bytes:
+                return await self._serve(context, name, verb, work)
+
+            return grpc.stream_unary_rpc_method_handler(behavior)
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "GetVmaInfo": method("GetVmaInfo", READ, self.get_vma_info),
+                "AdviseRanges": method("AdviseRanges", ADVISE, self.advise_ranges),
+                "ListProcesses": method("ListProcesses", READ, self.list_processes),
+                "GetNodeInfo": method("GetNodeInfo", READ, self.get_node_info),
+            },
+        )
+
+    # ---- every call: admit, read, work -------------------------------------------
+
+    async def _serve(self, context: grpc.aio.ServicerContext, method: str, verb: str, work: Work) -> bytes:
+        caller = caller_of(context)
+        try:
+            ticket = self.guard.admit(caller, verb)
+        except VmctlFault as fault:
+            self._record_refusal(method, caller, fault, early=True)
+            await _abort(context, fault)
+        self._call_started()
+        try:
+            data = await self._read_request(context)
+            loop = asyncio.get_running_loop()
+            running = loop.run_in_executor(
+                self.pipeline.workers, contextvars.copy_context().run, work, caller, ticket.policy, data
+            )
+        except VmctlFault as fault:
+            self._call_ended(ticket)
+            if verb == ADVISE:  # admitted, so not folded: its identity is rate limited like any call
+                self._record_refusal(method, caller, fault, early=False)
+            await _abort(context, fault)
+        except BaseException:
+            self._call_ended(ticket)
+            raise
+        # The slots are held until the work ends, not merely until the caller
+        # goes away: a cancelled call's advice still runs to its end.
+        running.add_done_callback(lambda _done: self._call_ended(ticket))
+        try:
+            return await asyncio.shield(running)
+        except VmctlFault as fault:
+            if verb == READ and fault.reason in _AUDITED_READ_REFUSALS:
+                self._record_refusal(method, caller, fault, early=False)
+            await _abort(context, fault)
+        except Exception:
+            log.exception("%s failed", method)
+            await _abort(context, VmctlFault(f"{method} failed inside the agent; see its log", reason="INTERNAL"))
+
+    async def _read_request(self, context: grpc.aio.ServicerContext) -> bytes:
+        timeout = self.pipeline.request_timeout
+        try:
+            data = await asyncio.wait_for(context.read(), timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"the request did not arrive within {timeout:g} s") from None
+        if not isinstance(data, bytes):  # grpc.aio.EOF
+            # Either the caller closed its side without a message, or gRPC
+            # refused one over --max-message-bytes (and told the caller so).
+            raise InvalidRequest(
+                "no request message arrived: none was sent, or it was over the size limit", reason="MALFORMED_REQUEST"
+            )
+        return data
+
+    def _call_started(self) -> None:
+        if self.pipeline.activity is not None:
+            self.pipeline.activity.call_started()
+
+    def _call_ended(self, ticket: Ticket) -> None:
+        ticket.release()
+        if self.pipeline.activity is not None:
+            self.pipeline.activity.call_ended()
+
+    def _record_refusal(self, method: str, caller: Caller, fault: VmctlFault, *, early: bool) -> None:
+        code = grpc_status.code_name(fault)
+        self.guard.record_refusal(method, caller, code, fault, logs.request_id.get(), early=early)
+
+    # ---- the work of each method, on a worker thread --------------------------------
+
+    def get_vma_info(self, caller: Caller, policy: Policy, data: bytes) -> bytes:
+        request = _parse(pb.GetVmaInfoRequest, data)
+        interceptor.note(pid=request.pid)
+        target = self.guard.check_read(policy, caller, request.pid)
+        snapshot = self.reader.take(request.pid, request.attr_mask)
+        self.guard.same_process(target, snapshot.identity.start_time, snapshot.identity.exec_id)
+        identity = snapshot.identity
+        header = pb.GetVmaInfoResponse(
+            process=pb.Process(pid=identity.pid, start_time=identity.start_time, comm=identity.comm),
+            cookie=self.signer.issue(claims_for(identity, snapshot.digest)),
+            result_mask=snapshot.result_mask,
+        )
+        return snapshot.table.encode(snapshot.result_mask, prefix=header.SerializeToString())
+
+    def advise_ranges(self, caller: Caller, policy: Policy, data: bytes) -> bytes:
+        audit = AdviceAudit(caller.audit_fields(), request_id=logs.request_id.get())
+        try:
+            result = self._advise(caller, policy, data, audit)
+        except VmctlFault as fault:
+            self._finish_advice(audit, grpc_status.code_name(fault), fault.reason, fault.message)
+            raise
+        except Exception:
+            self._finish_advice(audit, "INTERNAL", "INTERNAL")
+            raise
+        audit.advised_bytes, audit.syscalls = result.advised_bytes, result.syscalls
+        self._finish_advice(audit, "OK")
+        header = pb.AdviseRangesResponse(
+            requested_bytes=result.requested_bytes,
+            advised_bytes=result.advised_bytes,
+            syscalls=result.syscalls,
+            dry_run=result.dry_run,
+            process=pb.Process(pid=result.pid, start_time=result.start_time, comm=result.comm),
+        )
+        return result.plan.encode(prefix=header.SerializeToString())
+
+    def _advise(self, caller: Caller, policy: Policy, data: bytes, audit: AdviceAudit) -> AdviceResult:
+        """The advisor's steps with the policy between open and plan and the
+        audit record between plan and apply: the record is in the log before
+        the first system call, or nothing is applied."""
+        message = _parse(pb.AdviseRangesRequest, data)
+        interceptor.note(pid=message.pid)
+        ranges = self.advisor.ranges.from_message(message.ranges, data)
+        _describe(audit, message, ranges, self.advisor.max_ranges)
+        request = AdviceRequest(message.pid, ranges, message.advice, message.cookie, message.filter, message.dry_run)
+        checked = self.advisor.check(request, require_cookie=policy.require_cookie)
+        with self.advisor.open(checked) as target:
+            facts = self.guard.advice_target(target.identity)
+            audit.target = _target_fields(facts)
+            audit.rule = self.guard.check_advice_target(policy, caller, facts, checked.advice).name
+            plan = self.advisor.plan(checked, target)
+            if not request.dry_run and not self.guard.audit.write(audit.intent(), audit.summary("applying")):
+                raise AuditUnavailable(
+                    "the audit log cannot be written; no advice is applied until it can",
+                    audit_log=self.guard.audit.path,
+                )
+            return self.advisor.apply(checked, target, plan)
+
+    def _finish_advice(self, audit: AdviceAudit, code: str, reason: str = "", message: str = "") -> None:
+        record = audit.record(code, reason, message)
+        self.guard.audit.write(record, audit.summary(code))
+        metrics.record_advice(
+            record["cookie"], audit.advice, audit.requested_bytes, audit.advised_bytes, audit.syscalls,
+            applied=code == "OK" and not audit.dry_run,
+        )  # fmt: skip
+
+    def list_processes(self, caller: Caller, policy: Policy, data: bytes) -> bytes:
+        request = _parse(pb.ListProcessesRequest, data)
+        # Only what the caller may read, judged on the facts the policy sees.
+        readable = None if policy.reads_any_process(caller) else functools.partial(policy.may_read, caller)
+        processes = list_processes(request.cgroup_prefix, readable)
+        reply = pb.ListProcessesResponse(processes=[pb.ProcessInfo(**vars(p)) for p in processes])
+        return reply.SerializeToString()
+
+    def get_node_info(self, caller: Caller, policy: Policy, data: bytes) -> bytes:
+        _parse(pb.GetNodeInfoRequest, data)
+        return _node_info_reply(node_info(self.capabilities)).SerializeToString()
+
+
+def _describe(audit: AdviceAudit, message: pb.AdviseRangesRequest, ranges: RangeSet, max_ranges: int) -> None:
+    count = len(ranges)
+    audit.pid = message.pid
+    audit.advice = ADVICE_BY_NUMBER.get(message.advice, str(message.advice))
+    audit.filter = pb.Filter.Name(message.filter) if message.filter in pb.Filter.values() else str(message.filter)
+    audit.dry_run = message.dry_run
+    audit.range_count = count
+    audit.requested_bytes = ranges.total_bytes() if count <= max_ranges else 0
+    audit.cookie_sent = bool(message.cookie)
+
+
+def _target_fields(target: Target) -> dict[str, object]:
+    return {"start_time": target.start_time, "comm": target.comm, "cgroup": target.cgroup, "uid": target.uid}
+
+
+def _node_info_reply(info: NodeInfo) -> pb.GetNodeInfoResponse:
+    caps = info.capabilities
+    response = pb.GetNodeInfoResponse(
+        hostname=info.hostname,
+        kernel=info.kernel,
+        machine=info.machine,
+        boot_id=info.boot_id,
+        mem_total_bytes=info.mem_total_bytes,
+        mem_available_bytes=info.mem_available_bytes,
+        swap_total_bytes=info.swap_total_bytes,
+        swap_free_bytes=info.swap_free_bytes,
+        agent_version=info.agent_version,
+        page_size=info.page_size,
+        capabilities=pb.Capabilities(
+            pidfd_open=caps.pidfd_open,
+            process_madvise=caps.process_madvise,
+            advices=sorted(caps.advices),
+            procmap_query=caps.procmap_query,
+            pagemap_scan=caps.pagemap_scan,
+            advice_permitted=caps.advice_permitted,
+            probe_errors=caps.probe_errors,
+        ),
+    )
+    if info.memory_pressure is not None:
+        for kind in ("some", "full"):
+            values = info.memory_pressure.get(kind)
+            if values:
+                getattr(response.memory_pressure, kind).CopyFrom(
+                    pb.PressureStall(
+                        avg10=values.get("avg10", 0.0),
+                        avg60=values.get("avg60", 0.0),
+                        avg300=values.get("avg300", 0.0),
+                        total_us=int(values.get("total", 0)),
+                    )
+                )
+    return response
