@@ -23,6 +23,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmctl_server import safefiles
+
 log = logging.getLogger("vmctl.audit")
 STDOUT = "-"
 
@@ -37,7 +39,7 @@ class AuditLog:
         if path == STDOUT:
             self._fd = os.dup(1)  # our own descriptor: stays valid whatever else rebinds sys.stdout
         else:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = safefiles.open_append_log(path)  # no links, the agent's own file, no other writer
         self._lock = threading.Lock()
         self.healthy = True
 
