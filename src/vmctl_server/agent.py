@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vmctl_client.proto import vmctl_pb2 as pb
-from vmctl_server import __version__, capabilities, guard, heap, logs, metrics, operations
+from vmctl_server import __version__, capabilities, guard, heap, logs, metrics, operations, safefiles
 from vmctl_server.advice import DEFAULT_MAX_RANGES, Advisor, RangeBackend
 from vmctl_server.cookie import CookieSigner
 from vmctl_server.guard import Guard
@@ -142,7 +142,7 @@ def _claim_unix_path(path: str) -> None:
     gRPC unlinks whatever is at the path before binding, which would silently
     orphan a running agent; a stale socket (nobody accepting) is fine to replace.
     """
-    os.makedirs(os.path.dirname(path) or "/", mode=0o755, exist_ok=True)
+    safefiles.prepare_socket_directory(path)  # a safe directory; refuses links and other users' files at path
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
