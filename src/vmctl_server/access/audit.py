@@ -43,6 +43,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmctl_server.core import files
+
 log = logging.getLogger("vmctl.audit")
 STDOUT = "-"
 FOLD_SECONDS = 60.0  # one record per kind of early refusal per identity per minute, plus a count
@@ -84,7 +86,7 @@ def _now() -> str:
 def _open_log(path: str) -> int:
     if path == STDOUT:
         return os.dup(1)  # our own descriptor: stays valid whatever else rebinds sys.stdout
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    return files.open_append_log(path)  # no links, the agent's own file, no other writer
 
 
 class AuditLog:

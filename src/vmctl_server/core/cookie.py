@@ -14,12 +14,11 @@ Wire format (little endian), 109 bytes::
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
-import stat
 import struct
 from dataclasses import dataclass
 
+from vmctl_server.core import files
 from vmctl_server.core.faults import CookieInvalid
 
 COOKIE_VERSION = 1
@@ -56,23 +55,12 @@ class CookieSigner:
 
     @classmethod
     def from_key_file(cls, path: str) -> CookieSigner:
-        """Read the key from ``path``, creating it (mode 0600) if it is absent,
-        so cookies stay valid across agent restarts."""
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(KEY_SIZE))
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise ValueError(
-                    f"cookie key file {path} is accessible to group or others (mode {stat.S_IMODE(mode):04o});"
-                    " anyone who reads it can forge cookies: chmod 600 it"
-                )
-            return cls(f.read())
+        """Read the key from ``path``, creating it if it is absent, so cookies stay
+        valid across agent restarts. Anyone who reads the file can forge cookies
+        and anyone who writes it can choose the key: it must be the agent's own
+        regular file, mode 0600, exactly KEY_SIZE bytes, reached without
+        following a link (see :func:`files.read_or_create_secret`)."""
+        return cls(files.read_or_create_secret(path, KEY_SIZE, "cookie key file"))
 
     def _mac(self, body: bytes) -> bytes:
         return hmac.new(self._key, body, "sha256").digest()

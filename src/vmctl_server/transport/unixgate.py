@@ -71,6 +71,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmctl_server.access.identity import peer_name
+from vmctl_server.core import files
 from vmctl_server.runtime import metrics
 
 log = logging.getLogger("vmctl.gate")
@@ -123,7 +124,7 @@ def claim_unix_path(path: str) -> None:
     gRPC unlinks whatever is at the path before binding, which would silently
     orphan a running agent; a stale socket (nobody accepting) is fine to replace.
     """
-    os.makedirs(os.path.dirname(path) or "/", mode=0o755, exist_ok=True)
+    files.prepare_socket_directory(path)  # a safe directory; refuses links and other users' files at path
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
