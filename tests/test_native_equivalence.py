@@ -971,7 +971,7 @@ def test_paths_escaped_as_python_escapes_them(path: bytes) -> None:
 def test_build_without_a_compiler_says_so(cc: str) -> None:
     env = dict(os.environ, CC=cc)
     result = subprocess.run(
-        [sys.executable, str(PACKAGE / "csrc" / "build.py")], env=env, capture_output=True, text=True, check=False
+        [sys.executable, str(PACKAGE / "backends" / "native" / "csrc" / "build.py")], env=env, capture_output=True, text=True, check=False
     )
     assert result.returncode != 0
     assert (
