@@ -174,3 +174,22 @@ def test_policy_reloads_are_on_record(start_agent, public_dir):
     done, refused = audit_records(agent.log(), event="policy_reload")
     assert (done["status"], done["rules"], done["policy"]) == ("OK", 1, policy)
     assert refused["status"] == "REFUSED" and "not valid YAML" in refused["detail"]
+
+
+def test_reads_refused_per_target_are_folded_too(start_agent, spawn_target, public_dir):
+    """An identity allowed its own processes cannot write a record per pid it probes."""
+    own = f'{{identities: ["uid:{NOBODY}"], verbs: [read], targets: {{uids: [{NOBODY}]}}}}'
+    policy = write_policy(public_dir, f"rules: [{own}]")
+    agent = start_agent("--socket-mode", "0666", "--policy", policy, socket_dir=public_dir)
+    others = [spawn_target().pid for _ in range(3)]  # root's: not nobody's to read
+    probes = 60
+    with ConnectAs(agent.socket_path, NOBODY) as nobody, Client(nobody.address, retry=NO_RETRY) as client:
+        for i in range(probes):
+            expect_error(lambda i=i: client.get_vma_info(others[i % 3]), "PERMISSION_DENIED", "POLICY_DENIED")
+    assert len(audit_records(agent.log(), event="read")) == 1
+    assert agent.stop() == 0
+    records = audit_records(agent.log(), event="read")
+    assert {(r["method"], r["identity"], r["reason"]) for r in records} == {
+        ("GetVmaInfo", f"uid:{NOBODY}", "POLICY_DENIED")
+    }
+    assert sum(r.get("repeated", 1) for r in records) == probes

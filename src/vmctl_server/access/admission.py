@@ -159,13 +159,14 @@ class Guard:
         return rule
 
     def record_refusal(
-        self, method: str, caller: Caller, code: str, fault: VmctlFault, request_id: str, *, early: bool
+        self, method: str, caller: Caller, code: str, fault: VmctlFault, request_id: str, *, fold: bool
     ) -> None:
         """Audit a call refused with status ``code``: advice always, reads when
         refused for who the caller is.
 
-        ``early``: refused on its headers (identity, limits, draining); such
-        refusals are folded (see :class:`~vmctl_server.access.audit.RefusalFolder`).
+        ``fold``: a kind of refusal that may come in floods (on a call's
+        headers, or a read refused) is folded: the first of a kind at once,
+        then a count (see :class:`~vmctl_server.access.audit.RefusalFolder`).
         """
         event = "advise" if method == "AdviseRanges" else "read"
         record: dict[str, object] = {"event": event, "method": method, **caller.audit_fields()}
@@ -174,7 +175,7 @@ class Guard:
             record.update(pid=None, advice=None, advised_bytes=0, syscalls=0, cookie="unchecked")
         record.update(status=code, reason=fault.reason)
         message = f"{method} refused: {code} {fault.reason}"
-        if early:
+        if fold:
             key = (event, method, caller.identity, code, fault.reason)
             self.refusals.note(key, record, message)
         else:

@@ -143,7 +143,7 @@ class VmControlService:
         try:
             ticket = self.guard.admit(caller, verb)
         except VmctlFault as fault:
-            self._record_refusal(method, caller, fault, early=True)
+            self._record_refusal(method, caller, fault, fold=True)
             await _abort(context, fault)
         self._call_started()
         try:
@@ -155,7 +155,7 @@ class VmControlService:
         except VmctlFault as fault:
             self._call_ended(ticket)
             if verb == ADVISE:  # admitted, so not folded: its identity is rate limited like any call
-                self._record_refusal(method, caller, fault, early=False)
+                self._record_refusal(method, caller, fault, fold=False)
             await _abort(context, fault)
         except BaseException:
             self._call_ended(ticket)
@@ -167,7 +167,10 @@ class VmControlService:
             return await asyncio.shield(running)
         except VmctlFault as fault:
             if verb == READ and fault.reason in _AUDITED_READ_REFUSALS:
-                self._record_refusal(method, caller, fault, early=False)
+                # Folded like refusals on headers: a read changes nothing, and an
+                # identity allowed its own processes could otherwise write a
+                # record per pid it probes as fast as it can call.
+                self._record_refusal(method, caller, fault, fold=True)
             await _abort(context, fault)
         except Exception:
             log.exception("%s failed", method)
@@ -196,9 +199,9 @@ class VmControlService:
         if self.pipeline.activity is not None:
             self.pipeline.activity.call_ended()
 
-    def _record_refusal(self, method: str, caller: Caller, fault: VmctlFault, *, early: bool) -> None:
+    def _record_refusal(self, method: str, caller: Caller, fault: VmctlFault, *, fold: bool) -> None:
         code = grpc_status.code_name(fault)
-        self.guard.record_refusal(method, caller, code, fault, logs.request_id.get(), early=early)
+        self.guard.record_refusal(method, caller, code, fault, logs.request_id.get(), fold=fold)
 
     # ---- the work of each method, on a worker thread --------------------------------
 
