@@ -27,6 +27,7 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts bench
+	$(VENV)/bin/mypy --strict src/vmctl_client src/vmctl_api
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -39,4 +40,4 @@ bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/vmctl_server/backends/native/_native*.so .pytest_cache .hypothesis
+	rm -rf $(VENV) build src/*.egg-info src/vmctl_server/backends/native/_native*.so .pytest_cache .hypothesis .mypy_cache

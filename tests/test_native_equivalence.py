@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from vmctl_api import vmctl_pb2 as pb
+from vmctl_api.words import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
 from vmctl_client.errors import VmctlError
 from vmctl_server.backends.native import _native
 from vmctl_server.backends.native.ranges import NativeRanges, request_ranges
@@ -31,7 +32,6 @@ from vmctl_server.backends.reference.ranges import PyRanges
 from vmctl_server.backends.reference.tables import SMAPS_KB_FIELDS, PyVmaTable
 from vmctl_server.core import kernel
 from vmctl_server.core.advice import FILTER_KINDS, Plan, RangeSet
-from vmctl_server.core.attrs import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
 from vmctl_server.core.faults import InvalidRequest, ProcessGone
 from vmctl_server.core.layout import KIND_ANONYMOUS, KIND_FILE, KIND_SPECIAL, LAYOUT_RECORD
 
@@ -970,9 +970,8 @@ def test_paths_escaped_as_python_escapes_them(path: bytes) -> None:
 @pytest.mark.parametrize("cc", ["vmctl-no-such-compiler", ""], ids=["missing", "empty"])
 def test_build_without_a_compiler_says_so(cc: str) -> None:
     env = dict(os.environ, CC=cc)
-    result = subprocess.run(
-        [sys.executable, str(PACKAGE / "backends" / "native" / "csrc" / "build.py")], env=env, capture_output=True, text=True, check=False
-    )
+    build = PACKAGE / "backends" / "native" / "csrc" / "build.py"
+    result = subprocess.run([sys.executable, str(build)], env=env, capture_output=True, text=True, check=False)
     assert result.returncode != 0
     assert (
         "vmctl needs a C compiler (cc/gcc) to build its native extension; install gcc / build-essential"

@@ -9,6 +9,7 @@ res = c.advise_ranges(pid, [v for v in info.vmas if v.kind == "anonymous"], advi
 agents; ``vmctl_client.reclaim`` is the read-choose-advise-retry workflow.
 """
 
+from vmctl_api.words import Advice, Attr, Filter
 from vmctl_client.aio import AsyncClient
 from vmctl_client.calls import RetryPolicy
 from vmctl_client.channel import TlsOptions
@@ -24,17 +25,22 @@ from vmctl_client.errors import (
     StaleCookieError,
     VmctlError,
 )
-from vmctl_client.fleet import Fleet, HostResult
+from vmctl_client.fleet import Fleet, HostDone, HostFailed, HostResult
 from vmctl_client.types import AdviceResult, NodeInfo, ProcessInfo, RangeResult, Vma, VmaInfo
 
 __all__ = [
+    "Advice",
     "AdviceResult",
     "AgentStoppingError",
     "AgentUnavailableError",
     "AsyncClient",
+    "Attr",
     "AuditUnavailableError",
     "Client",
+    "Filter",
     "Fleet",
+    "HostDone",
+    "HostFailed",
     "HostResult",
     "InvalidRequestError",
     "NodeInfo",

@@ -9,14 +9,15 @@ from __future__ import annotations
 import base64
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import grpc
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api.cgroup_paths import is_under
+from vmctl_api.words import Advice, Attr, Filter
 from vmctl_client.errors import VmctlError
 from vmctl_client.types import (
     ADVICE_NAMES,
@@ -29,8 +30,20 @@ from vmctl_client.types import (
 )
 
 T = TypeVar("T")
-RangeLike = tuple[int, int] | Any  # (start, end) or anything with .start and .end, e.g. a Vma
-Attrs = Sequence[str] | str | int | None
+
+
+class Span(Protocol):
+    """Anything with a ``start`` and an ``end``, such as a :class:`~vmctl_client.Vma`."""
+
+    @property
+    def start(self) -> int: ...
+    @property
+    def end(self) -> int: ...
+
+
+RangeLike = tuple[int, int] | Span
+# Words or groups ("rss", "accounting"), one or several; a VmaAttr mask as is; None for the layout alone.
+Attrs = Iterable[Attr] | Attr | int | None
 
 
 @dataclass(frozen=True)
@@ -72,9 +85,9 @@ def get_vma_info(pid: int, attrs: Attrs) -> Call[VmaInfo]:
 def advise_ranges(
     pid: int,
     ranges: Iterable[RangeLike],
-    advice: str | int,
+    advice: Advice | int,
     cookie: bytes | str | None,
-    filter: str | int | None,
+    filter: Filter | int | None,
     dry_run: bool,
 ) -> Call[AdviceResult]:
     return Call("AdviseRanges", advise_request(pid, ranges, advice, cookie, filter, dry_run), AdviceResult, False)
@@ -97,7 +110,7 @@ def node_info() -> Call[NodeInfo]:
     return Call("GetNodeInfo", pb.GetNodeInfoRequest(), NodeInfo, retryable=True)
 
 
-def _enum(value: str | int, names: dict[str, int], what: str) -> int:
+def _enum(value: str | int, names: Mapping[str, int], what: str) -> int:
     if not isinstance(value, str):
         return value
     try:
@@ -109,20 +122,22 @@ def _enum(value: str | int, names: dict[str, int], what: str) -> int:
 def advise_request(
     pid: int,
     ranges: Iterable[RangeLike],
-    advice: str | int,
+    advice: Advice | int,
     cookie: bytes | str | None,
-    filter: str | int | None,
+    filter: Filter | int | None,
     dry_run: bool,
 ) -> pb.AdviseRangesRequest:
     """The AdviseRangesRequest for friendly arguments: names for advice and
-    filter, the cookie as bytes or base64, ranges as tuples or Vmas."""
+    filter (or the proto's numbers, sent as they are), the cookie as bytes or
+    base64, ranges as tuples or Vmas."""
     if isinstance(cookie, str):
         cookie = base64.b64decode(cookie, validate=True)
     request = pb.AdviseRangesRequest(
         pid=pid,
-        advice=_enum(advice, ADVICE_NAMES, "advice"),
+        # The stubs type enum fields by their enum class; any int is a value protobuf accepts.
+        advice=cast(pb.Advice, _enum(advice, ADVICE_NAMES, "advice")),
         cookie=cookie or b"",
-        filter=pb.FILTER_UNSPECIFIED if filter is None else _enum(filter, FILTER_NAMES, "filter"),
+        filter=cast(pb.Filter, _enum("none" if filter is None else filter, FILTER_NAMES, "filter")),
         dry_run=dry_run,
     )
     add = request.ranges.add
@@ -141,7 +156,9 @@ class Attempts:
     from now, or the client's own ``deadline`` (a per-host budget in a fleet)
     when that comes first; every attempt and every backoff fits inside it."""
 
-    def __init__(self, call: Call, timeout: float, deadline: float | None, policy: RetryPolicy, target: str) -> None:
+    def __init__(
+        self, call: Call[Any], timeout: float, deadline: float | None, policy: RetryPolicy, target: str
+    ) -> None:
         self.call = call
         self.target = target
         self.policy = policy if call.retryable else RetryPolicy(attempts=1)

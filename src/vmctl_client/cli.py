@@ -97,7 +97,7 @@ class ProgressBar:
 
     def advance(self, note: str | None = None) -> None:
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, advance=1, **({"description": note} if note else {}))
+            self._progress.update(self._task, advance=1, description=note)  # None keeps the description
 
 
 @contextmanager
@@ -117,7 +117,7 @@ def progress_bar(description: str) -> Iterator[ProgressBar]:
 @dataclass(frozen=True)
 class Command:
     run: Callable[[Client, argparse.Namespace, ProgressBar | None], Any]
-    to_json: Callable[[Any], dict]
+    to_json: Callable[[Any], dict[str, Any]]
     to_table: Callable[[Any, argparse.Namespace], str]
     exit_code: Callable[[Any], int] = lambda result: EXIT_OK
 
@@ -381,7 +381,7 @@ def _run_fleet(targets: list[str], args: argparse.Namespace, tls: TlsOptions, ou
     with progress_bar(f"{args.command}: {len(fleet.targets)} hosts") as bar:
         bar.start(len(fleet.targets))
 
-        def on_done(result: HostResult) -> None:
+        def on_done(result: HostResult[Any]) -> None:
             nonlocal failed
             failed += not result.ok
             bar.advance(f"{args.command}: {failed} failed" if failed else None)

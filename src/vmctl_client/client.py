@@ -9,6 +9,7 @@ from typing import TypeVar
 import grpc
 
 from vmctl_api import vmctl_pb2_grpc as pb_grpc
+from vmctl_api.words import Advice, Filter
 from vmctl_client import calls
 from vmctl_client.calls import READ_RETRY, Attempts, Attrs, Call, RangeLike, RetryPolicy
 from vmctl_client.channel import DEFAULT_TIMEOUT, TlsOptions, default_target, open_channel
@@ -74,10 +75,10 @@ class Client:
         self,
         pid: int,
         ranges: Iterable[RangeLike],
-        advice: str | int = "pageout",
+        advice: Advice | int = "pageout",
         *,
         cookie: bytes | str | None = None,
-        filter: str | int | None = None,
+        filter: Filter | int | None = None,
         dry_run: bool = False,
         timeout: float | None = None,
     ) -> AdviceResult:

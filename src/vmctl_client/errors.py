@@ -6,9 +6,13 @@ picks the class, so callers can ``except StaleCookieError`` and re-read.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+from vmctl_api.words import ERROR_DOMAIN, REASONS
 
 
 class VmctlError(Exception):
@@ -30,7 +34,7 @@ class VmctlError(Exception):
         self.metadata = metadata or {}
         self.target = target
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "code": self.code,
             "reason": self.reason,
@@ -76,23 +80,6 @@ class AuditUnavailableError(AgentUnavailableError):
     no advice until it can; reads still work. Its operator must act."""
 
 
-_BY_REASON: dict[str, type[VmctlError]] = {
-    "LAYOUT_CHANGED": StaleCookieError,
-    "PROCESS_CHANGED": ProcessChangedError,
-    "PROCESS_GONE": ProcessGoneError,
-    "AGENT_STOPPING": AgentStoppingError,
-    "AUDIT_UNAVAILABLE": AuditUnavailableError,
-}
-
-# The domain of the agent's ErrorInfo: an answer carrying it came from the
-# agent itself, not from the transport or a proxy on the way.
-AGENT_DOMAIN = "vmctl.dev"
-
-# What the agent means by a reason, for an answer that came without a message.
-_AGENT_MEANS = {
-    "AGENT_STOPPING": "the agent is shutting down; the call was not started",
-    "AUDIT_UNAVAILABLE": "the agent refuses advice until its audit log can be written",
-}
 _BY_CODE: dict[grpc.StatusCode, type[VmctlError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
     grpc.StatusCode.NOT_FOUND: ProcessGoneError,
@@ -100,6 +87,18 @@ _BY_CODE: dict[grpc.StatusCode, type[VmctlError]] = {
     grpc.StatusCode.UNAUTHENTICATED: PermissionDeniedError,
     grpc.StatusCode.UNAVAILABLE: AgentUnavailableError,
 }
+# The reasons that say more than their status code: what to do next differs.
+_SAYS_MORE_THAN_ITS_CODE: dict[str, type[VmctlError]] = {
+    "LAYOUT_CHANGED": StaleCookieError,
+    "PROCESS_CHANGED": ProcessChangedError,
+    "AGENT_STOPPING": AgentStoppingError,
+    "AUDIT_UNAVAILABLE": AuditUnavailableError,
+}
+ERRORS_BY_REASON: dict[str, type[VmctlError]] = {
+    reason: _SAYS_MORE_THAN_ITS_CODE.get(reason) or _BY_CODE.get(grpc.StatusCode[meaning.status], VmctlError)
+    for reason, meaning in REASONS.items()
+}
+"""The class raised for each reason the agent can send (:data:`vmctl_api.words.REASONS`)."""
 
 
 def error_info(call: grpc.Call) -> error_details_pb2.ErrorInfo | None:
@@ -121,16 +120,17 @@ def from_rpc_error(exc: grpc.RpcError, target: str = "") -> VmctlError:
     """The VmctlError for a failed call, from a sync ``grpc.Call`` error or a
     ``grpc.aio.AioRpcError`` (which has the same methods but not the type)."""
     is_call = callable(getattr(exc, "code", None)) and callable(getattr(exc, "trailing_metadata", None))
-    code = exc.code() if is_call else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
-    details = (exc.details() if is_call else None) or ""  # type: ignore[attr-defined]
+    code = exc.code() if is_call else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if is_call else None) or ""
     message = details or str(exc)
-    info = error_info(exc) if is_call else None  # type: ignore[arg-type]
+    info = error_info(exc) if is_call else None  # type: ignore[arg-type]  # an aio error is no grpc.Call
     reason = info.reason if info else ""
-    cls = _BY_REASON.get(reason) or _BY_CODE.get(code, VmctlError)
-    if info is not None and info.domain == AGENT_DOMAIN and reason:
-        # The agent itself answered: its own words. An UNAVAILABLE it sent
-        # (stopping, audit log unwritable) is not "no agent answers".
-        message = details or _AGENT_MEANS.get(reason, message)
+    cls = ERRORS_BY_REASON.get(reason) or _BY_CODE.get(code, VmctlError)
+    if info is not None and info.domain == ERROR_DOMAIN and reason:
+        # The agent itself answered (a proxy or the transport would not use
+        # its domain): its own words. An UNAVAILABLE it sent (stopping, audit
+        # log unwritable) is not "no agent answers".
+        message = details or (REASONS[reason].means if reason in REASONS else message)
     elif cls is AgentUnavailableError and target.startswith("unix:") and "Permission denied" in message:
         message = (
             f"this user may not connect to the agent's socket at {target} ({message}). Run as root, or ask the"

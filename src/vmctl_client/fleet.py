@@ -12,8 +12,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeAlias, TypeVar
 
 from vmctl_client.aio import AsyncClient
 from vmctl_client.calls import READ_RETRY, RetryPolicy
@@ -28,16 +28,28 @@ DEFAULT_CONCURRENCY = 16
 
 
 @dataclass(frozen=True)
-class HostResult(Generic[T]):
-    """One host's outcome: ``value`` when ``ok``, else ``error``."""
+class HostDone(Generic[T]):
+    """A host whose operation returned ``value``."""
 
     target: str
-    value: T | None = None
-    error: VmctlError | None = None
+    value: T
+    ok: Literal[True] = field(default=True, init=False, repr=False)
+    error: None = field(default=None, init=False, repr=False)
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
+
+@dataclass(frozen=True)
+class HostFailed:
+    """A host whose operation failed with ``error``."""
+
+    target: str
+    error: VmctlError
+    ok: Literal[False] = field(default=False, init=False, repr=False)
+    value: None = field(default=None, init=False, repr=False)
+
+
+HostResult: TypeAlias = HostDone[T] | HostFailed
+"""One host's outcome: ``value`` when ``ok``, else ``error``. ``if host.ok:``
+tells a type checker which of the two it is."""
 
 
 def host_error(exc: Exception, target: str) -> VmctlError:
@@ -104,9 +116,9 @@ class Fleet:
         deadline = time.monotonic() + self.host_deadline
         try:
             with Client(target, tls=self.tls, timeout=self.timeout, deadline=deadline, retry=self.retry) as client:
-                return HostResult(target, value=op(client))
+                return HostDone(target, op(client))
         except Exception as exc:
-            return HostResult(target, error=host_error(exc, target))
+            return HostFailed(target, host_error(exc, target))
 
     async def run_async(
         self,
@@ -125,16 +137,16 @@ class Fleet:
                     async with AsyncClient(
                         target, tls=self.tls, timeout=self.timeout, deadline=deadline, retry=self.retry
                     ) as client:
-                        result = HostResult(target, value=await asyncio.wait_for(op(client), self.host_deadline))
+                        result: HostResult[T] = HostDone(target, await asyncio.wait_for(op(client), self.host_deadline))
                 except asyncio.TimeoutError:
                     error = VmctlError(
                         f"{target}: not done within the host deadline ({self.host_deadline:g} s)",
                         code="DEADLINE_EXCEEDED",
                         target=target,
                     )
-                    result = HostResult(target, error=error)
+                    result = HostFailed(target, error)
                 except Exception as exc:
-                    result = HostResult(target, error=host_error(exc, target))
+                    result = HostFailed(target, host_error(exc, target))
             if on_done is not None:
                 on_done(result)
             return result

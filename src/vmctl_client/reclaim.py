@@ -18,7 +18,9 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from vmctl_api.words import FILTERS, Advice, Filter, Kind
 from vmctl_client.client import Client
 from vmctl_client.errors import ProcessChangedError, ProcessGoneError, StaleCookieError, VmctlError
 from vmctl_client.types import RangeResult, Vma, VmaInfo
@@ -28,7 +30,7 @@ DEFAULT_RETRIES = 3
 # right now is likely to go on for a moment; waiting a little (and not in step
 # with other controllers) gives the next snapshot a better chance to hold.
 RETRY_BASE_SECONDS = 0.02
-KINDS_BY_FILTER = {"anonymous": ("anonymous",), "file": ("file",), "none": ("anonymous", "file")}
+KINDS_BY_FILTER: dict[Filter, tuple[Kind, ...]] = {name: filter_.kinds for name, filter_ in FILTERS.items()}
 
 # Per-process outcomes, from best to worst.
 DONE, GONE, CHANGED, STALE, ERROR = "done", "gone", "changed", "stale", "error"
@@ -54,7 +56,7 @@ class ProcessReclaim:
     swap_after: int = 0
     error: VmctlError | None = None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "pid": self.pid,
             "comm": self.comm,
@@ -77,8 +79,8 @@ class ProcessReclaim:
 class ReclaimReport:
     """Reclaim over one process or a cgroup on one host."""
 
-    advice: str
-    filter: str
+    advice: Advice
+    filter: Filter
     dry_run: bool
     cgroup: str | None
     processes: list[ProcessReclaim]
@@ -103,7 +105,7 @@ class ReclaimReport:
         order = (DONE, GONE, CHANGED, STALE, ERROR)
         return max((p.status for p in self.processes), key=order.index, default=DONE)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "advice": self.advice,
             "filter": self.filter,
@@ -122,7 +124,7 @@ class ReclaimReport:
         }
 
 
-def choose_ranges(info: VmaInfo, filter: str, min_rss: int) -> list[Vma]:
+def choose_ranges(info: VmaInfo, filter: Filter, min_rss: int) -> list[Vma]:
     """The VMAs worth advising: of a kind the filter admits (never the
     kernel's special mappings), with at least ``min_rss`` bytes resident
     (and at least one page: advising what is not resident does nothing)."""
@@ -143,8 +145,8 @@ def reclaim_process(
     client: Client,
     pid: int,
     *,
-    advice: str = "pageout",
-    filter: str = "anonymous",
+    advice: Advice = "pageout",
+    filter: Filter = "anonymous",
     min_rss: int = 0,
     retries: int = DEFAULT_RETRIES,
     dry_run: bool = False,
@@ -207,8 +209,8 @@ def reclaim(
     *,
     pid: int | None = None,
     cgroup: str | None = None,
-    advice: str = "pageout",
-    filter: str = "anonymous",
+    advice: Advice = "pageout",
+    filter: Filter = "anonymous",
     min_rss: int = 0,
     retries: int = DEFAULT_RETRIES,
     dry_run: bool = False,

@@ -4,115 +4,103 @@ A 65,530-VMA snapshot is one protobuf message; :class:`VmaList` wraps its
 entries lazily, so nothing is built per VMA until it is looked at, and
 :meth:`VmaList.column` reads one attribute of every VMA without a view at all.
 AdviseRanges's per-range results are lazy the same way (:class:`RangeResultList`).
-Attributes are named by lowercase words (``rss``, ``pss``, ``swap``) in bytes.
+Attributes are named by lowercase words (``rss``, ``pss``, ``swap``) in bytes;
+the words, groups, advice and filter names are :mod:`vmctl_api.words`'.
+
+Every field of a view is declared with its type (``rss: int``), so type
+checkers and IDEs see it, and reads its message field through a C getter
+(:func:`_reads`), so a declared field costs no more than the message's own.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import overload
+from typing import Any, Literal, overload
 
 from vmctl_api import vmctl_pb2 as pb
+from vmctl_api.words import (
+    ADVICE_BY_NUMBER,
+    ADVICES,
+    ATTR_LAYOUT,
+    FILTERS,
+    GROUP_WORDS,
+    GROUPS,
+    KIND_NAMES,
+    VMA_FIELDS,
+    WORD_GROUP,
+    Attr,
+    AttrWord,
+    Kind,
+)
 
-# Attribute words by the VmaAttr group that fills them.
-LAYOUT_WORDS = ("start", "end", "perms", "offset", "dev_major", "dev_minor", "inode", "path", "kind")
-GROUP_WORDS: dict[int, tuple[str, ...]] = {
-    pb.VMA_ATTR_BUILD_ID: ("build_id",),
-    pb.VMA_ATTR_RESIDENCY: ("rss", "swap"),
-    pb.VMA_ATTR_ACCOUNTING: (
-        "pss",
-        "pss_dirty",
-        "referenced",
-        "anonymous",
-        "shared_clean",
-        "shared_dirty",
-        "private_clean",
-        "private_dirty",
-        "ksm",
-        "lazy_free",
-        "anon_huge_pages",
-        "shmem_pmd_mapped",
-        "file_pmd_mapped",
-        "shared_hugetlb",
-        "private_hugetlb",
-        "swap_pss",
-        "locked",
-        "kernel_page_size",
-        "mmu_page_size",
-        "thp_eligible",
-        "vm_flags",
-    ),
-}
-GROUP_NAMES = {
-    "layout": pb.VMA_ATTR_LAYOUT,
-    "build_id": pb.VMA_ATTR_BUILD_ID,
-    "residency": pb.VMA_ATTR_RESIDENCY,
-    "accounting": pb.VMA_ATTR_ACCOUNTING,
-    "all": pb.VMA_ATTR_LAYOUT | pb.VMA_ATTR_BUILD_ID | pb.VMA_ATTR_RESIDENCY | pb.VMA_ATTR_ACCOUNTING,
-}
-WORD_GROUP = {word: group for group, words in GROUP_WORDS.items() for word in words}
-WORD_GROUP.update(dict.fromkeys(LAYOUT_WORDS, pb.VMA_ATTR_LAYOUT))
-ATTR_WORDS = sorted(set(WORD_GROUP) | set(GROUP_NAMES))
-# Words whose proto field carries a _bytes suffix.
-_NOT_BYTES = {"build_id", "thp_eligible", "vm_flags"}
-KIND_NAMES = {pb.VMA_KIND_ANONYMOUS: "anonymous", pb.VMA_KIND_FILE: "file", pb.VMA_KIND_SPECIAL: "special"}
-ADVICE_NAMES = {
-    "cold": pb.ADVICE_COLD,
-    "pageout": pb.ADVICE_PAGEOUT,
-    "willneed": pb.ADVICE_WILLNEED,
-    "collapse": pb.ADVICE_COLLAPSE,
-}
-FILTER_NAMES = {"none": pb.FILTER_UNSPECIFIED, "anonymous": pb.FILTER_ANONYMOUS, "file": pb.FILTER_FILE}
+LAYOUT_WORDS = GROUP_WORDS[ATTR_LAYOUT]
+# The VmaAttr bits of each word and group, by the names attr_mask takes.
+_MASKS: dict[str, int] = {name: bits for table in (WORD_GROUP, GROUPS) for name, bits in table.items()}
+ATTR_WORDS: list[str] = sorted(_MASKS)
+# The proto's numbers by the names the library and the CLI take.
+ADVICE_NAMES: dict[str, int] = {name: numbers.number for name, numbers in ADVICES.items()}
+FILTER_NAMES: dict[str, int] = {name: kinds.number for name, kinds in FILTERS.items()}
 
 
-def attr_mask(attrs: Sequence[str] | str | int | None) -> int:
-    """The VmaAttr mask for attribute words ("rss", "pss", "accounting", ...)."""
+def attr_mask(attrs: Iterable[Attr] | Attr | str | int | None) -> int:
+    """The VmaAttr mask for attribute words ("rss", "pss", "accounting", ...),
+    or for a comma-separated list of them (as the CLI takes them)."""
     if attrs is None:
-        return pb.VMA_ATTR_LAYOUT
+        return ATTR_LAYOUT
     if isinstance(attrs, int):
         return attrs
-    if isinstance(attrs, str):
-        attrs = [a for a in attrs.split(",") if a.strip()]
-    mask = pb.VMA_ATTR_LAYOUT
-    for word in attrs:
-        word = word.strip().lower()
-        if word in GROUP_NAMES:
-            mask |= GROUP_NAMES[word]
-        elif word in WORD_GROUP:
-            mask |= WORD_GROUP[word]
-        else:
-            raise ValueError(f"unknown attribute {word!r}; known: {', '.join(ATTR_WORDS)}")
+    words: Iterable[str] = [a for a in attrs.split(",") if a.strip()] if isinstance(attrs, str) else attrs
+    mask = ATTR_LAYOUT
+    for word in words:
+        try:
+            mask |= _MASKS[word.strip().lower()]
+        except KeyError:
+            raise ValueError(f"unknown attribute {word.strip()!r}; known: {', '.join(ATTR_WORDS)}") from None
     return mask
 
 
-def words_for_mask(mask: int) -> list[str]:
-    return [word for group, words in GROUP_WORDS.items() if mask & group for word in words]
+def words_for_mask(mask: int) -> list[AttrWord]:
+    """The words the groups of ``mask`` fill, beyond the layout every VMA has."""
+    return [word for group, words in GROUP_WORDS.items() if group != ATTR_LAYOUT and mask & group for word in words]
 
 
-def _field(word: str) -> str:
-    return word if word in _NOT_BYTES else f"{word}_bytes"
+def _reads(path: str) -> Any:
+    """A read-only attribute reading ``path`` (``"_m.rss_bytes"``) with
+    ``operator.attrgetter``: a property over a C function, so reading it runs
+    no Python frame. Typed ``Any`` so that the annotation it is assigned to
+    (``rss: int = ...``) is the type checkers see."""
+    return property(attrgetter(path))
 
 
-class _KindNames(dict):
-    """KIND_NAMES, with "unknown" for any other value (read in C by map())."""
+def _field(word: AttrWord) -> Any:
+    """The attribute of a :class:`Vma` that reads ``word``'s message field."""
+    return _reads(f"_m.{VMA_FIELDS[word]}")
 
-    def __missing__(self, kind: int) -> str:
+
+class _KindNames(dict[int, Kind | Literal["unknown"]]):
+    """KIND_NAMES, with "unknown" for any other value."""
+
+    def __missing__(self, kind: int) -> Literal["unknown"]:
         return "unknown"
 
 
-_KIND_LOOKUP = _KindNames(KIND_NAMES).__getitem__
+_KIND_LOOKUP = _KindNames(KIND_NAMES).__getitem__  # for a column: called in C by map()
 _GET_KIND = attrgetter("kind")
+# For one view: bound once, because CPython 3.11 compiles a method call through
+# an imported name (KIND_NAMES.get(...)) into an attribute load and a new bound
+# method per call, a fifth slower per VMA; dict.get is the fastest call there is.
+_KIND_NAME = KIND_NAMES.get
 
 
 class Vma:
     """One VMA. Layout fields always; attributes in bytes when they were asked for.
 
-    A view: it holds the reply's message and reads fields on demand. Each
-    attribute is a property over ``operator.attrgetter`` (C, no Python frame),
-    so iterating 65,530 of them costs little more than iterating the messages.
+    A view: it holds the reply's message and reads fields on demand, each
+    through a C getter, so iterating 65,530 of them costs little more than
+    iterating the messages.
     """
 
     __slots__ = ("_m",)
@@ -120,18 +108,46 @@ class Vma:
     def __init__(self, message: pb.Vma) -> None:
         self._m = message
 
-    start = property(attrgetter("_m.start"))
-    end = property(attrgetter("_m.end"))
-    perms = property(attrgetter("_m.perms"))
-    offset = property(attrgetter("_m.offset"))
-    dev_major = property(attrgetter("_m.dev_major"))
-    dev_minor = property(attrgetter("_m.dev_minor"))
-    inode = property(attrgetter("_m.inode"))
-    path = property(attrgetter("_m.path"))
+    # layout
+    start: int = _field("start")
+    end: int = _field("end")
+    perms: str = _field("perms")
+    offset: int = _field("offset")
+    dev_major: int = _field("dev_major")
+    dev_minor: int = _field("dev_minor")
+    inode: int = _field("inode")
+    path: str = _field("path")
+    # build_id
+    build_id: bytes = _field("build_id")
+    # residency
+    rss: int = _field("rss")
+    swap: int = _field("swap")
+    # accounting
+    pss: int = _field("pss")
+    pss_dirty: int = _field("pss_dirty")
+    referenced: int = _field("referenced")
+    anonymous: int = _field("anonymous")
+    shared_clean: int = _field("shared_clean")
+    shared_dirty: int = _field("shared_dirty")
+    private_clean: int = _field("private_clean")
+    private_dirty: int = _field("private_dirty")
+    ksm: int = _field("ksm")
+    lazy_free: int = _field("lazy_free")
+    anon_huge_pages: int = _field("anon_huge_pages")
+    shmem_pmd_mapped: int = _field("shmem_pmd_mapped")
+    file_pmd_mapped: int = _field("file_pmd_mapped")
+    shared_hugetlb: int = _field("shared_hugetlb")
+    private_hugetlb: int = _field("private_hugetlb")
+    swap_pss: int = _field("swap_pss")
+    locked: int = _field("locked")
+    kernel_page_size: int = _field("kernel_page_size")
+    mmu_page_size: int = _field("mmu_page_size")
+    thp_eligible: bool = _field("thp_eligible")
+    vm_flags: str = _field("vm_flags")
 
     @property
-    def kind(self) -> str:
-        return KIND_NAMES.get(self._m.kind, "unknown")
+    def kind(self) -> Kind | Literal["unknown"]:
+        return _KIND_NAME(self._m.kind, "unknown")
 
     @property
     def raw_path(self) -> bytes:
@@ -149,9 +165,9 @@ class Vma:
     def __repr__(self) -> str:
         return f"Vma(0x{self.start:x}-0x{self.end:x} {self.perms} {self.path!r})"
 
-    def to_json(self, words: Sequence[str]) -> dict:
+    def to_json(self, words: Sequence[AttrWord]) -> dict[str, Any]:
         m = self._m
-        data: dict = {
+        data: dict[str, Any] = {
             "start": m.start,
             "end": m.end,
             "perms": m.perms,
@@ -163,16 +179,9 @@ class Vma:
             "kind": self.kind,
         }
         for word in words:
-            value = getattr(m, _field(word))
+            value = getattr(m, VMA_FIELDS[word])
             data[word] = value.hex() if isinstance(value, bytes) else value
         return data
-
-
-# The attribute words (rss, pss, swap, ...) read their ``_bytes`` fields.
-for _word in WORD_GROUP:
-    if not hasattr(Vma, _word):
-        setattr(Vma, _word, property(attrgetter(f"_m.{_field(_word)}")))
-del _word
 
 
 class VmaList(Sequence[Vma]):
@@ -198,18 +207,16 @@ class VmaList(Sequence[Vma]):
     def __iter__(self) -> Iterator[Vma]:
         return map(Vma, self._items)
 
-    def column(self, word: str) -> list:
+    def column(self, word: AttrWord) -> list[Any]:
         """Every VMA's ``word`` (``start``, ``end``, ``perms``, ``path``,
         ``kind``, ``rss``, ``pss``, ...: a field of :class:`Vma`), in order,
         read straight from the messages: for a whole column a few times
         cheaper than ``[v.start for v in vmas]``."""
         if word == "kind":
             return list(map(_KIND_LOOKUP, map(_GET_KIND, self._items)))
-        if word in LAYOUT_WORDS:
-            return list(map(attrgetter(word), self._items))
-        if word in WORD_GROUP:
-            return list(map(attrgetter(_field(word)), self._items))
-        raise ValueError(f"no column {word!r}; known: {', '.join(sorted({*LAYOUT_WORDS, *WORD_GROUP}))}")
+        if word in VMA_FIELDS:
+            return list(map(attrgetter(VMA_FIELDS[word]), self._items))
+        raise ValueError(f"no column {word!r}; known: {', '.join(sorted(VMA_FIELDS))}")
 
 
 @dataclass(frozen=True)
@@ -222,7 +229,7 @@ class ProcessRef:
     def from_pb(cls, m: pb.Process) -> ProcessRef:
         return cls(m.pid, m.start_time, m.comm)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"pid": self.pid, "start_time": self.start_time, "comm": self.comm}
 
 
@@ -234,14 +241,14 @@ class VmaInfo:
         self.process = ProcessRef.from_pb(reply.process)
         self.cookie: bytes = reply.cookie
         self.result_mask: int = reply.result_mask
-        self.result_attrs: list[str] = words_for_mask(reply.result_mask)
+        self.result_attrs: list[AttrWord] = words_for_mask(reply.result_mask)
         self.vmas = VmaList(reply.vmas)
 
     @property
     def cookie_b64(self) -> str:
         return base64.b64encode(self.cookie).decode()
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         words = self.result_attrs
         return {
             "process": self.process.to_json(),
@@ -263,12 +270,12 @@ class RangeResult:
     def __init__(self, message: pb.RangeResult) -> None:
         self._m = message
 
-    start = property(attrgetter("_m.start"))
-    end = property(attrgetter("_m.end"))
-    advised_bytes = property(attrgetter("_m.advised_bytes"))
-    skipped_bytes = property(attrgetter("_m.skipped_bytes"))
-    error = property(attrgetter("_m.error"))
-    errno = property(attrgetter("_m.errno"))
+    start: int = _reads("_m.start")
+    end: int = _reads("_m.end")
+    advised_bytes: int = _reads("_m.advised_bytes")
+    skipped_bytes: int = _reads("_m.skipped_bytes")
+    error: str = _reads("_m.error")
+    errno: int = _reads("_m.errno")
 
     @property
     def message(self) -> pb.RangeResult:
@@ -290,7 +297,7 @@ class RangeResult:
             f" skipped_bytes={self.skipped_bytes}, error={self.error!r})"
         )
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         m = self._m
         return {
             "start": m.start,
@@ -339,7 +346,7 @@ class AdviceResult:
         self.dry_run: bool = reply.dry_run
         self.ranges = RangeResultList(reply.ranges)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "process": self.process.to_json(),
             "requested_bytes": self.requested_bytes,
@@ -352,23 +359,24 @@ class AdviceResult:
 
 class ProcessInfo:
     """One ListProcesses entry: identity, cgroup, and a cheap rollup in bytes
-    (``rss``, ``swap``). Every field of the message reads through as well."""
+    (``rss``, ``swap``). Every field of the message reads through as well,
+    under its own name (``rss_bytes``)."""
 
     __slots__ = ("_m",)
 
     def __init__(self, message: pb.ProcessInfo) -> None:
         self._m = message
 
-    pid = property(attrgetter("_m.pid"))
-    start_time = property(attrgetter("_m.start_time"))
-    comm = property(attrgetter("_m.comm"))
-    cgroup = property(attrgetter("_m.cgroup"))
-    container_id = property(attrgetter("_m.container_id"))
-    uid = property(attrgetter("_m.uid"))
-    ppid = property(attrgetter("_m.ppid"))
-    rss = property(attrgetter("_m.rss_bytes"))
-    swap = property(attrgetter("_m.swap_bytes"))
-    vma_count = property(attrgetter("_m.vma_count"))
+    pid: int = _reads("_m.pid")
+    start_time: int = _reads("_m.start_time")
+    comm: str = _reads("_m.comm")
+    cgroup: str = _reads("_m.cgroup")
+    container_id: str = _reads("_m.container_id")
+    uid: int = _reads("_m.uid")
+    ppid: int = _reads("_m.ppid")
+    rss: int = _reads("_m.rss_bytes")
+    swap: int = _reads("_m.swap_bytes")
+    vma_count: int = _reads("_m.vma_count")
 
     @property
     def message(self) -> pb.ProcessInfo:
@@ -385,7 +393,7 @@ class ProcessInfo:
     def __repr__(self) -> str:
         return f"ProcessInfo(pid={self.pid}, comm={self.comm!r}, cgroup={self.cgroup!r})"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "pid": self.pid,
             "start_time": self.start_time,
@@ -403,20 +411,31 @@ class ProcessInfo:
 class NodeInfo:
     """GetNodeInfo's answer, with sizes in bytes under short names
     (``mem_total``, ``swap_free``, ...), ``advice_names``, and ``to_json``.
-    Every field of the message reads through (``capabilities``, ``boot_id``)."""
+    Every field of the message reads through under its own name as well
+    (``mem_total_bytes``)."""
+
+    __slots__ = ("reply",)
 
     def __init__(self, reply: pb.GetNodeInfoResponse) -> None:
         self.reply = reply
 
-    mem_total = property(attrgetter("reply.mem_total_bytes"))
-    mem_available = property(attrgetter("reply.mem_available_bytes"))
-    swap_total = property(attrgetter("reply.swap_total_bytes"))
-    swap_free = property(attrgetter("reply.swap_free_bytes"))
+    hostname: str = _reads("reply.hostname")
+    kernel: str = _reads("reply.kernel")
+    machine: str = _reads("reply.machine")
+    boot_id: str = _reads("reply.boot_id")
+    agent_version: str = _reads("reply.agent_version")
+    page_size: int = _reads("reply.page_size")
+    mem_total: int = _reads("reply.mem_total_bytes")
+    mem_available: int = _reads("reply.mem_available_bytes")
+    swap_total: int = _reads("reply.swap_total_bytes")
+    swap_free: int = _reads("reply.swap_free_bytes")
+    capabilities: pb.Capabilities = _reads("reply.capabilities")
 
     @property
     def advice_names(self) -> list[str]:
-        """The advices this kernel accepts, by name ("cold", "pageout", ...)."""
-        return [pb.Advice.Name(a).removeprefix("ADVICE_").lower() for a in self.reply.capabilities.advices]
+        """The advices this kernel accepts, by name ("cold", "pageout", ...;
+        the number of one newer than this client)."""
+        return [ADVICE_BY_NUMBER.get(a, str(a)) for a in self.reply.capabilities.advices]
 
     @property
     def memory_pressure(self) -> dict[str, dict[str, float]] | None:
@@ -432,9 +451,9 @@ class NodeInfo:
     def __getattr__(self, name: str) -> object:
         return getattr(self.reply, name)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         info, caps = self.reply, self.reply.capabilities
-        data: dict = {
+        data: dict[str, Any] = {
             "hostname": info.hostname,
             "kernel": info.kernel,
             "machine": info.machine,

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmctl_api.words import CookieOutcome
 from vmctl_server.core import files
 
 log = logging.getLogger("vmctl.audit")
@@ -50,17 +51,8 @@ STDOUT = "-"
 FOLD_SECONDS = 60.0  # one record per kind of early refusal per identity per minute, plus a count
 MAX_FOLDED_KINDS = 4096  # kinds of refusal tracked at once; the oldest are written out beyond this
 
-# What became of an AdviseRanges call's cookie, in the audit log and the metrics alike.
-COOKIE_OUTCOMES = {
-    "valid": "the cookie passed every check",
-    "absent": "no cookie, and the policy does not require one",
-    "missing": "COOKIE_REQUIRED: no cookie where one is required",
-    "invalid": "COOKIE_INVALID: forged, edited, truncated, another key, host, boot or pid",
-    "process_changed": "PROCESS_CHANGED: the pid was reused or the process exec'd",
-    "layout_changed": "LAYOUT_CHANGED: the address space moved since the cookie",
-    "unchecked": "the call was refused before its cookie was checked to the end",
-}
-_COOKIE_BY_REASON = {
+# The cookie outcome of a refusal for each reason that judges the cookie itself.
+_COOKIE_BY_REASON: dict[str, CookieOutcome] = {
     "COOKIE_REQUIRED": "missing",
     "COOKIE_INVALID": "invalid",
     "LAYOUT_CHANGED": "layout_changed",
@@ -70,8 +62,10 @@ _COOKIE_BY_REASON = {
 _AFTER_COOKIE = {"RANGE_UNMAPPED", "AUDIT_UNAVAILABLE"}
 
 
-def cookie_outcome(sent: bool, status: str, reason: str) -> str:
-    """One of :data:`COOKIE_OUTCOMES` for a call that ended with ``status`` and ``reason``."""
+def cookie_outcome(sent: bool, status: str, reason: str) -> CookieOutcome:
+    """What became of the cookie of a call that ended with ``status`` and
+    ``reason``: one of :data:`vmctl_api.words.COOKIE_OUTCOMES`, the words of
+    the metrics too."""
     if reason in _COOKIE_BY_REASON:
         return _COOKIE_BY_REASON[reason]
     if not sent:

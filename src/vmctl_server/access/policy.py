@@ -56,9 +56,9 @@ from typing import Any
 
 import yaml
 
+from vmctl_api.words import ADVICES
 from vmctl_server.access.identity import RESERVED_SCHEMES, Caller
 from vmctl_server.core import cgroups
-from vmctl_server.core.advice import ADVICES
 from vmctl_server.core.faults import PolicyDenied, ProtectedTarget, Unauthenticated
 from vmctl_server.core.targets import Target
 

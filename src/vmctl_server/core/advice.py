@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from vmctl_api.words import ADVICE_BY_NUMBER, ADVICES, FILTERS, KINDS, Advice
 from vmctl_server.core import kernel, procfs
 from vmctl_server.core.cookie import CookieClaims, CookieSigner
 from vmctl_server.core.faults import (
@@ -37,29 +38,17 @@ from vmctl_server.core.faults import (
     ProcessChanged,
     ProcessGone,
 )
-from vmctl_server.core.layout import KIND_ANONYMOUS, KIND_FILE, Layout, layout_digest
+from vmctl_server.core.layout import Layout, layout_digest
 from vmctl_server.core.snapshot import Identity, SnapshotReader, check_pid, read_identity
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
-# Values of vmctl.v1.Advice, by name, with the madvise(2) number each means.
-ADVICES = {
-    "cold": (1, kernel.MADV_COLD),
-    "pageout": (2, kernel.MADV_PAGEOUT),
-    "willneed": (3, kernel.MADV_WILLNEED),
-    "collapse": (4, kernel.MADV_COLLAPSE),
-}
-ADVICE_BY_NUMBER = {number: name for name, (number, _madv) in ADVICES.items()}
+# Values of vmctl.v1.Filter, each with the VmaKind values it admits.
+FILTER_KINDS = {filter_.number: tuple(KINDS[kind] for kind in filter_.kinds) for filter_ in FILTERS.values()}
+FILTER_NONE = FILTERS["none"].number
 
-# Values of vmctl.v1.Filter: which VMA kinds each admits.
-FILTER_NONE = 0
-FILTER_ANONYMOUS = 1
-FILTER_FILE = 2
-FILTER_KINDS = {
-    FILTER_NONE: (KIND_ANONYMOUS, KIND_FILE),
-    FILTER_ANONYMOUS: (KIND_ANONYMOUS,),
-    FILTER_FILE: (KIND_FILE,),
-}
+# The refusals range_fault words, each a VMCTL_RANGE_* of the C back-end too.
+RANGE_REASONS = ("RANGE_UNALIGNED", "RANGE_EMPTY", "RANGE_WRAPS", "RANGE_OVERLAP", "RANGE_UNMAPPED")
 
 DEFAULT_MAX_RANGES = 1 << 18  # above vm.max_map_count, so "every VMA" always fits
 
@@ -260,7 +249,7 @@ class CheckedRequest:
     about it depends on the process any more."""
 
     request: AdviceRequest
-    advice: str  # its name: "cold", "pageout", ...
+    advice: Advice  # its name
     claims: CookieClaims | None  # None: no cookie sent (and none required)
 
 
@@ -378,7 +367,7 @@ class Advisor:
         if request.dry_run:
             plan.dry_run()
         else:
-            syscall_count, first_error = plan.apply(target.pidfd, ADVICES[checked.advice][1])
+            syscall_count, first_error = plan.apply(target.pidfd, ADVICES[checked.advice].madvise)
             if first_error == errno_mod.ESRCH:
                 raise ProcessGone(f"process {request.pid} exited before it could be advised", pid=request.pid)
             if first_error == errno_mod.EPERM:

@@ -1,8 +1,9 @@
 """What can go wrong, as plain exceptions the core raises.
 
 The core (procfs, snapshot, cookie, advice) knows nothing of gRPC: it raises
-these, and ``status.py`` alone turns them into status codes. Each carries a
-machine-readable ``reason`` and metadata naming the field or range at fault.
+these, and ``transport/grpc_status.py`` alone turns them into statuses. Each
+carries a machine-readable ``reason``, one of :data:`vmctl_api.words.REASONS`
+(which gives its status code), and metadata naming the field or range at fault.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ class VmctlFault(Exception):
 
 
 class InvalidRequest(VmctlFault):
-    """A malformed field: the request can never succeed as sent."""
+    """A malformed field: the request can never succeed as sent. Its reason
+    says which check it failed (INVALID_PID, RANGE_UNALIGNED, ...), so every
+    refusal names one."""
 
-    reason = "INVALID_ARGUMENT"
+    def __init__(self, message: str, *, reason: str, **metadata: object) -> None:
+        super().__init__(message, reason=reason, **metadata)
 
 
 class CookieInvalid(VmctlFault):

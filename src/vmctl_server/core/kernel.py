@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import cffi
 
+from vmctl_api.words import ADVICES
 from vmctl_server.core.faults import AccessDenied, InvalidRequest, KernelUnsupported, ProcessGone
 
 # Kernel ABI shared with the native extension (see native/vmctl_native.h).
@@ -44,10 +45,10 @@ _libc = ffi.dlopen(None)
 SYS_PIDFD_OPEN = 434
 SYS_PROCESS_MADVISE = 440
 
-MADV_WILLNEED = 3
-MADV_COLD = 20
-MADV_PAGEOUT = 21
-MADV_COLLAPSE = 25
+MADV_WILLNEED = ADVICES["willneed"].madvise
+MADV_COLD = ADVICES["cold"].madvise
+MADV_PAGEOUT = ADVICES["pageout"].madvise
+MADV_COLLAPSE = ADVICES["collapse"].madvise
 
 UIO_MAXIOV = 1024  # iovecs per process_madvise call
 MAX_RW_COUNT = 0x7FFFF000  # INT_MAX & PAGE_MASK: bytes per call

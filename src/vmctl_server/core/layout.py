@@ -14,6 +14,8 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
+from vmctl_api.words import KIND_ANONYMOUS, KIND_FILE, KIND_SPECIAL
+
 # start, end, offset, inode, dev_major, dev_minor, perm flags, kind
 LAYOUT_RECORD = struct.Struct("<QQQQIIII")
 _U64_PER_RECORD = LAYOUT_RECORD.size // 8
@@ -23,11 +25,6 @@ PERM_READ = 1
 PERM_WRITE = 2
 PERM_EXEC = 4
 PERM_SHARED = 8
-
-# Values of vmctl.v1.VmaKind; the core keeps its own copy to stay free of gRPC.
-KIND_ANONYMOUS = 1
-KIND_FILE = 2
-KIND_SPECIAL = 3
 
 # User addresses lie below this on every 64-bit layout; only [vsyscall] is above.
 KERNEL_HALF = 1 << 63

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
+from vmctl_api.words import ATTR_ACCOUNTING, ATTR_ALL, ATTR_BUILD_ID, ATTR_LAYOUT, ATTR_RESIDENCY
 from vmctl_server.core import procfs
-from vmctl_server.core.attrs import ATTR_ACCOUNTING, ATTR_ALL, ATTR_BUILD_ID, ATTR_LAYOUT, ATTR_RESIDENCY
 from vmctl_server.core.cookie import CookieClaims
 from vmctl_server.core.faults import InvalidRequest, ProcessChanged
 from vmctl_server.core.layout import layout_digest

@@ -14,8 +14,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+from vmctl_api.words import ADVICES
 from vmctl_server.core import kernel
-from vmctl_server.core.advice import ADVICES
 from vmctl_server.core.faults import VmctlFault
 from vmctl_server.core.kernel import Capabilities
 

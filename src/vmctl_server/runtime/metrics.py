@@ -6,21 +6,6 @@ them and serves them. They live in their own registry so the HTTP endpoint
 shows the agent's series and the process's own (CPU, RSS, open fds), nothing
 a library registered on the side.
 
-series                                 meaning
-=====================================  =============================================================
-vmctl_grpc_calls_total                 calls finished, by service, method and status code
-vmctl_grpc_call_duration_seconds       latency histogram, same labels
-vmctl_grpc_calls_in_flight             calls being served now, by service and method
-vmctl_grpc_refusals_total              refused calls by method and ErrorInfo reason
-vmctl_advice_requested_bytes_total     bytes named by successful, non-dry-run AdviseRanges, by advice
-vmctl_advised_bytes_total              bytes the kernel reported advised, by advice
-vmctl_process_madvise_calls_total      process_madvise system calls made, by advice
-vmctl_cookie_checks_total              AdviseRanges calls by cookie outcome (audit.COOKIE_OUTCOMES)
-vmctl_agent_path                       1 for the path each component uses (native C or the fallback)
-vmctl_agent_info                       version
-process_*, python_*                    the agent process (prometheus-client's collectors)
-=====================================  =============================================================
-=======
 ========================================  ==================================================================
 series                                    meaning
 ========================================  ==================================================================
@@ -31,7 +16,7 @@ vmctl_grpc_refusals_total                 refused calls by method and ErrorInfo 
 vmctl_advice_requested_bytes_total        bytes named by successful, non-dry-run AdviseRanges, by advice
 vmctl_advised_bytes_total                 bytes the kernel reported advised, by advice
 vmctl_process_madvise_calls_total         process_madvise system calls made, by advice
-vmctl_cookie_checks_total                 AdviseRanges calls by cookie outcome (audit.COOKIE_OUTCOMES)
+vmctl_cookie_checks_total                 AdviseRanges calls by cookie outcome (words.COOKIE_OUTCOMES)
 vmctl_agent_path                          1 for the path each component uses (native C or the fallback)
 vmctl_gateway_connections                 unix-socket connections relayed now
 vmctl_gateway_connections_closed_total    relayed connections ended, by reason (GATEWAY_CLOSE_REASONS)
@@ -63,8 +48,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from vmctl_api.words import COOKIE_OUTCOMES
 from vmctl_server import __version__
-from vmctl_server.access.audit import COOKIE_OUTCOMES
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)

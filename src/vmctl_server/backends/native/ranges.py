@@ -16,16 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from vmctl_server.backends.native.tables import ffi, lib
-from vmctl_server.core.advice import FILTER_KINDS, PAGE_SIZE, RangeOutcome, range_fault
+from vmctl_server.core.advice import FILTER_KINDS, PAGE_SIZE, RANGE_REASONS, RangeOutcome, range_fault
 from vmctl_server.core.layout import LAYOUT_RECORD
 
-_FAULTS = {
-    lib.VMCTL_RANGE_UNALIGNED: "RANGE_UNALIGNED",
-    lib.VMCTL_RANGE_EMPTY: "RANGE_EMPTY",
-    lib.VMCTL_RANGE_WRAPS: "RANGE_WRAPS",
-    lib.VMCTL_RANGE_OVERLAP: "RANGE_OVERLAP",
-    lib.VMCTL_RANGE_UNMAPPED: "RANGE_UNMAPPED",
-}
+_FAULTS = {getattr(lib, f"VMCTL_{reason}"): reason for reason in RANGE_REASONS}
 # RangeResult.error names errnos as RangeOutcome.error does: Python's own table.
 _ERRNO_NAMES = [
     ffi.new("char[]", errno_mod.errorcode.get(number, str(number)).encode())

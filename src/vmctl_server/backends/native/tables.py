@@ -14,8 +14,8 @@ from __future__ import annotations
 import errno
 import os
 
+from vmctl_api.words import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
 from vmctl_server.core import kernel, procfs
-from vmctl_server.core.attrs import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
 from vmctl_server.core.layout import LAYOUT_RECORD
 
 try:

@@ -10,9 +10,9 @@ itself, which is what makes it a trustworthy reference for the C encoder.
 from __future__ import annotations
 
 from vmctl_api import vmctl_pb2 as pb
+from vmctl_api.words import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY, KIND_FILE
 from vmctl_server.core import kernel, procfs
-from vmctl_server.core.attrs import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
-from vmctl_server.core.layout import KERNEL_HALF, KIND_FILE, LAYOUT_RECORD, perm_flags, vma_kind
+from vmctl_server.core.layout import KERNEL_HALF, LAYOUT_RECORD, perm_flags, vma_kind
 
 # smaps keys reported in kB, by the Vma field that carries them in bytes.
 SMAPS_KB_FIELDS = {

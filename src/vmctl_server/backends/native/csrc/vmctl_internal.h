@@ -10,10 +10,18 @@
 #include <stdint.h>
 #include <string.h>
 
-/* vmctl_server.layout: VmaKind values and LAYOUT_RECORD ("<QQQQIIII") */
+/*
+ * The contract's numbers, as vmctl_api/words.py has them (tests/test_words.py
+ * reads these lines and compares): VmaKind values and VmaAttr bits.
+ */
 #define KIND_ANONYMOUS 1u
 #define KIND_FILE 2u
 #define KIND_SPECIAL 3u
+#define ATTR_BUILD_ID 2u
+#define ATTR_RESIDENCY 4u
+#define ATTR_ACCOUNTING 8u
+
+/* vmctl_server.core.layout: LAYOUT_RECORD ("<QQQQIIII") */
 #define LAYOUT_RECORD_SIZE 48
 #define LAYOUT_START_AT 0
 #define LAYOUT_END_AT 8

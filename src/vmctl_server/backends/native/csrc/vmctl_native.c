@@ -32,20 +32,16 @@
 #define BUILD_ID_MAX 64	  /* as syscalls.BUILD_ID_MAX */
 #define KERNEL_HALF (UINT64_C(1) << 63)
 
-/* vmctl_server.attrs */
-#define ATTR_BUILD_ID 2u
-#define ATTR_RESIDENCY 4u
-#define ATTR_ACCOUNTING 8u
-
-/* vmctl_server.layout */
+/* vmctl_server.core.layout */
 #define PERM_READ 1u
 #define PERM_WRITE 2u
 #define PERM_EXEC 4u
 #define PERM_SHARED 8u
 
 /*
- * Field numbers of vmctl.v1.Vma. The smaps parser names what a line fills by
- * the field that carries it, so the encoder needs no second table.
+ * Field numbers of vmctl.v1.Vma (tests/test_words.py checks them against the
+ * proto). The smaps parser names what a line fills by the field that carries
+ * it, so the encoder needs no second table.
  */
 enum {
 	F_UNKNOWN = 0,

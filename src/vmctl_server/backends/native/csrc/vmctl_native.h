@@ -127,7 +127,7 @@ long vmctl_advise(int pidfd, const struct vmctl_segment *segments, size_t n, int
  * reply's per-range results written as protobuf wire bytes.
  */
 
-/* Why ranges were refused; advice.py words each as its InvalidRequest. */
+/* Why ranges were refused: VMCTL_ and a reason of advice.RANGE_REASONS, which range_fault words. */
 enum {
 	VMCTL_RANGES_OK = 0,
 	VMCTL_RANGE_UNALIGNED = 1,
