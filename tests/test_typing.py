@@ -108,3 +108,11 @@ def test_every_attribute_word_is_a_declared_field_that_reads_its_own() -> None:
         value = getattr(message, field)
         assert declared[word] is type(value), word
         assert getattr(vma, word) == value, word
+
+
+def test_the_readme_shows_exactly_the_checked_example() -> None:
+    """The README's controller is this file, word for word: what mypy checks is what readers copy."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index('```python\n"""A node-memory controller')
+    block = readme[start + len("```python\n") : readme.index("\n```", start)] + "\n"
+    assert block == EXAMPLE.read_text()
