@@ -123,7 +123,9 @@ def test_health_and_reflection_calls_held_open_are_capped_per_caller(start_agent
         HeaderOnlyCalls(nobody.address, HEALTH_CHECK, 40, connections=4) as stalls,
     ):
         wait_for(lambda: sum(f.done() for f in stalls.futures) == 40 - 16, what="the calls over the cap refused")
-        assert {f.exception().code() for f in stalls.futures if f.done()} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        refused = [f.exception() for f in stalls.futures if f.done()]
+        assert {error.code() for error in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert all("at most 16" in error.details() for error in refused)
         # Another identity has room of its own.
         assert _health(agent.address) == health_pb2.HealthCheckResponse.SERVING
     # On the health port, callers are told apart by their address.

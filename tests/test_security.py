@@ -686,7 +686,7 @@ def test_audit_file_gets_one_flushed_line_per_advise(start_agent, target, tmp_pa
         ("cold", "missing", "INVALID_ARGUMENT", "COOKIE_REQUIRED", False),
     ]
     first = records[0]
-    assert first["filter"] == "FILTER_ANONYMOUS" and first["ranges"] == 1
+    assert first["filter"] == "anonymous" and first["ranges"] == 1
     assert first["requested_bytes"] == first["advised_bytes"] == 2 * MiB and first["syscalls"] == 1
     assert (first["pid"], first["comm"]) == (target.pid, comm_of(target.pid))
     assert first["start_time"] == info.process.start_time and first["cgroup"].startswith("/")

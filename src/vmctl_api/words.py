@@ -117,6 +117,7 @@ FILTERS: Final[dict[Filter, FilterKinds]] = {
     "anonymous": FilterKinds(1, ("anonymous",)),
     "file": FilterKinds(2, ("file",)),
 }
+FILTER_BY_NUMBER: Final[dict[int, Filter]] = {kinds.number: name for name, kinds in FILTERS.items()}
 
 # ---- what became of an AdviseRanges call's cookie: audit log and metrics alike ------
 
@@ -186,6 +187,9 @@ REASONS: Final[dict[str, Reason]] = {
     "PROTECTED_TARGET": Reason("PERMISSION_DENIED", "the target is never advised (pid 1, the agent, protected)"),
     "CONCURRENCY_LIMIT": Reason("RESOURCE_EXHAUSTED", "too many calls in flight; try again later"),
     "RATE_LIMITED": Reason("RESOURCE_EXHAUSTED", "over the caller's call rate; try again later"),
+    "TOO_MANY_CALLS": Reason(
+        "RESOURCE_EXHAUSTED", "the caller holds too many health or reflection calls open at once; close some"
+    ),
     "REQUEST_TIMEOUT": Reason("DEADLINE_EXCEEDED", "the request did not arrive within --request-timeout"),
     # The agent itself.
     "AUDIT_UNAVAILABLE": Reason("UNAVAILABLE", "the agent refuses advice until its audit log can be written"),

@@ -37,7 +37,9 @@ from typing import Any
 
 import grpc
 
+from vmctl_server.core.faults import LimitExceeded
 from vmctl_server.runtime import logs, metrics
+from vmctl_server.transport import grpc_status
 
 log = logging.getLogger("vmctl.access")
 _QUIET_SERVICES = {"grpc.health.v1.Health"}  # probes every few seconds: logged at debug only
@@ -193,11 +195,13 @@ class _Call:
 
     async def _refuse(self, context: grpc.aio.ServicerContext) -> None:
         assert self.caps is not None
-        note(reason="TOO_MANY_CALLS")
-        await context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        fault = LimitExceeded(
             f"at most {self.caps.limit} {self.service} calls may be open at once per caller",
+            reason="TOO_MANY_CALLS",
+            limit=self.caps.limit,
         )
+        note(reason=fault.reason)
+        await context.abort_with_status(grpc_status.to_status(fault))
 
     @contextlib.contextmanager
     def _observing(self, context: grpc.aio.ServicerContext) -> Iterator[None]:

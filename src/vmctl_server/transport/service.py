@@ -42,17 +42,18 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from vmctl_api import vmctl_pb2 as pb
+from vmctl_api.words import ADVICE_BY_NUMBER, FILTER_BY_NUMBER
 from vmctl_server.access.admission import Guard, Ticket
 from vmctl_server.access.audit import AdviceAudit
 from vmctl_server.access.identity import Caller, caller_from
 from vmctl_server.access.policy import ADVISE, READ, Policy, Target
-from vmctl_server.core.advice import ADVICE_BY_NUMBER, AdviceRequest, AdviceResult, Advisor, RangeSet
+from vmctl_server.core.advice import AdviceRequest, AdviceResult, Advisor, RangeSet
 from vmctl_server.core.cookie import CookieSigner
 from vmctl_server.core.faults import AuditUnavailable, InvalidRequest, RequestTimeout, VmctlFault
+from vmctl_server.core.kernel import Capabilities
 from vmctl_server.core.node import NodeInfo, list_processes, node_info
 from vmctl_server.core.snapshot import SnapshotReader, claims_for
 from vmctl_server.runtime import logs, metrics
-from vmctl_server.runtime.kernel_probe import Capabilities
 from vmctl_server.transport import grpc_status, interceptor
 
 log = logging.getLogger(__name__)
@@ -287,7 +288,7 @@ def _describe(audit: AdviceAudit, message: pb.AdviseRangesRequest, ranges: Range
     count = len(ranges)
     audit.pid = message.pid
     audit.advice = ADVICE_BY_NUMBER.get(message.advice, str(message.advice))
-    audit.filter = pb.Filter.Name(message.filter) if message.filter in pb.Filter.values() else str(message.filter)
+    audit.filter = FILTER_BY_NUMBER.get(message.filter, str(message.filter))
     audit.dry_run = message.dry_run
     audit.range_count = count
     audit.requested_bytes = ranges.total_bytes() if count <= max_ranges else 0
