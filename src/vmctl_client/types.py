@@ -268,7 +268,7 @@ class RangeResult:
     advised_bytes = property(attrgetter("_m.advised_bytes"))
     skipped_bytes = property(attrgetter("_m.skipped_bytes"))
     error = property(attrgetter("_m.error"))
-    errno = property(attrgetter("_m.errno"))
+    errno = property(attrgetter("_m.error_number"))  # the proto field is error_number (C++ has an errno macro)
 
     @property
     def message(self) -> pb.RangeResult:
