@@ -50,6 +50,7 @@ ADVICES = {
     "collapse": (4, kernel.MADV_COLLAPSE),
 }
 ADVICE_BY_NUMBER = {number: name for name, (number, _madv) in ADVICES.items()}
+ADVICE_UNSPECIFIED = 0  # vmctl.v1.Advice.ADVICE_UNSPECIFIED: no advice sent
 
 # Values of vmctl.v1.Filter: which VMA kinds each admits.
 FILTER_NONE = 0
@@ -310,6 +311,10 @@ class Advisor:
         """Fields, ranges, kernel support and the cookie's signature, boot and
         pid: every refusal that needs no process."""
         check_pid(request.pid)
+        if request.advice == ADVICE_UNSPECIFIED:  # proto3 cannot tell an advice left out from one set to 0
+            raise InvalidRequest(
+                f"advice is required: one of {', '.join(ADVICES)}", reason="UNKNOWN_ADVICE", field="advice"
+            )
         if request.advice not in ADVICE_BY_NUMBER:
             raise InvalidRequest(f"unknown advice {request.advice}", reason="UNKNOWN_ADVICE", field="advice")
         if request.filter not in FILTER_KINDS:

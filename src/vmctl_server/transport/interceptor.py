@@ -2,11 +2,14 @@
 and gives every single-request method a bounded time to receive its request.
 
 It sits outermost, so it also sees calls that inner layers (authentication,
-policy, limits) refuse. For each call it sets the request id for the log,
-keeps the in-flight gauge, and at the end records the status code, the
-``google.rpc.ErrorInfo`` reason of a refusal, and the latency; then it writes
-one access-log line. It never reads the request: the handler tells it the
-pid and reason through :func:`note`.
+policy, limits) refuse. For each call it sets the request id for the log and
+sends it back to the caller in the ``x-request-id`` response header (initial
+metadata, so it arrives whatever the call's outcome, before any message),
+counts the call started and keeps the in-flight gauge; at the end it records
+the status code, the ``google.rpc.ErrorInfo`` reason of a refusal, and the
+latency; then it writes one access-log line. It never reads the request: the
+handler tells it the pid and reason through :func:`note`. Calls are labelled
+with the method's type as its proto declares it (see :func:`declared_type`).
 
 Methods whose request is one message (health ``Check`` and ``Watch``) are
 served as client-streaming here, and their request must arrive within
@@ -32,10 +35,11 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 
 from vmctl_server.runtime import logs, metrics
 
@@ -56,6 +60,22 @@ def note(**facts: Any) -> None:
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 VMCONTROL = "vmctl.v1.VmControl"  # admitted by the service itself, before its request is read
+
+
+def declared_type(service: str, method: str, handler: grpc.RpcMethodHandler) -> str:
+    """The method's type as its proto declares it, in go-grpc-prometheus's words
+    (``unary``, ``client_stream``, ``server_stream``, ``bidi_stream``): what
+    callers see, not how the agent serves it (VmControl's unary methods are
+    client-streaming inside, to admit callers before reading their request).
+    Methods the descriptor pool does not know are typed by their handler."""
+    try:
+        declared = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(method)
+        streams_in, streams_out = declared.client_streaming, declared.server_streaming
+    except KeyError:
+        streams_in, streams_out = handler.request_streaming, handler.response_streaming
+    if streams_in:
+        return "bidi_stream" if streams_out else "client_stream"
+    return "server_stream" if streams_out else "unary"
 
 
 class SideCallCaps:
@@ -102,7 +122,8 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             return None  # an unknown method: gRPC answers UNIMPLEMENTED
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
         caps = None if service == VMCONTROL else self.side_calls
-        call = _Call(service, method, logs.request_id_from(handler_call_details.invocation_metadata), caps)
+        request_id = logs.request_id_from(handler_call_details.invocation_metadata)
+        call = _Call(service, method, declared_type(service, method, handler), request_id, caps)
         streams = handler.response_streaming
         if handler.request_streaming:
             behavior = handler.stream_stream if streams else handler.stream_unary
@@ -142,13 +163,8 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 result = behavior(await read(), context)
                 return await result if inspect.isawaitable(result) else result
 
-            async def stream() -> AsyncIterator[Any]:
-                result = behavior(await read(), context)
-                if inspect.isasyncgen(result):
-                    async for item in result:
-                        yield item
-                elif inspect.isawaitable(result):
-                    await result  # it writes with context.write
+            async def stream() -> None:
+                await _write_all(behavior(await read(), context), context)
 
             return stream() if streams else unary()
 
@@ -156,17 +172,19 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
 
 class _Call:
-    """One call's observation: request id, in-flight gauge, status, latency, access line."""
+    """One call's observation: request id, started and in-flight counts, status, latency, access line."""
 
-    def __init__(self, service: str, method: str, request_id: str, caps: SideCallCaps | None) -> None:
+    def __init__(self, service: str, method: str, grpc_type: str, request_id: str, caps: SideCallCaps | None) -> None:
         self.service = service
         self.method = method
+        self.labels = (service, method, grpc_type)
         self.request_id = request_id
         self.caps = caps
 
     def observe_unary(self, behavior: Behavior) -> Behavior:
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             with self._observing(context), self._room(context) as room:
+                await self._echo_request_id(context)
                 if not room:
                     await self._refuse(context)
                 result = behavior(request, context)
@@ -175,18 +193,17 @@ class _Call:
         return observed
 
     def observe_stream(self, behavior: Behavior) -> Behavior:
-        async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> None:
             with self._observing(context), self._room(context) as room:
+                await self._echo_request_id(context)
                 if not room:
                     await self._refuse(context)
-                result = behavior(request, context)
-                if inspect.isasyncgen(result):
-                    async for item in result:
-                        yield item
-                elif inspect.isawaitable(result):
-                    await result
+                await _write_all(behavior(request, context), context)
 
         return observed
+
+    async def _echo_request_id(self, context: grpc.aio.ServicerContext) -> None:
+        await context.send_initial_metadata(((logs.REQUEST_ID_KEY, self.request_id),))
 
     def _room(self, context: grpc.aio.ServicerContext) -> contextlib.AbstractContextManager[bool]:
         return self.caps.holding(context) if self.caps is not None else contextlib.nullcontext(True)
@@ -205,7 +222,8 @@ class _Call:
         peer = context.peer()  # now: a call that ended may no longer say
         facts: dict[str, Any] = {}
         facts_token = _call_facts.set(facts)
-        in_flight = metrics.IN_FLIGHT.labels(self.service, self.method)
+        metrics.STARTED.labels(*self.labels).inc()
+        in_flight = metrics.IN_FLIGHT.labels(*self.labels)
         in_flight.inc()
         started = time.perf_counter()
         outcome = grpc.StatusCode.OK
@@ -224,10 +242,10 @@ class _Call:
             if not isinstance(code, grpc.StatusCode):
                 code = _status_code(code)
             reason = facts.get("reason", "") if code != grpc.StatusCode.OK else ""
-            metrics.CALLS.labels(self.service, self.method, code.name).inc()
-            metrics.LATENCY.labels(self.service, self.method, code.name).observe(elapsed)
+            metrics.HANDLED.labels(*self.labels, code.name).inc()
+            metrics.HANDLING.labels(*self.labels, code.name).observe(elapsed)
             if reason:
-                metrics.REFUSALS.labels(self.method, reason).inc()
+                metrics.REFUSALS.labels(self.service, self.method, reason).inc()
             self._log(peer, code, reason, facts.get("pid"), elapsed)
             _call_facts.reset(facts_token)
             logs.request_id.reset(id_token)
@@ -249,6 +267,22 @@ class _Call:
         fields["duration_ms"] = round(elapsed * 1000, 3)
         fields["peer"] = peer
         log.log(level, "%s %s", self.method, code.name, extra={"fields": fields})
+
+
+async def _write_all(result: Any, context: grpc.aio.ServicerContext) -> None:
+    """Serve a streaming behavior's responses from this coroutine, with
+    ``context.write``: whatever gRPC does when the caller goes away (it cancels
+    the call's task) then happens here, in the call's own task and context, so
+    the call is observed as CANCELLED and a handler's generator is closed at
+    once (the service's releases the call's slots as it closes). Were the
+    generator handed to gRPC, a cancelled call would leave it to be closed
+    whenever it is collected, in another task."""
+    if inspect.isasyncgen(result):
+        async with contextlib.aclosing(result):
+            async for item in result:
+                await context.write(item)
+    elif inspect.isawaitable(result):
+        await result  # it writes with context.write itself
 
 
 def _status_code(value: Any) -> grpc.StatusCode:
