@@ -13,6 +13,7 @@ import grpc
 import pytest
 from conftest import expect_error
 from google.rpc import code_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from node_tools import bin_path
 
 from vmctl_api import vmctl_pb2 as pb
@@ -117,20 +118,23 @@ def test_stream_vma_info_takes_get_vma_infos_request_and_answers_its_fields():
     assert (method.client_streaming, method.server_streaming) == (False, True)
 
 
-def test_the_request_id_is_echoed_in_the_response_headers(agent, target):
+def test_the_request_id_is_echoed_in_the_trailers(agent, target):
     with grpc.insecure_channel(agent.address) as channel:
         stub = vmctl_pb2_grpc.VmControlStub(channel)
         _, call = stub.GetNodeInfo.with_call(pb.GetNodeInfoRequest(), metadata=[("x-request-id", "trace-7")])
-        assert dict(call.initial_metadata())["x-request-id"] == "trace-7"
+        assert dict(call.trailing_metadata())["x-request-id"] == "trace-7"
         stream = stub.StreamVmaInfo(pb.StreamVmaInfoRequest(pid=target.pid), metadata=[("x-request-id", "trace-8")])
         assert len(list(stream)) >= 2
-        assert dict(stream.initial_metadata())["x-request-id"] == "trace-8"
-        with pytest.raises(grpc.RpcError) as refused:  # a refusal too, its ErrorInfo intact
+        assert dict(stream.trailing_metadata())["x-request-id"] == "trace-8"
+        with pytest.raises(grpc.RpcError) as refused:  # a refusal too, beside its ErrorInfo
             stub.GetVmaInfo(pb.GetVmaInfoRequest(pid=0), metadata=[("x-request-id", "trace-9")])
-        assert dict(refused.value.initial_metadata())["x-request-id"] == "trace-9"
-        assert any(key == "grpc-status-details-bin" for key, _ in refused.value.trailing_metadata())
+        trailers = dict(refused.value.trailing_metadata())
+        assert trailers["x-request-id"] == "trace-9" and "grpc-status-details-bin" in trailers
+        health = health_pb2_grpc.HealthStub(channel)  # every service's calls, not VmControl's alone
+        _, call = health.Check.with_call(health_pb2.HealthCheckRequest(), metadata=[("x-request-id", "trace-10")])
+        assert dict(call.trailing_metadata())["x-request-id"] == "trace-10"
         _, call = stub.GetNodeInfo.with_call(pb.GetNodeInfoRequest(), metadata=[("x-request-id", "not usable!")])
-        made = dict(call.initial_metadata())["x-request-id"]
+        made = dict(call.trailing_metadata())["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{16}", made)
     assert f"request_id={made} " in agent.log()  # the id the agent made is the one it logged
 

@@ -3,8 +3,7 @@ and gives every single-request method a bounded time to receive its request.
 
 It sits outermost, so it also sees calls that inner layers (authentication,
 policy, limits) refuse. For each call it sets the request id for the log and
-sends it back to the caller in the ``x-request-id`` response header (initial
-metadata, so it arrives whatever the call's outcome, before any message),
+for the caller's ``x-request-id`` trailer (see :func:`response_metadata`),
 counts the call started and keeps the in-flight gauge; at the end it records
 the status code, the ``google.rpc.ErrorInfo`` reason of a refusal, and the
 latency; then it writes one access-log line. It never reads the request: the
@@ -60,6 +59,17 @@ def note(**facts: Any) -> None:
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 VMCONTROL = "vmctl.v1.VmControl"  # admitted by the service itself, before its request is read
+
+
+def response_metadata() -> tuple[tuple[str, str], ...]:
+    """What every response carries in its trailing metadata: the call's request
+    id as ``x-request-id``. In the trailers, not the headers: they go out with
+    the status, in the write that ends the call, while headers sent ahead of a
+    unary reply take a write of their own (about 0.1 ms more per GetNodeInfo
+    through the unix gateway, measured interleaved). An abort that names
+    trailing metadata of its own replaces these, so it must add them (see
+    transport.service)."""
+    return ((logs.REQUEST_ID_KEY, logs.request_id.get()),)
 
 
 def declared_type(service: str, method: str, handler: grpc.RpcMethodHandler) -> str:
@@ -184,7 +194,6 @@ class _Call:
     def observe_unary(self, behavior: Behavior) -> Behavior:
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             with self._observing(context), self._room(context) as room:
-                await self._echo_request_id(context)
                 if not room:
                     await self._refuse(context)
                 result = behavior(request, context)
@@ -195,15 +204,11 @@ class _Call:
     def observe_stream(self, behavior: Behavior) -> Behavior:
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> None:
             with self._observing(context), self._room(context) as room:
-                await self._echo_request_id(context)
                 if not room:
                     await self._refuse(context)
                 await _write_all(behavior(request, context), context)
 
         return observed
-
-    async def _echo_request_id(self, context: grpc.aio.ServicerContext) -> None:
-        await context.send_initial_metadata(((logs.REQUEST_ID_KEY, self.request_id),))
 
     def _room(self, context: grpc.aio.ServicerContext) -> contextlib.AbstractContextManager[bool]:
         return self.caps.holding(context) if self.caps is not None else contextlib.nullcontext(True)
@@ -219,6 +224,7 @@ class _Call:
     @contextlib.contextmanager
     def _observing(self, context: grpc.aio.ServicerContext) -> Iterator[None]:
         id_token = logs.request_id.set(self.request_id)
+        context.set_trailing_metadata(response_metadata())
         peer = context.peer()  # now: a call that ended may no longer say
         facts: dict[str, Any] = {}
         facts_token = _call_facts.set(facts)

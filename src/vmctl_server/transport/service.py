@@ -93,7 +93,9 @@ def caller_of(context: grpc.aio.ServicerContext) -> Caller:
 
 async def _abort(context: grpc.aio.ServicerContext, fault: VmctlFault) -> NoReturn:
     interceptor.note(reason=fault.reason)
-    await context.abort_with_status(grpc_status.to_status(fault))
+    status = grpc_status.to_status(fault)
+    # The ErrorInfo's trailer replaces the ones the interceptor set: name them again.
+    await context.abort(status.code, status.details, (*status.trailing_metadata, *interceptor.response_metadata()))
     raise AssertionError("abort_with_status returned")  # it raises
 
 
