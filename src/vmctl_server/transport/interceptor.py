@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import inspect
 import logging
 import time
@@ -78,14 +79,23 @@ def declared_type(service: str, method: str, handler: grpc.RpcMethodHandler) -> 
     callers see, not how the agent serves it (VmControl's unary methods are
     client-streaming inside, to admit callers before reading their request).
     Methods the descriptor pool does not know are typed by their handler."""
-    try:
-        declared = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(method)
-        streams_in, streams_out = declared.client_streaming, declared.server_streaming
-    except KeyError:
-        streams_in, streams_out = handler.request_streaming, handler.response_streaming
+    streams_in, streams_out = _declared_streaming(service, method) or (
+        handler.request_streaming,
+        handler.response_streaming,
+    )
     if streams_in:
         return "bidi_stream" if streams_out else "client_stream"
     return "server_stream" if streams_out else "unary"
+
+
+@functools.cache
+def _declared_streaming(service: str, method: str) -> tuple[bool, bool] | None:
+    """(client streaming, server streaming) as the method's proto declares it, if the pool knows it."""
+    try:
+        declared = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(method)
+    except KeyError:
+        return None
+    return declared.client_streaming, declared.server_streaming
 
 
 class SideCallCaps:
