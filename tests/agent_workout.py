@@ -217,7 +217,7 @@ def exercise_operations(log: str) -> None:
             assert health_status(f"{bracketed}:{health_port}", service) == health_pb2.HealthCheckResponse.SERVING
         with urllib.request.urlopen(f"http://{bracketed}:{metrics_port}/metrics", timeout=10) as reply:
             assert reply.status == 200
-            assert b"vmctl_grpc_calls_total" in reply.read()
+            assert b"grpc_server_handled_total" in reply.read()
 
 
 def _reader_of(rig: Rig, holder: CertFiles, target) -> Callable[[], bool]:

@@ -37,8 +37,14 @@ class Scrape:
     def value(self, name: str, **labels: str) -> float:
         return self.samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of ``name``'s samples whose labels include ``labels``."""
+        wanted = set(labels.items())
+        return sum(value for (sample, found), value in self.samples.items() if sample == name and wanted <= set(found))
+
     def calls(self, method: str, code: str) -> float:
-        return self.value("vmctl_grpc_calls_total", service="vmctl.v1.VmControl", method=method, code=code)
+        service = "vmctl.v1.VmControl"
+        return self.total("grpc_server_handled_total", grpc_service=service, grpc_method=method, grpc_code=code)
 
     def in_flight(self, method: str) -> float:
-        return self.value("vmctl_grpc_calls_in_flight", service="vmctl.v1.VmControl", method=method)
+        return self.total("vmctl_grpc_calls_in_flight", grpc_service="vmctl.v1.VmControl", grpc_method=method)

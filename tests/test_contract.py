@@ -6,18 +6,27 @@ import filecmp
 import functools
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
+import grpc
 import pytest
+from conftest import expect_error
 from google.rpc import code_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from node_tools import bin_path
 
+from vmctl_api import vmctl_pb2 as pb
+from vmctl_api import vmctl_pb2_grpc
 from vmctl_server.core import faults
+from vmctl_server.core.advice import ADVICE_UNSPECIFIED
 from vmctl_server.core.cookie import COOKIE_SIZE, CookieClaims, CookieSigner
 from vmctl_server.transport import grpc_status
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STUBS = ROOT / "src" / "vmctl_api"
+PROTO = ROOT / "proto" / "vmctl" / "v1" / "vmctl.proto"
 
 
 def test_committed_stubs_equal_what_the_proto_generates(tmp_path):
@@ -26,6 +35,102 @@ def test_committed_stubs_equal_what_the_proto_generates(tmp_path):
         assert filecmp.cmp(tmp_path / name, STUBS / name, shallow=False), (
             f"{name} is stale: run `make proto` and commit the result"
         )
+
+
+def test_a_left_out_advice_is_the_protos_unspecified():
+    assert ADVICE_UNSPECIFIED == pb.ADVICE_UNSPECIFIED
+
+
+def test_buf_lint_is_clean():
+    """STANDARD and COMMENTS (a leading comment on everything), with the one
+    exception buf.yaml writes down (the fixed service name VmControl)."""
+    result = subprocess.run(
+        [str(bin_path("buf")), "lint", "--error-format", "text"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_buf_lint_can_fail(tmp_path):
+    """The lint above is not vacuous: an RPC without a comment, in a copy of the module, is found."""
+    copy = tmp_path / PROTO.relative_to(ROOT)
+    copy.parent.mkdir(parents=True)
+    undocumented = "  rpc Undocumented(UndocumentedRequest) returns (UndocumentedResponse);"
+    messages = "\n// Documented.\nmessage UndocumentedRequest {}\n// Documented.\nmessage UndocumentedResponse {}\n"
+    copy.write_text(PROTO.read_text().replace("service VmControl {", "service VmControl {\n" + undocumented) + messages)
+    (tmp_path / "buf.yaml").write_text((ROOT / "buf.yaml").read_text())
+    result = subprocess.run(
+        [str(bin_path("buf")), "lint", "--error-format", "text"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert 'RPC "Undocumented" should have a non-empty comment' in result.stdout
+    assert "should be suffixed" not in result.stdout  # the exception buf.yaml writes down holds in the copy too
+
+
+def test_every_rpc_says_whether_it_is_safe_to_retry():
+    rpcs = re.findall(r"((?:^  //.*\n)+)  rpc (\w+)\(", PROTO.read_text(), re.MULTILINE)
+    assert {name for _, name in rpcs} == set(pb.DESCRIPTOR.services_by_name["VmControl"].methods_by_name)
+    for comment, name in rpcs:
+        assert re.search(r"// Retry: (safe|not safe)", comment), f"{name} does not say whether a retry is safe"
+
+
+def test_other_languages_can_generate_from_the_proto():
+    assert pb.DESCRIPTOR.GetOptions().go_package == "vmctl.dev/api/vmctl/v1;vmctlv1"
+    # The errno field is error_number on the same number: generated C++ has an errno() accessor otherwise,
+    # which the errno macro breaks. The wire is unchanged.
+    fields = pb.RangeResult.DESCRIPTOR.fields_by_name
+    assert "errno" not in fields
+    assert (fields["error_number"].number, fields["error_number"].type) == (6, fields["error_number"].TYPE_INT32)
+
+
+def _fields(message) -> list[tuple]:
+    return [
+        (f.name, f.number, f.type, f.is_repeated, f.message_type and f.message_type.full_name)
+        for f in message.fields
+    ]
+
+
+def test_stream_vma_info_takes_get_vma_infos_request_and_answers_its_fields():
+    """So one request's bytes serve either RPC, and a stream's messages,
+    concatenated, parse as the GetVmaInfoResponse of that snapshot."""
+    assert _fields(pb.StreamVmaInfoRequest.DESCRIPTOR) == _fields(pb.GetVmaInfoRequest.DESCRIPTOR)
+    assert _fields(pb.StreamVmaInfoResponse.DESCRIPTOR) == _fields(pb.GetVmaInfoResponse.DESCRIPTOR)
+    method = pb.DESCRIPTOR.services_by_name["VmControl"].methods_by_name["StreamVmaInfo"]
+    assert (method.client_streaming, method.server_streaming) == (False, True)
+
+
+def test_the_request_id_is_echoed_in_the_trailers(agent, target):
+    with grpc.insecure_channel(agent.address) as channel:
+        stub = vmctl_pb2_grpc.VmControlStub(channel)
+        _, call = stub.GetNodeInfo.with_call(pb.GetNodeInfoRequest(), metadata=[("x-request-id", "trace-7")])
+        assert dict(call.trailing_metadata())["x-request-id"] == "trace-7"
+        stream = stub.StreamVmaInfo(pb.StreamVmaInfoRequest(pid=target.pid), metadata=[("x-request-id", "trace-8")])
+        assert len(list(stream)) >= 2
+        assert dict(stream.trailing_metadata())["x-request-id"] == "trace-8"
+        with pytest.raises(grpc.RpcError) as refused:  # a refusal too, beside its ErrorInfo
+            stub.GetVmaInfo(pb.GetVmaInfoRequest(pid=0), metadata=[("x-request-id", "trace-9")])
+        trailers = dict(refused.value.trailing_metadata())
+        assert trailers["x-request-id"] == "trace-9" and "grpc-status-details-bin" in trailers
+        health = health_pb2_grpc.HealthStub(channel)  # every service's calls, not VmControl's alone
+        _, call = health.Check.with_call(health_pb2.HealthCheckRequest(), metadata=[("x-request-id", "trace-10")])
+        assert dict(call.trailing_metadata())["x-request-id"] == "trace-10"
+        _, call = stub.GetNodeInfo.with_call(pb.GetNodeInfoRequest(), metadata=[("x-request-id", "not usable!")])
+        made = dict(call.trailing_metadata())["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{16}", made)
+    assert f"request_id={made} " in agent.log()  # the id the agent made is the one it logged
+
+
+def test_a_missing_advice_says_advice_is_required(client, target):
+    start, end = target.map_anon(1 << 20)
+    cookie = client.get_vma_info(target.pid).cookie
+    error = expect_error(
+        lambda: client.advise_ranges(target.pid, [(start, end)], pb.ADVICE_UNSPECIFIED, cookie=cookie),
+        "INVALID_ARGUMENT",
+        "UNKNOWN_ADVICE",
+    )
+    assert error.message.startswith("advice is required: one of cold, pageout, willneed, collapse")
+    assert error.metadata["field"] == "advice"
+    error = expect_error(lambda: client.advise_ranges(target.pid, [(start, end)], 9, cookie=cookie), "INVALID_ARGUMENT")
+    assert error.message == "unknown advice 9"
 
 
 @pytest.mark.parametrize(

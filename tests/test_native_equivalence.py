@@ -6,6 +6,7 @@ every shape (hypothesis); and an agent on each path answers alike."""
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -185,6 +186,21 @@ def assert_same(py: PyVmaTable | NativeVmaTable, native: NativeVmaTable) -> None
     header = pb.GetVmaInfoResponse(process=pb.Process(pid=7, comm="x"), cookie=b"c" * 109).SerializeToString()
     assert native.encode(ATTR_ACCOUNTING, prefix=header) == py.encode(ATTR_ACCOUNTING, prefix=header)
     assert native.encode(ATTR_ACCOUNTING, prefix=header) == header + native.encode(ATTR_ACCOUNTING)
+    for mask in (0, ATTR_RESIDENCY | ATTR_ACCOUNTING | ATTR_BUILD_ID):
+        for max_bytes in CHUNK_LIMITS:
+            assert chunks_or_refusal(native, mask, max_bytes) == chunks_or_refusal(py, mask, max_bytes), max_bytes
+        assert b"".join(native.encode_chunks(mask, 1 << 20)) == native.encode(mask)
+
+
+# From "every VMA too big" through "a few VMAs a chunk" to StreamVmaInfo's own limit.
+CHUNK_LIMITS = (1, 40, 100, 333, 4096, (1 << 20) - 1)
+
+
+def chunks_or_refusal(table: PyVmaTable | NativeVmaTable, mask: int, max_bytes: int) -> list[bytes] | str:
+    try:
+        return table.encode_chunks(mask, max_bytes)
+    except ValueError as exc:
+        return str(exc)
 
 
 def fill(table: PyVmaTable | NativeVmaTable, target: Target, residency: bool = True) -> None:
@@ -310,6 +326,25 @@ def test_build_ids_equal(target: Target) -> None:
     build_ids = {r["path"]: r.get("build_id", b"") for r in py.rows}
     assert any(len(b) == 20 for b in build_ids.values())  # the libc and python images carry one
     assert not any(b for path, b in build_ids.items() if path.endswith("/with  spaces  "))  # not ELF
+
+
+def test_chunks_are_whole_vmas_under_the_limit_and_as_full_as_they_fit(target: Target) -> None:
+    py, native = both_tables(target, "smaps")
+    fill(py, target)
+    fill(native, target)
+    mask = ATTR_RESIDENCY | ATTR_ACCOUNTING | ATTR_BUILD_ID
+    limit = 2 << 10
+    chunks = native.encode_chunks(mask, limit)
+    assert chunks == py.encode_chunks(mask, limit)
+    assert len(chunks) > 3
+    assert [v for c in chunks for v in pb.StreamVmaInfoResponse.FromString(c).vmas] == decoded(native, mask)
+    for chunk, following in itertools.pairwise(chunks):
+        assert len(chunk) <= limit
+        first_of_next = pb.StreamVmaInfoResponse(vmas=pb.StreamVmaInfoResponse.FromString(following).vmas[:1])
+        assert len(chunk) + first_of_next.ByteSize() > limit  # the next VMA would not have fit
+    assert NativeVmaTable.from_maps(b"").encode_chunks(mask, limit) == PyVmaTable.from_maps(b"").encode_chunks(
+        mask, limit
+    ) == []  # fmt: skip
 
 
 # ---------------------------------------------------------------- advice

@@ -9,11 +9,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
-from conftest import expect_error
+from conftest import expect_error, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from scrape import Scrape, logged_port
 
 from vmctl_api import vmctl_pb2 as pb
@@ -63,7 +65,7 @@ def test_metrics_count_real_calls_by_method_code_reason_and_cookie_outcome(meter
     assert m.calls("AdviseRanges", "INVALID_ARGUMENT") == 3
     assert m.calls("AdviseRanges", "FAILED_PRECONDITION") == 1
     for reason, count in (("COOKIE_INVALID", 1), ("RANGE_UNALIGNED", 1), ("LAYOUT_CHANGED", 1), ("COOKIE_REQUIRED", 1)):
-        assert m.value("vmctl_grpc_refusals_total", method="AdviseRanges", reason=reason) == count, reason
+        assert m.total("vmctl_grpc_refusals_total", grpc_method="AdviseRanges", reason=reason) == count, reason
     # The audit log's words: every AdviseRanges read past its headers, by what became of its cookie.
     outcomes = ("valid", "invalid", "layout_changed", "missing", "unchecked", "process_changed", "absent")
     cookie = {o: m.value("vmctl_cookie_checks_total", outcome=o) for o in outcomes}
@@ -75,13 +77,64 @@ def test_metrics_count_real_calls_by_method_code_reason_and_cookie_outcome(meter
     assert m.value("vmctl_advice_requested_bytes_total", advice="cold") == applied.requested_bytes
     assert m.value("vmctl_process_madvise_calls_total", advice="cold") == applied.syscalls
     assert m.value("vmctl_advised_bytes_total", advice="pageout") == 0
-    latency = "vmctl_grpc_call_duration_seconds_count"
-    assert m.value(latency, service="vmctl.v1.VmControl", method="AdviseRanges", code="INVALID_ARGUMENT") == 3
-    assert m.value(latency, service="vmctl.v1.VmControl", method="GetVmaInfo", code="OK") == 1
-    assert m.value("vmctl_grpc_calls_in_flight", service="vmctl.v1.VmControl", method="AdviseRanges") == 0
+    vmcontrol = {"grpc_service": "vmctl.v1.VmControl", "grpc_type": "unary"}
+    latency = "grpc_server_handling_seconds_count"
+    assert m.value(latency, **vmcontrol, grpc_method="AdviseRanges", grpc_code="INVALID_ARGUMENT") == 3
+    assert m.value(latency, **vmcontrol, grpc_method="GetVmaInfo", grpc_code="OK") == 1
+    assert m.value("grpc_server_started_total", **vmcontrol, grpc_method="AdviseRanges") == 6
+    assert m.value("vmctl_grpc_calls_in_flight", **vmcontrol, grpc_method="AdviseRanges") == 0
     assert m.value("vmctl_agent_path", component="tables", path="native") == 1
     assert m.value("vmctl_agent_path", component="advise_loop", path="native") == 1
     assert m.value("process_resident_memory_bytes") > 0
+
+
+def test_series_carry_the_grpc_ecosystems_names_for_every_service(metered_agent, target):
+    """go-grpc-prometheus's names and labels, grpc_type as each proto declares
+    it; health and reflection are counted beside VmControl; no _created series."""
+    agent, port = metered_agent
+    before = Scrape(port)  # the fixture's own health checks, while it waited for the agent
+    with grpc.insecure_channel(agent.address) as channel:
+        stub = vmctl_pb2_grpc.VmControlStub(channel)
+        stub.GetVmaInfo(pb.GetVmaInfoRequest(pid=target.pid))
+        assert len(list(stub.StreamVmaInfo(pb.StreamVmaInfoRequest(pid=target.pid)))) >= 2
+        health = health_pb2_grpc.HealthStub(channel)
+        health.Check(health_pb2.HealthCheckRequest())
+        watch = health.Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert "vmctl.v1.VmControl" in services
+    expected = [
+        ("vmctl.v1.VmControl", "GetVmaInfo", "unary", "OK"),
+        ("vmctl.v1.VmControl", "StreamVmaInfo", "server_stream", "OK"),
+        ("grpc.health.v1.Health", "Check", "unary", "OK"),
+        ("grpc.health.v1.Health", "Watch", "server_stream", "CANCELLED"),
+        ("grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo", "bidi_stream", "OK"),
+    ]
+
+    def handled(m: Scrape, method: str) -> float:
+        return m.total("grpc_server_handled_total", grpc_method=method)
+
+    def all_handled() -> Scrape | None:
+        m = Scrape(port)  # the Watch and the reflection stream end as their callers go
+        return m if all(handled(m, method) > handled(before, method) for _, method, _, _ in expected) else None
+
+    after = wait_for(all_handled, what="every call handled")
+    for service, method, grpc_type, code in expected:
+        labels = {"grpc_service": service, "grpc_method": method, "grpc_type": grpc_type}
+        for name, extra in (
+            ("grpc_server_started_total", {}),
+            ("grpc_server_handled_total", {"grpc_code": code}),
+            ("grpc_server_handling_seconds_count", {"grpc_code": code}),
+        ):
+            assert after.value(name, **labels, **extra) - before.value(name, **labels, **extra) == 1, (name, method)
+    for accept in ("text/plain", "application/openmetrics-text; version=1.0.0"):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept})
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            text = reply.read().decode()
+        assert "grpc_server_handled_total{" in text, accept
+        assert "_created" not in text, accept
+        assert "vmctl_grpc_calls_total" not in text and "vmctl_grpc_call_duration" not in text  # the old names
 
 
 def test_in_flight_calls_and_the_fallback_path_are_visible(start_agent, target):
@@ -103,15 +156,13 @@ def test_in_flight_calls_and_the_fallback_path_are_visible(start_agent, target):
     seen_in_flight = 0.0
     try:
         while not done.is_set() and not seen_in_flight:
-            seen_in_flight = Scrape(port).value(
-                "vmctl_grpc_calls_in_flight", service="vmctl.v1.VmControl", method="GetVmaInfo"
-            )
+            seen_in_flight = Scrape(port).in_flight("GetVmaInfo")
             time.sleep(0.01)
     finally:
         reader.join(120)
     assert seen_in_flight == 1, "the slow read was never seen in flight"
     after = Scrape(port)
-    assert after.value("vmctl_grpc_calls_in_flight", service="vmctl.v1.VmControl", method="GetVmaInfo") == 0
+    assert after.in_flight("GetVmaInfo") == 0
     assert after.calls("GetVmaInfo", "OK") == 1
     assert after.value("vmctl_agent_path", component="tables", path="python") == 1
     assert after.value("vmctl_agent_path", component="tables", path="native") == 0

@@ -40,7 +40,7 @@ def test_range_results_read_through_to_the_reply(client, target):
             message.advised_bytes,
             message.skipped_bytes,
             message.error,
-            message.errno,
+            message.error_number,
         )
         assert view.message == message
     assert [r.start for r in result.ranges[10:20]] == [a for a, _ in pages[10:20]]

@@ -24,23 +24,24 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14vmctl/v1/vmctl.proto\x12\x08vmctl.v1\"8\n\x07Process\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x12\n\nstart_time\x18\x02 \x01(\x04\x12\x0c\n\x04\x63omm\x18\x03 \x01(\t\"3\n\x11GetVmaInfoRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x11\n\tattr_mask\x18\x02 \x01(\r\"\x9a\x06\n\x03Vma\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\r\n\x05perms\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x11\n\tdev_major\x18\x05 \x01(\r\x12\x11\n\tdev_minor\x18\x06 \x01(\r\x12\r\n\x05inode\x18\x07 \x01(\x04\x12\x0c\n\x04path\x18\x08 \x01(\t\x12\x1f\n\x04kind\x18\t \x01(\x0e\x32\x11.vmctl.v1.VmaKind\x12\x11\n\trss_bytes\x18\n \x01(\x04\x12\x12\n\nswap_bytes\x18\x0b \x01(\x04\x12\x11\n\tpss_bytes\x18\x0c \x01(\x04\x12\x18\n\x10referenced_bytes\x18\r \x01(\x04\x12\x17\n\x0f\x61nonymous_bytes\x18\x0e \x01(\x04\x12\x10\n\x08\x62uild_id\x18\x0f \x01(\x0c\x12\x17\n\x0fpss_dirty_bytes\x18\x10 \x01(\x04\x12\x1a\n\x12shared_clean_bytes\x18\x11 \x01(\x04\x12\x1a\n\x12shared_dirty_bytes\x18\x12 \x01(\x04\x12\x1b\n\x13private_clean_bytes\x18\x13 \x01(\x04\x12\x1b\n\x13private_dirty_bytes\x18\x14 \x01(\x04\x12\x11\n\tksm_bytes\x18\x15 \x01(\x04\x12\x17\n\x0flazy_free_bytes\x18\x16 \x01(\x04\x12\x1d\n\x15\x61non_huge_pages_bytes\x18\x17 \x01(\x04\x12\x1e\n\x16shmem_pmd_mapped_bytes\x18\x18 \x01(\x04\x12\x1d\n\x15\x66ile_pmd_mapped_bytes\x18\x19 \x01(\x04\x12\x1c\n\x14shared_hugetlb_bytes\x18\x1a \x01(\x04\x12\x1d\n\x15private_hugetlb_bytes\x18\x1b \x01(\x04\x12\x16\n\x0eswap_pss_bytes\x18\x1c \x01(\x04\x12\x14\n\x0clocked_bytes\x18\x1d \x01(\x04\x12\x1e\n\x16kernel_page_size_bytes\x18\x1e \x01(\x04\x12\x1b\n\x13mmu_page_size_bytes\x18\x1f \x01(\x04\x12\x14\n\x0cthp_eligible\x18  \x01(\x08\x12\x10\n\x08vm_flags\x18! \x01(\t\x12\x10\n\x08raw_path\x18( \x01(\x0c\"z\n\x12GetVmaInfoResponse\x12\"\n\x07process\x18\x01 \x01(\x0b\x32\x11.vmctl.v1.Process\x12\x0e\n\x06\x63ookie\x18\x02 \x01(\x0c\x12\x13\n\x0bresult_mask\x18\x03 \x01(\r\x12\x1b\n\x04vmas\x18\x04 \x03(\x0b\x32\r.vmctl.v1.Vma\"*\n\x0c\x41\x64\x64ressRange\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\"\xaf\x01\n\x13\x41\x64viseRangesRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12&\n\x06ranges\x18\x02 \x03(\x0b\x32\x16.vmctl.v1.AddressRange\x12 \n\x06\x61\x64vice\x18\x03 \x01(\x0e\x32\x10.vmctl.v1.Advice\x12\x0e\n\x06\x63ookie\x18\x04 \x01(\x0c\x12 \n\x06\x66ilter\x18\x05 \x01(\x0e\x32\x10.vmctl.v1.Filter\x12\x0f\n\x07\x64ry_run\x18\x06 \x01(\x08\"u\n\x0bRangeResult\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\x15\n\radvised_bytes\x18\x03 \x01(\x04\x12\x15\n\rskipped_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\r\n\x05\x65rrno\x18\x06 \x01(\x05\"\xb4\x01\n\x14\x41\x64viseRangesResponse\x12\x17\n\x0frequested_bytes\x18\x01 \x01(\x04\x12\x15\n\radvised_bytes\x18\x02 \x01(\x04\x12\x10\n\x08syscalls\x18\x03 \x01(\r\x12%\n\x06ranges\x18\x04 \x03(\x0b\x32\x15.vmctl.v1.RangeResult\x12\"\n\x07process\x18\x05 \x01(\x0b\x32\x11.vmctl.v1.Process\x12\x0f\n\x07\x64ry_run\x18\x06 \x01(\x08\"-\n\x14ListProcessesRequest\x12\x15\n\rcgroup_prefix\x18\x01 \x01(\t\"\xb7\x01\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x12\n\nstart_time\x18\x02 \x01(\x04\x12\x0c\n\x04\x63omm\x18\x03 \x01(\t\x12\x0e\n\x06\x63group\x18\x04 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x05 \x01(\t\x12\x11\n\trss_bytes\x18\x06 \x01(\x04\x12\x12\n\nswap_bytes\x18\x07 \x01(\x04\x12\x11\n\tvma_count\x18\x08 \x01(\r\x12\x0b\n\x03uid\x18\t \x01(\r\x12\x0c\n\x04ppid\x18\n \x01(\x05\"A\n\x15ListProcessesResponse\x12(\n\tprocesses\x18\x01 \x03(\x0b\x32\x15.vmctl.v1.ProcessInfo\"\x14\n\x12GetNodeInfoRequest\"O\n\rPressureStall\x12\r\n\x05\x61vg10\x18\x01 \x01(\x01\x12\r\n\x05\x61vg60\x18\x02 \x01(\x01\x12\x0e\n\x06\x61vg300\x18\x03 \x01(\x01\x12\x10\n\x08total_us\x18\x04 \x01(\x04\"^\n\x0eMemoryPressure\x12%\n\x04some\x18\x01 \x01(\x0b\x32\x17.vmctl.v1.PressureStall\x12%\n\x04\x66ull\x18\x02 \x01(\x0b\x32\x17.vmctl.v1.PressureStall\"\x98\x02\n\x0c\x43\x61pabilities\x12\x12\n\npidfd_open\x18\x01 \x01(\x08\x12\x17\n\x0fprocess_madvise\x18\x02 \x01(\x08\x12!\n\x07\x61\x64vices\x18\x03 \x03(\x0e\x32\x10.vmctl.v1.Advice\x12\x15\n\rprocmap_query\x18\x04 \x01(\x08\x12\x14\n\x0cpagemap_scan\x18\x05 \x01(\x08\x12\x18\n\x10\x61\x64vice_permitted\x18\x06 \x01(\x08\x12=\n\x0cprobe_errors\x18\x07 \x03(\x0b\x32\'.vmctl.v1.Capabilities.ProbeErrorsEntry\x1a\x32\n\x10ProbeErrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcd\x02\n\x13GetNodeInfoResponse\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0e\n\x06kernel\x18\x02 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x03 \x01(\t\x12\x17\n\x0fmem_total_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13mem_available_bytes\x18\x05 \x01(\x04\x12\x18\n\x10swap_total_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fswap_free_bytes\x18\x07 \x01(\x04\x12\x31\n\x0fmemory_pressure\x18\x08 \x01(\x0b\x32\x18.vmctl.v1.MemoryPressure\x12,\n\x0c\x63\x61pabilities\x18\t \x01(\x0b\x32\x16.vmctl.v1.Capabilities\x12\x15\n\ragent_version\x18\n \x01(\t\x12\x11\n\tpage_size\x18\x0b \x01(\r\x12\x0f\n\x07machine\x18\x0c \x01(\t*\x80\x01\n\x07VmaAttr\x12\x18\n\x14VMA_ATTR_UNSPECIFIED\x10\x00\x12\x13\n\x0fVMA_ATTR_LAYOUT\x10\x01\x12\x15\n\x11VMA_ATTR_BUILD_ID\x10\x02\x12\x16\n\x12VMA_ATTR_RESIDENCY\x10\x04\x12\x17\n\x13VMA_ATTR_ACCOUNTING\x10\x08*d\n\x07VmaKind\x12\x18\n\x14VMA_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12VMA_KIND_ANONYMOUS\x10\x01\x12\x11\n\rVMA_KIND_FILE\x10\x02\x12\x14\n\x10VMA_KIND_SPECIAL\x10\x03*o\n\x06\x41\x64vice\x12\x16\n\x12\x41\x44VICE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x44VICE_COLD\x10\x01\x12\x12\n\x0e\x41\x44VICE_PAGEOUT\x10\x02\x12\x13\n\x0f\x41\x44VICE_WILLNEED\x10\x03\x12\x13\n\x0f\x41\x44VICE_COLLAPSE\x10\x04*G\n\x06\x46ilter\x12\x16\n\x12\x46ILTER_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46ILTER_ANONYMOUS\x10\x01\x12\x0f\n\x0b\x46ILTER_FILE\x10\x02\x32\xc1\x02\n\tVmControl\x12G\n\nGetVmaInfo\x12\x1b.vmctl.v1.GetVmaInfoRequest\x1a\x1c.vmctl.v1.GetVmaInfoResponse\x12M\n\x0c\x41\x64viseRanges\x12\x1d.vmctl.v1.AdviseRangesRequest\x1a\x1e.vmctl.v1.AdviseRangesResponse\x12P\n\rListProcesses\x12\x1e.vmctl.v1.ListProcessesRequest\x1a\x1f.vmctl.v1.ListProcessesResponse\x12J\n\x0bGetNodeInfo\x12\x1c.vmctl.v1.GetNodeInfoRequest\x1a\x1d.vmctl.v1.GetNodeInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14vmctl/v1/vmctl.proto\x12\x08vmctl.v1\"8\n\x07Process\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x12\n\nstart_time\x18\x02 \x01(\x04\x12\x0c\n\x04\x63omm\x18\x03 \x01(\t\"3\n\x11GetVmaInfoRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x11\n\tattr_mask\x18\x02 \x01(\r\"\x9a\x06\n\x03Vma\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\r\n\x05perms\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x11\n\tdev_major\x18\x05 \x01(\r\x12\x11\n\tdev_minor\x18\x06 \x01(\r\x12\r\n\x05inode\x18\x07 \x01(\x04\x12\x0c\n\x04path\x18\x08 \x01(\t\x12\x1f\n\x04kind\x18\t \x01(\x0e\x32\x11.vmctl.v1.VmaKind\x12\x11\n\trss_bytes\x18\n \x01(\x04\x12\x12\n\nswap_bytes\x18\x0b \x01(\x04\x12\x11\n\tpss_bytes\x18\x0c \x01(\x04\x12\x18\n\x10referenced_bytes\x18\r \x01(\x04\x12\x17\n\x0f\x61nonymous_bytes\x18\x0e \x01(\x04\x12\x10\n\x08\x62uild_id\x18\x0f \x01(\x0c\x12\x17\n\x0fpss_dirty_bytes\x18\x10 \x01(\x04\x12\x1a\n\x12shared_clean_bytes\x18\x11 \x01(\x04\x12\x1a\n\x12shared_dirty_bytes\x18\x12 \x01(\x04\x12\x1b\n\x13private_clean_bytes\x18\x13 \x01(\x04\x12\x1b\n\x13private_dirty_bytes\x18\x14 \x01(\x04\x12\x11\n\tksm_bytes\x18\x15 \x01(\x04\x12\x17\n\x0flazy_free_bytes\x18\x16 \x01(\x04\x12\x1d\n\x15\x61non_huge_pages_bytes\x18\x17 \x01(\x04\x12\x1e\n\x16shmem_pmd_mapped_bytes\x18\x18 \x01(\x04\x12\x1d\n\x15\x66ile_pmd_mapped_bytes\x18\x19 \x01(\x04\x12\x1c\n\x14shared_hugetlb_bytes\x18\x1a \x01(\x04\x12\x1d\n\x15private_hugetlb_bytes\x18\x1b \x01(\x04\x12\x16\n\x0eswap_pss_bytes\x18\x1c \x01(\x04\x12\x14\n\x0clocked_bytes\x18\x1d \x01(\x04\x12\x1e\n\x16kernel_page_size_bytes\x18\x1e \x01(\x04\x12\x1b\n\x13mmu_page_size_bytes\x18\x1f \x01(\x04\x12\x14\n\x0cthp_eligible\x18  \x01(\x08\x12\x10\n\x08vm_flags\x18! \x01(\t\x12\x10\n\x08raw_path\x18( \x01(\x0c\"z\n\x12GetVmaInfoResponse\x12\"\n\x07process\x18\x01 \x01(\x0b\x32\x11.vmctl.v1.Process\x12\x0e\n\x06\x63ookie\x18\x02 \x01(\x0c\x12\x13\n\x0bresult_mask\x18\x03 \x01(\r\x12\x1b\n\x04vmas\x18\x04 \x03(\x0b\x32\r.vmctl.v1.Vma\"6\n\x14StreamVmaInfoRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x11\n\tattr_mask\x18\x02 \x01(\r\"}\n\x15StreamVmaInfoResponse\x12\"\n\x07process\x18\x01 \x01(\x0b\x32\x11.vmctl.v1.Process\x12\x0e\n\x06\x63ookie\x18\x02 \x01(\x0c\x12\x13\n\x0bresult_mask\x18\x03 \x01(\r\x12\x1b\n\x04vmas\x18\x04 \x03(\x0b\x32\r.vmctl.v1.Vma\"*\n\x0c\x41\x64\x64ressRange\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\"\xaf\x01\n\x13\x41\x64viseRangesRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12&\n\x06ranges\x18\x02 \x03(\x0b\x32\x16.vmctl.v1.AddressRange\x12 \n\x06\x61\x64vice\x18\x03 \x01(\x0e\x32\x10.vmctl.v1.Advice\x12\x0e\n\x06\x63ookie\x18\x04 \x01(\x0c\x12 \n\x06\x66ilter\x18\x05 \x01(\x0e\x32\x10.vmctl.v1.Filter\x12\x0f\n\x07\x64ry_run\x18\x06 \x01(\x08\"\x83\x01\n\x0bRangeResult\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\x15\n\radvised_bytes\x18\x03 \x01(\x04\x12\x15\n\rskipped_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x14\n\x0c\x65rror_number\x18\x06 \x01(\x05R\x05\x65rrno\"\xb4\x01\n\x14\x41\x64viseRangesResponse\x12\x17\n\x0frequested_bytes\x18\x01 \x01(\x04\x12\x15\n\radvised_bytes\x18\x02 \x01(\x04\x12\x10\n\x08syscalls\x18\x03 \x01(\r\x12%\n\x06ranges\x18\x04 \x03(\x0b\x32\x15.vmctl.v1.RangeResult\x12\"\n\x07process\x18\x05 \x01(\x0b\x32\x11.vmctl.v1.Process\x12\x0f\n\x07\x64ry_run\x18\x06 \x01(\x08\"-\n\x14ListProcessesRequest\x12\x15\n\rcgroup_prefix\x18\x01 \x01(\t\"\xb7\x01\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x12\n\nstart_time\x18\x02 \x01(\x04\x12\x0c\n\x04\x63omm\x18\x03 \x01(\t\x12\x0e\n\x06\x63group\x18\x04 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x05 \x01(\t\x12\x11\n\trss_bytes\x18\x06 \x01(\x04\x12\x12\n\nswap_bytes\x18\x07 \x01(\x04\x12\x11\n\tvma_count\x18\x08 \x01(\r\x12\x0b\n\x03uid\x18\t \x01(\r\x12\x0c\n\x04ppid\x18\n \x01(\x05\"A\n\x15ListProcessesResponse\x12(\n\tprocesses\x18\x01 \x03(\x0b\x32\x15.vmctl.v1.ProcessInfo\"\x14\n\x12GetNodeInfoRequest\"O\n\rPressureStall\x12\r\n\x05\x61vg10\x18\x01 \x01(\x01\x12\r\n\x05\x61vg60\x18\x02 \x01(\x01\x12\x0e\n\x06\x61vg300\x18\x03 \x01(\x01\x12\x10\n\x08total_us\x18\x04 \x01(\x04\"^\n\x0eMemoryPressure\x12%\n\x04some\x18\x01 \x01(\x0b\x32\x17.vmctl.v1.PressureStall\x12%\n\x04\x66ull\x18\x02 \x01(\x0b\x32\x17.vmctl.v1.PressureStall\"\x98\x02\n\x0c\x43\x61pabilities\x12\x12\n\npidfd_open\x18\x01 \x01(\x08\x12\x17\n\x0fprocess_madvise\x18\x02 \x01(\x08\x12!\n\x07\x61\x64vices\x18\x03 \x03(\x0e\x32\x10.vmctl.v1.Advice\x12\x15\n\rprocmap_query\x18\x04 \x01(\x08\x12\x14\n\x0cpagemap_scan\x18\x05 \x01(\x08\x12\x18\n\x10\x61\x64vice_permitted\x18\x06 \x01(\x08\x12=\n\x0cprobe_errors\x18\x07 \x03(\x0b\x32\'.vmctl.v1.Capabilities.ProbeErrorsEntry\x1a\x32\n\x10ProbeErrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcd\x02\n\x13GetNodeInfoResponse\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0e\n\x06kernel\x18\x02 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x03 \x01(\t\x12\x17\n\x0fmem_total_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13mem_available_bytes\x18\x05 \x01(\x04\x12\x18\n\x10swap_total_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fswap_free_bytes\x18\x07 \x01(\x04\x12\x31\n\x0fmemory_pressure\x18\x08 \x01(\x0b\x32\x18.vmctl.v1.MemoryPressure\x12,\n\x0c\x63\x61pabilities\x18\t \x01(\x0b\x32\x16.vmctl.v1.Capabilities\x12\x15\n\ragent_version\x18\n \x01(\t\x12\x11\n\tpage_size\x18\x0b \x01(\r\x12\x0f\n\x07machine\x18\x0c \x01(\t*\x80\x01\n\x07VmaAttr\x12\x18\n\x14VMA_ATTR_UNSPECIFIED\x10\x00\x12\x13\n\x0fVMA_ATTR_LAYOUT\x10\x01\x12\x15\n\x11VMA_ATTR_BUILD_ID\x10\x02\x12\x16\n\x12VMA_ATTR_RESIDENCY\x10\x04\x12\x17\n\x13VMA_ATTR_ACCOUNTING\x10\x08*d\n\x07VmaKind\x12\x18\n\x14VMA_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12VMA_KIND_ANONYMOUS\x10\x01\x12\x11\n\rVMA_KIND_FILE\x10\x02\x12\x14\n\x10VMA_KIND_SPECIAL\x10\x03*o\n\x06\x41\x64vice\x12\x16\n\x12\x41\x44VICE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x44VICE_COLD\x10\x01\x12\x12\n\x0e\x41\x44VICE_PAGEOUT\x10\x02\x12\x13\n\x0f\x41\x44VICE_WILLNEED\x10\x03\x12\x13\n\x0f\x41\x44VICE_COLLAPSE\x10\x04*G\n\x06\x46ilter\x12\x16\n\x12\x46ILTER_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46ILTER_ANONYMOUS\x10\x01\x12\x0f\n\x0b\x46ILTER_FILE\x10\x02\x32\x95\x03\n\tVmControl\x12G\n\nGetVmaInfo\x12\x1b.vmctl.v1.GetVmaInfoRequest\x1a\x1c.vmctl.v1.GetVmaInfoResponse\x12R\n\rStreamVmaInfo\x12\x1e.vmctl.v1.StreamVmaInfoRequest\x1a\x1f.vmctl.v1.StreamVmaInfoResponse0\x01\x12M\n\x0c\x41\x64viseRanges\x12\x1d.vmctl.v1.AdviseRangesRequest\x1a\x1e.vmctl.v1.AdviseRangesResponse\x12P\n\rListProcesses\x12\x1e.vmctl.v1.ListProcessesRequest\x1a\x1f.vmctl.v1.ListProcessesResponse\x12J\n\x0bGetNodeInfo\x12\x1c.vmctl.v1.GetNodeInfoRequest\x1a\x1d.vmctl.v1.GetNodeInfoResponseB Z\x1evmctl.dev/api/vmctl/v1;vmctlv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vmctl.v1.vmctl_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'Z\036vmctl.dev/api/vmctl/v1;vmctlv1'
   _globals['_CAPABILITIES_PROBEERRORSENTRY']._loaded_options = None
   _globals['_CAPABILITIES_PROBEERRORSENTRY']._serialized_options = b'8\001'
-  _globals['_VMAATTR']._serialized_start=2709
-  _globals['_VMAATTR']._serialized_end=2837
-  _globals['_VMAKIND']._serialized_start=2839
-  _globals['_VMAKIND']._serialized_end=2939
-  _globals['_ADVICE']._serialized_start=2941
-  _globals['_ADVICE']._serialized_end=3052
-  _globals['_FILTER']._serialized_start=3054
-  _globals['_FILTER']._serialized_end=3125
+  _globals['_VMAATTR']._serialized_start=2907
+  _globals['_VMAATTR']._serialized_end=3035
+  _globals['_VMAKIND']._serialized_start=3037
+  _globals['_VMAKIND']._serialized_end=3137
+  _globals['_ADVICE']._serialized_start=3139
+  _globals['_ADVICE']._serialized_end=3250
+  _globals['_FILTER']._serialized_start=3252
+  _globals['_FILTER']._serialized_end=3323
   _globals['_PROCESS']._serialized_start=34
   _globals['_PROCESS']._serialized_end=90
   _globals['_GETVMAINFOREQUEST']._serialized_start=92
@@ -49,32 +50,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VMA']._serialized_end=940
   _globals['_GETVMAINFORESPONSE']._serialized_start=942
   _globals['_GETVMAINFORESPONSE']._serialized_end=1064
-  _globals['_ADDRESSRANGE']._serialized_start=1066
-  _globals['_ADDRESSRANGE']._serialized_end=1108
-  _globals['_ADVISERANGESREQUEST']._serialized_start=1111
-  _globals['_ADVISERANGESREQUEST']._serialized_end=1286
-  _globals['_RANGERESULT']._serialized_start=1288
-  _globals['_RANGERESULT']._serialized_end=1405
-  _globals['_ADVISERANGESRESPONSE']._serialized_start=1408
-  _globals['_ADVISERANGESRESPONSE']._serialized_end=1588
-  _globals['_LISTPROCESSESREQUEST']._serialized_start=1590
-  _globals['_LISTPROCESSESREQUEST']._serialized_end=1635
-  _globals['_PROCESSINFO']._serialized_start=1638
-  _globals['_PROCESSINFO']._serialized_end=1821
-  _globals['_LISTPROCESSESRESPONSE']._serialized_start=1823
-  _globals['_LISTPROCESSESRESPONSE']._serialized_end=1888
-  _globals['_GETNODEINFOREQUEST']._serialized_start=1890
-  _globals['_GETNODEINFOREQUEST']._serialized_end=1910
-  _globals['_PRESSURESTALL']._serialized_start=1912
-  _globals['_PRESSURESTALL']._serialized_end=1991
-  _globals['_MEMORYPRESSURE']._serialized_start=1993
-  _globals['_MEMORYPRESSURE']._serialized_end=2087
-  _globals['_CAPABILITIES']._serialized_start=2090
-  _globals['_CAPABILITIES']._serialized_end=2370
-  _globals['_CAPABILITIES_PROBEERRORSENTRY']._serialized_start=2320
-  _globals['_CAPABILITIES_PROBEERRORSENTRY']._serialized_end=2370
-  _globals['_GETNODEINFORESPONSE']._serialized_start=2373
-  _globals['_GETNODEINFORESPONSE']._serialized_end=2706
-  _globals['_VMCONTROL']._serialized_start=3128
-  _globals['_VMCONTROL']._serialized_end=3449
+  _globals['_STREAMVMAINFOREQUEST']._serialized_start=1066
+  _globals['_STREAMVMAINFOREQUEST']._serialized_end=1120
+  _globals['_STREAMVMAINFORESPONSE']._serialized_start=1122
+  _globals['_STREAMVMAINFORESPONSE']._serialized_end=1247
+  _globals['_ADDRESSRANGE']._serialized_start=1249
+  _globals['_ADDRESSRANGE']._serialized_end=1291
+  _globals['_ADVISERANGESREQUEST']._serialized_start=1294
+  _globals['_ADVISERANGESREQUEST']._serialized_end=1469
+  _globals['_RANGERESULT']._serialized_start=1472
+  _globals['_RANGERESULT']._serialized_end=1603
+  _globals['_ADVISERANGESRESPONSE']._serialized_start=1606
+  _globals['_ADVISERANGESRESPONSE']._serialized_end=1786
+  _globals['_LISTPROCESSESREQUEST']._serialized_start=1788
+  _globals['_LISTPROCESSESREQUEST']._serialized_end=1833
+  _globals['_PROCESSINFO']._serialized_start=1836
+  _globals['_PROCESSINFO']._serialized_end=2019
+  _globals['_LISTPROCESSESRESPONSE']._serialized_start=2021
+  _globals['_LISTPROCESSESRESPONSE']._serialized_end=2086
+  _globals['_GETNODEINFOREQUEST']._serialized_start=2088
+  _globals['_GETNODEINFOREQUEST']._serialized_end=2108
+  _globals['_PRESSURESTALL']._serialized_start=2110
+  _globals['_PRESSURESTALL']._serialized_end=2189
+  _globals['_MEMORYPRESSURE']._serialized_start=2191
+  _globals['_MEMORYPRESSURE']._serialized_end=2285
+  _globals['_CAPABILITIES']._serialized_start=2288
+  _globals['_CAPABILITIES']._serialized_end=2568
+  _globals['_CAPABILITIES_PROBEERRORSENTRY']._serialized_start=2518
+  _globals['_CAPABILITIES_PROBEERRORSENTRY']._serialized_end=2568
+  _globals['_GETNODEINFORESPONSE']._serialized_start=2571
+  _globals['_GETNODEINFORESPONSE']._serialized_end=2904
+  _globals['_VMCONTROL']._serialized_start=3326
+  _globals['_VMCONTROL']._serialized_end=3731
 # @@protoc_insertion_point(module_scope)

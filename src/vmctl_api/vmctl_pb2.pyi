@@ -155,6 +155,26 @@ class GetVmaInfoResponse(_message.Message):
     vmas: _containers.RepeatedCompositeFieldContainer[Vma]
     def __init__(self, process: _Optional[_Union[Process, _Mapping]] = ..., cookie: _Optional[bytes] = ..., result_mask: _Optional[int] = ..., vmas: _Optional[_Iterable[_Union[Vma, _Mapping]]] = ...) -> None: ...
 
+class StreamVmaInfoRequest(_message.Message):
+    __slots__ = ("pid", "attr_mask")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    ATTR_MASK_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    attr_mask: int
+    def __init__(self, pid: _Optional[int] = ..., attr_mask: _Optional[int] = ...) -> None: ...
+
+class StreamVmaInfoResponse(_message.Message):
+    __slots__ = ("process", "cookie", "result_mask", "vmas")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    COOKIE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_MASK_FIELD_NUMBER: _ClassVar[int]
+    VMAS_FIELD_NUMBER: _ClassVar[int]
+    process: Process
+    cookie: bytes
+    result_mask: int
+    vmas: _containers.RepeatedCompositeFieldContainer[Vma]
+    def __init__(self, process: _Optional[_Union[Process, _Mapping]] = ..., cookie: _Optional[bytes] = ..., result_mask: _Optional[int] = ..., vmas: _Optional[_Iterable[_Union[Vma, _Mapping]]] = ...) -> None: ...
+
 class AddressRange(_message.Message):
     __slots__ = ("start", "end")
     START_FIELD_NUMBER: _ClassVar[int]
@@ -180,20 +200,20 @@ class AdviseRangesRequest(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[AddressRange, _Mapping]]] = ..., advice: _Optional[_Union[Advice, str]] = ..., cookie: _Optional[bytes] = ..., filter: _Optional[_Union[Filter, str]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class RangeResult(_message.Message):
-    __slots__ = ("start", "end", "advised_bytes", "skipped_bytes", "error", "errno")
+    __slots__ = ("start", "end", "advised_bytes", "skipped_bytes", "error", "error_number")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     ADVISED_BYTES_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
-    ERRNO_FIELD_NUMBER: _ClassVar[int]
+    ERROR_NUMBER_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
     advised_bytes: int
     skipped_bytes: int
     error: str
-    errno: int
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., advised_bytes: _Optional[int] = ..., skipped_bytes: _Optional[int] = ..., error: _Optional[str] = ..., errno: _Optional[int] = ...) -> None: ...
+    error_number: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., advised_bytes: _Optional[int] = ..., skipped_bytes: _Optional[int] = ..., error: _Optional[str] = ..., error_number: _Optional[int] = ...) -> None: ...
 
 class AdviseRangesResponse(_message.Message):
     __slots__ = ("requested_bytes", "advised_bytes", "syscalls", "ranges", "process", "dry_run")

@@ -26,7 +26,16 @@ if _version_not_supported:
 
 
 class VmControlStub:
-    """Missing associated documentation comment in .proto file."""
+    """Memory control of the processes on one node: read an address space, then
+    advise ranges of it against the layout that was read.
+
+    Retry safety, as a rule: the reads (GetVmaInfo, StreamVmaInfo,
+    ListProcesses, GetNodeInfo) change nothing and are safe to retry on any
+    status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED after a backoff).
+    AdviseRanges changes the target's memory and is not: see its comment.
+    Whatever the method, RESOURCE_EXHAUSTED and UNAVAILABLE AGENT_STOPPING mean
+    the call was refused before its request was read, so nothing was done.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -38,6 +47,11 @@ class VmControlStub:
                 '/vmctl.v1.VmControl/GetVmaInfo',
                 request_serializer=vmctl_dot_v1_dot_vmctl__pb2.GetVmaInfoRequest.SerializeToString,
                 response_deserializer=vmctl_dot_v1_dot_vmctl__pb2.GetVmaInfoResponse.FromString,
+                _registered_method=True)
+        self.StreamVmaInfo = channel.unary_stream(
+                '/vmctl.v1.VmControl/StreamVmaInfo',
+                request_serializer=vmctl_dot_v1_dot_vmctl__pb2.StreamVmaInfoRequest.SerializeToString,
+                response_deserializer=vmctl_dot_v1_dot_vmctl__pb2.StreamVmaInfoResponse.FromString,
                 _registered_method=True)
         self.AdviseRanges = channel.unary_unary(
                 '/vmctl.v1.VmControl/AdviseRanges',
@@ -57,31 +71,87 @@ class VmControlStub:
 
 
 class VmControlServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Memory control of the processes on one node: read an address space, then
+    advise ranges of it against the layout that was read.
+
+    Retry safety, as a rule: the reads (GetVmaInfo, StreamVmaInfo,
+    ListProcesses, GetNodeInfo) change nothing and are safe to retry on any
+    status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED after a backoff).
+    AdviseRanges changes the target's memory and is not: see its comment.
+    Whatever the method, RESOURCE_EXHAUSTED and UNAVAILABLE AGENT_STOPPING mean
+    the call was refused before its request was read, so nothing was done.
+    """
 
     def GetVmaInfo(self, request, context):
-        """A binary snapshot of one process's VMAs, with the attributes asked for.
+        """A binary snapshot of one process's VMAs, with the attributes asked for,
+        and a cookie naming that exact layout, in one reply message.
+
+        The reply grows with the process: about 100 bytes per VMA plus its path,
+        so a process with tens of thousands of VMAs and long paths can exceed a
+        client's receive limit (gRPC's default is 4 MiB; the refusal is a
+        client-side RESOURCE_EXHAUSTED). Such clients use StreamVmaInfo.
+
+        Retry: safe; read-only. Each call takes a new snapshot, so a retry may
+        answer another layout and another cookie.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamVmaInfo(self, request, context):
+        """GetVmaInfo's snapshot as a stream of messages, each under 1 MiB, for any
+        client whatever its receive limit: the first message carries process,
+        cookie and result_mask and no VMAs; every later one carries only vmas, in
+        address order. The snapshot, the checks and the cookie are exactly
+        GetVmaInfo's (the whole snapshot is taken before the first message is
+        sent). Field numbers equal GetVmaInfoResponse's, so the messages' bytes,
+        concatenated in order, parse as the GetVmaInfoResponse of that snapshot.
+
+        Retry: safe; read-only. A stream that ends with a status other than OK,
+        after any number of messages, names no snapshot: drop what it sent and
+        call again from the start.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AdviseRanges(self, request, context):
-        """process_madvise(2) over address ranges, checked against a cookie.
+        """process_madvise(2) over address ranges, checked against a cookie. Every
+        check (fields, ranges, the cookie's signature, the process's identity,
+        the layout, the policy) passes before the first system call, or nothing
+        is advised.
+
+        Retry: not safe blindly. When the outcome is unknown (DEADLINE_EXCEEDED,
+        CANCELLED, a lost connection, UNAVAILABLE without reason AGENT_STOPPING)
+        the advice may have been applied, wholly or in part; advice changes no
+        VMA, so the same cookie would still pass and a resend would advise again
+        memory the target may have used since. Read again with GetVmaInfo and
+        decide anew. Nothing was applied, and resending is safe, after
+        RESOURCE_EXHAUSTED, UNAVAILABLE AGENT_STOPPING or AUDIT_UNAVAILABLE, and
+        after any other refusal carrying an ErrorInfo (INVALID_ARGUMENT,
+        FAILED_PRECONDITION, NOT_FOUND, PERMISSION_DENIED, UNAUTHENTICATED),
+        though it only helps once the cause is gone: after LAYOUT_CHANGED or
+        PROCESS_CHANGED, read again for a new cookie first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListProcesses(self, request, context):
-        """The node's user processes with identity and a cheap memory rollup.
+        """The node's user processes (no kernel threads, no zombies) with identity
+        and a cheap memory rollup; only those the caller may read.
+
+        Retry: safe; read-only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetNodeInfo(self, request, context):
-        """Host identity, memory and swap, pressure, and kernel capabilities.
+        """Host identity, memory and swap, memory pressure, and the kernel
+        capabilities the agent probed at start.
+
+        Retry: safe; read-only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +164,11 @@ def add_VmControlServicer_to_server(servicer, server):
                     servicer.GetVmaInfo,
                     request_deserializer=vmctl_dot_v1_dot_vmctl__pb2.GetVmaInfoRequest.FromString,
                     response_serializer=vmctl_dot_v1_dot_vmctl__pb2.GetVmaInfoResponse.SerializeToString,
+            ),
+            'StreamVmaInfo': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamVmaInfo,
+                    request_deserializer=vmctl_dot_v1_dot_vmctl__pb2.StreamVmaInfoRequest.FromString,
+                    response_serializer=vmctl_dot_v1_dot_vmctl__pb2.StreamVmaInfoResponse.SerializeToString,
             ),
             'AdviseRanges': grpc.unary_unary_rpc_method_handler(
                     servicer.AdviseRanges,
@@ -119,7 +194,16 @@ def add_VmControlServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class VmControl:
-    """Missing associated documentation comment in .proto file."""
+    """Memory control of the processes on one node: read an address space, then
+    advise ranges of it against the layout that was read.
+
+    Retry safety, as a rule: the reads (GetVmaInfo, StreamVmaInfo,
+    ListProcesses, GetNodeInfo) change nothing and are safe to retry on any
+    status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED after a backoff).
+    AdviseRanges changes the target's memory and is not: see its comment.
+    Whatever the method, RESOURCE_EXHAUSTED and UNAVAILABLE AGENT_STOPPING mean
+    the call was refused before its request was read, so nothing was done.
+    """
 
     @staticmethod
     def GetVmaInfo(request,
@@ -138,6 +222,33 @@ class VmControl:
             '/vmctl.v1.VmControl/GetVmaInfo',
             vmctl_dot_v1_dot_vmctl__pb2.GetVmaInfoRequest.SerializeToString,
             vmctl_dot_v1_dot_vmctl__pb2.GetVmaInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamVmaInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vmctl.v1.VmControl/StreamVmaInfo',
+            vmctl_dot_v1_dot_vmctl__pb2.StreamVmaInfoRequest.SerializeToString,
+            vmctl_dot_v1_dot_vmctl__pb2.StreamVmaInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

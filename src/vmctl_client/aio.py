@@ -39,6 +39,7 @@ class AsyncClient:
         self.retry = retry
         self._channel = open_channel(self.target, tls, grpc.aio)
         self._stub = pb_grpc.VmControlStub(self._channel)
+        self._streams = {name: calls.raw_stream(self._channel, name) for name in calls.STREAMS}
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -51,19 +52,22 @@ class AsyncClient:
 
     async def _invoke(self, call: Call[T], timeout: float | None) -> T:
         attempts = Attempts(call, timeout or self.timeout, self.deadline, self.retry, self.target)
-        method = getattr(self._stub, call.method)
+        method = self._streams[call.method] if call.streamed else getattr(self._stub, call.method)
         while True:
             try:
-                return call.wrap(await method(call.request, timeout=attempts.timeout()))
+                reply = method(call.request, timeout=attempts.timeout())
+                return call.wrap([chunk async for chunk in reply] if call.streamed else await reply)
             except grpc.RpcError as exc:
                 delay = attempts.backoff(exc)
                 if delay is None:
                     raise from_rpc_error(exc, self.target) from None
             await asyncio.sleep(delay)
 
-    async def get_vma_info(self, pid: int, attrs: Attrs = None, *, timeout: float | None = None) -> VmaInfo:
+    async def get_vma_info(
+        self, pid: int, attrs: Attrs = None, *, stream: bool = False, timeout: float | None = None
+    ) -> VmaInfo:
         """See :meth:`Client.get_vma_info`."""
-        return await self._invoke(calls.get_vma_info(pid, attrs), timeout)
+        return await self._invoke((calls.stream_vma_info if stream else calls.get_vma_info)(pid, attrs), timeout)
 
     async def advise_ranges(
         self,

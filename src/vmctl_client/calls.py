@@ -76,10 +76,34 @@ class Call(Generic[T]):
     request: Any
     wrap: Callable[[Any], T]
     retryable: bool
+    # A server stream whose messages' bytes, joined, are the reply (see stream_vma_info).
+    streamed: bool = False
 
 
 def get_vma_info(pid: int, attrs: Attrs) -> Call[VmaInfo]:
     return Call("GetVmaInfo", pb.GetVmaInfoRequest(pid=pid, attr_mask=attr_mask(attrs)), VmaInfo, retryable=True)
+
+
+def stream_vma_info(pid: int, attrs: Attrs) -> Call[VmaInfo]:
+    """GetVmaInfo's snapshot through StreamVmaInfo: messages under 1 MiB whose
+    bytes, concatenated, are a GetVmaInfoResponse (the field numbers are the
+    same), parsed once into the same lazy views."""
+    request = pb.StreamVmaInfoRequest(pid=pid, attr_mask=attr_mask(attrs))
+    return Call("StreamVmaInfo", request, lambda chunks: VmaInfo(joined_reply(chunks)), retryable=True, streamed=True)
+
+
+def joined_reply(chunks: list[bytes]) -> pb.GetVmaInfoResponse:
+    return pb.GetVmaInfoResponse.FromString(b"".join(chunks))
+
+
+STREAMS = {"StreamVmaInfo": pb.StreamVmaInfoRequest}  # server streams the clients read as raw bytes
+
+
+def raw_stream(channel: Any, method: str) -> Any:
+    """``method``'s multicallable on ``channel`` (a grpc or grpc.aio channel)
+    that yields each message's bytes, unparsed."""
+    path = f"/vmctl.v1.VmControl/{method}"
+    return channel.unary_stream(path, request_serializer=STREAMS[method].SerializeToString, response_deserializer=None)
 
 
 def advise_ranges(

@@ -275,7 +275,7 @@ class RangeResult:
     advised_bytes: int = _reads("_m.advised_bytes")
     skipped_bytes: int = _reads("_m.skipped_bytes")
     error: str = _reads("_m.error")
-    errno: int = _reads("_m.errno")
+    errno: int = _reads("_m.error_number")  # the proto field is error_number (C++ has an errno macro)
 
     @property
     def message(self) -> pb.RangeResult:

@@ -67,7 +67,13 @@ log = logging.getLogger("vmctl.policy")
 READ = "read"
 ADVISE = "advise"
 VERBS = (READ, ADVISE)
-METHOD_VERBS = {"GetVmaInfo": READ, "ListProcesses": READ, "GetNodeInfo": READ, "AdviseRanges": ADVISE}
+METHOD_VERBS = {
+    "GetVmaInfo": READ,
+    "StreamVmaInfo": READ,
+    "ListProcesses": READ,
+    "GetNodeInfo": READ,
+    "AdviseRanges": ADVISE,
+}
 
 _IDENTITY = re.compile(r"^(?:uid:\d+|gid:\d+|dns:\S+|cn:.+|anonymous|[a-z][a-z0-9+.-]*://\S+)$")
 

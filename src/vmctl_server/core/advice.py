@@ -46,6 +46,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # Values of vmctl.v1.Filter, each with the VmaKind values it admits.
 FILTER_KINDS = {filter_.number: tuple(KINDS[kind] for kind in filter_.kinds) for filter_ in FILTERS.values()}
 FILTER_NONE = FILTERS["none"].number
+ADVICE_UNSPECIFIED = 0  # vmctl.v1.Advice.ADVICE_UNSPECIFIED: no advice sent
 
 # The refusals range_fault words, each a VMCTL_RANGE_* of the C back-end too.
 RANGE_REASONS = ("RANGE_UNALIGNED", "RANGE_EMPTY", "RANGE_WRAPS", "RANGE_OVERLAP", "RANGE_UNMAPPED")
@@ -299,6 +300,10 @@ class Advisor:
         """Fields, ranges, kernel support and the cookie's signature, boot and
         pid: every refusal that needs no process."""
         check_pid(request.pid)
+        if request.advice == ADVICE_UNSPECIFIED:  # proto3 cannot tell an advice left out from one set to 0
+            raise InvalidRequest(
+                f"advice is required: one of {', '.join(ADVICES)}", reason="UNKNOWN_ADVICE", field="advice"
+            )
         if request.advice not in ADVICE_BY_NUMBER:
             raise InvalidRequest(f"unknown advice {request.advice}", reason="UNKNOWN_ADVICE", field="advice")
         if request.filter not in FILTER_KINDS:

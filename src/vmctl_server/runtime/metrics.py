@@ -6,13 +6,24 @@ them and serves them. They live in their own registry so the HTTP endpoint
 shows the agent's series and the process's own (CPU, RSS, open fds), nothing
 a library registered on the side.
 
+The gRPC series have the names and labels of go-grpc-prometheus and
+py-grpc-prometheus (``grpc_service``, ``grpc_method``, ``grpc_type``,
+``grpc_code``), so the gRPC ecosystem's dashboards and alerts work unchanged.
+``grpc_type`` is the method's type as the proto declares it (``unary``,
+``server_stream``, ``bidi_stream``, ...), whatever the agent serves it as
+internally. The handling histogram adds ``grpc_code`` (a refusal's latency is
+not a success's); queries that sum by ``le`` are unaffected. No
+``grpc_server_msg_*`` counters: every method but StreamVmaInfo, health
+``Watch`` and reflection sends one message each way.
+
 ========================================  ==================================================================
 series                                    meaning
 ========================================  ==================================================================
-vmctl_grpc_calls_total                    calls finished, by service, method and status code
-vmctl_grpc_call_duration_seconds          latency histogram, same labels
-vmctl_grpc_calls_in_flight                calls being served now, by service and method
-vmctl_grpc_refusals_total                 refused calls by method and ErrorInfo reason
+grpc_server_started_total                 calls started, by grpc_service, grpc_method and grpc_type
+grpc_server_handled_total                 calls finished, same labels and grpc_code
+grpc_server_handling_seconds              latency histogram, same labels as handled
+vmctl_grpc_calls_in_flight                calls being served now, by grpc_service, grpc_method and grpc_type
+vmctl_grpc_refusals_total                 refused calls by grpc_service, grpc_method and ErrorInfo reason
 vmctl_advice_requested_bytes_total        bytes named by successful, non-dry-run AdviseRanges, by advice
 vmctl_advised_bytes_total                 bytes the kernel reported advised, by advice
 vmctl_process_madvise_calls_total         process_madvise system calls made, by advice
@@ -24,6 +35,11 @@ vmctl_gateway_connections_refused_total   connections refused at admission, by r
 vmctl_agent_info                          version
 process_*, python_*                       the agent process (prometheus-client's collectors)
 ========================================  ==================================================================
+
+No ``*_created`` series: prometheus-client would add one per counter and
+histogram child (the time it was first used), which text-format scrapers
+store as one more series each; :func:`disable_created_metrics` turns them off
+for this process, the agent, whose registry is the only one served.
 """
 
 from __future__ import annotations
@@ -42,6 +58,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    disable_created_metrics,
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
@@ -51,26 +68,38 @@ from prometheus_client.process_collector import ProcessCollector
 from vmctl_api.words import COOKIE_OUTCOMES
 from vmctl_server import __version__
 
+disable_created_metrics()
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
 GCCollector(registry=REGISTRY)
 
-_CALL_LABELS = ("service", "method", "code")
+# go-grpc-prometheus's label names; grpc_type is one of GRPC_TYPES.
+_CALL_LABELS = ("grpc_service", "grpc_method", "grpc_type")
+GRPC_TYPES = ("unary", "client_stream", "server_stream", "bidi_stream")
 # From a sub-millisecond GetNodeInfo to a 65,530-VMA accounting read or a multi-GiB pageout.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-CALLS = Counter("vmctl_grpc_calls", "gRPC calls finished", _CALL_LABELS, registry=REGISTRY)
-LATENCY = Histogram(
-    "vmctl_grpc_call_duration_seconds",
-    "Time from the request to the response or refusal",
-    _CALL_LABELS,
+STARTED = Counter("grpc_server_started", "Total number of RPCs started on the server", _CALL_LABELS, registry=REGISTRY)
+HANDLED = Counter(
+    "grpc_server_handled",
+    "Total number of RPCs completed on the server, regardless of success or failure",
+    (*_CALL_LABELS, "grpc_code"),
+    registry=REGISTRY,
+)
+HANDLING = Histogram(
+    "grpc_server_handling_seconds",
+    "Time from the call's arrival to its response or refusal, by status code",
+    (*_CALL_LABELS, "grpc_code"),
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
-IN_FLIGHT = Gauge("vmctl_grpc_calls_in_flight", "gRPC calls being served", ("service", "method"), registry=REGISTRY)
+IN_FLIGHT = Gauge("vmctl_grpc_calls_in_flight", "gRPC calls being served", _CALL_LABELS, registry=REGISTRY)
 REFUSALS = Counter(
-    "vmctl_grpc_refusals", "Refused calls by google.rpc.ErrorInfo reason", ("method", "reason"), registry=REGISTRY
+    "vmctl_grpc_refusals",
+    "Refused calls by google.rpc.ErrorInfo reason",
+    ("grpc_service", "grpc_method", "reason"),
+    registry=REGISTRY,
 )
 REQUESTED_BYTES = Counter(
     "vmctl_advice_requested_bytes",

@@ -12,19 +12,23 @@ Every VmControl method is served the same way, on the server's event loop
 2. the request is read, within ``request_timeout`` seconds (a caller that
    sends headers and never a body is cut off);
 3. the work (reading /proc, process_madvise) runs on a worker thread, and the
-   caller's slots are held until it ends, even if the caller went away.
+   caller's slots are held until it ends, even if the caller went away;
+4. StreamVmaInfo alone then writes its messages from the event loop, and
+   holds the slots until the last one is written or the call ends.
 
 The wire format does not say whether a method is unary or client-streaming,
-so clients call the methods as the proto declares them (unary) and notice no
-difference.
+so clients call the methods as the proto declares them (unary, and
+server-streaming for StreamVmaInfo) and notice no difference.
 
 No logic lives here beyond the translation; faults raised by the core become
 statuses in :mod:`vmctl_server.transport.grpc_status`. GetVmaInfo and AdviseRanges answer
 with bytes they assembled themselves: the small header message serialized by
 protobuf, then the repeated field (``vmas``, ``ranges``) as the tables or the
 plan encoded it (protobuf concatenation is merging), so tens of thousands of
-VMAs or ranges never become Python message objects. AdviseRanges reads its
-ranges from the request's own bytes for the same reason.
+VMAs or ranges never become Python message objects. StreamVmaInfo sends the
+same header alone, then the same ``vmas`` bytes cut at VMA boundaries into
+messages under :data:`STREAM_MESSAGE_LIMIT`. AdviseRanges reads its ranges
+from the request's own bytes for the same reason.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import asyncio
 import contextvars
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol, TypeVar
@@ -52,18 +56,21 @@ from vmctl_server.core.cookie import CookieSigner
 from vmctl_server.core.faults import AuditUnavailable, InvalidRequest, RequestTimeout, VmctlFault
 from vmctl_server.core.kernel import Capabilities
 from vmctl_server.core.node import NodeInfo, list_processes, node_info
-from vmctl_server.core.snapshot import SnapshotReader, claims_for
+from vmctl_server.core.snapshot import Snapshot, SnapshotReader, claims_for
 from vmctl_server.runtime import logs, metrics
 from vmctl_server.transport import grpc_status, interceptor
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "vmctl.v1.VmControl"
 DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds from admission to a whole request: 7 MB need 0.7 MB/s
+# Every StreamVmaInfo message is smaller than this, so any client with a receive limit of 1 MiB or more (gRPC's
+# default is 4 MiB) reads a process of any size; a message holds as many whole VMAs as fit.
+STREAM_MESSAGE_LIMIT = 1 << 20
 # Reads refused for who the caller is are audited; other refusals of reads (no such process, a bad pid) are not.
 _AUDITED_READ_REFUSALS = {"UNAUTHENTICATED", "POLICY_DENIED", "PROTECTED_TARGET"}
 
 MessageType = TypeVar("MessageType", bound=Message)
-Work = Callable[[Caller, Policy, bytes], bytes]
+Work = Callable[[Caller, Policy, bytes], Any]  # bytes for a reply, list[bytes] for a stream
 
 
 class CallActivity(Protocol):
@@ -87,7 +94,9 @@ def caller_of(context: grpc.aio.ServicerContext) -> Caller:
 
 async def _abort(context: grpc.aio.ServicerContext, fault: VmctlFault) -> NoReturn:
     interceptor.note(reason=fault.reason)
-    await context.abort_with_status(grpc_status.to_status(fault))
+    status = grpc_status.to_status(fault)
+    # The ErrorInfo's trailer replaces the ones the interceptor set: name them again.
+    await context.abort(status.code, status.details, (*status.trailing_metadata, *interceptor.response_metadata()))
     raise AssertionError("abort_with_status returned")  # it raises
 
 
@@ -99,6 +108,15 @@ class Pipeline:
     workers: Executor
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     activity: CallActivity | None = None
+
+
+@dataclass(frozen=True)
+class _Running:
+    """An admitted call whose work is on a worker."""
+
+    caller: Caller
+    ticket: Ticket
+    running: asyncio.Future
 
 
 class VmControlService:
@@ -127,10 +145,17 @@ class VmControlService:
 
             return grpc.stream_unary_rpc_method_handler(behavior)
 
+        def streamed(name: str, verb: str, work: Work) -> grpc.RpcMethodHandler:
+            def behavior(_requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+                return self._serve_stream(context, name, verb, work)
+
+            return grpc.stream_stream_rpc_method_handler(behavior)
+
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
                 "GetVmaInfo": method("GetVmaInfo", READ, self.get_vma_info),
+                "StreamVmaInfo": streamed("StreamVmaInfo", READ, self.stream_vma_info),
                 "AdviseRanges": method("AdviseRanges", ADVISE, self.advise_ranges),
                 "ListProcesses": method("ListProcesses", READ, self.list_processes),
                 "GetNodeInfo": method("GetNodeInfo", READ, self.get_node_info),
@@ -140,6 +165,35 @@ class VmControlService:
     # ---- every call: admit, read, work -------------------------------------------
 
     async def _serve(self, context: grpc.aio.ServicerContext, method: str, verb: str, work: Work) -> bytes:
+        call = await self._start(context, method, verb, work)
+        # The slots are held until the work ends, not merely until the caller
+        # goes away: a cancelled call's advice still runs to its end.
+        call.running.add_done_callback(lambda _done: self._call_ended(call.ticket))
+        return await self._finish(context, method, verb, call)
+
+    async def _serve_stream(
+        self, context: grpc.aio.ServicerContext, method: str, verb: str, work: Work
+    ) -> AsyncIterator[bytes]:
+        """As :meth:`_serve`, then every message the work made, written from
+        the event loop; the slots are held until the last is written (or the
+        call ends) and, as ever, until the work ends."""
+        call = await self._start(context, method, verb, work)
+        try:
+            messages = await self._finish(context, method, verb, call)
+            messages.reverse()  # each dropped once written: a slow reader does not keep the whole snapshot alive
+            while messages:
+                yield messages.pop()
+        finally:
+            if call.running.done():
+                self._call_ended(call.ticket)
+            else:  # the caller went away while the worker still reads
+                call.running.add_done_callback(lambda _done: self._call_ended(call.ticket))
+
+    async def _start(
+        self, context: grpc.aio.ServicerContext, method: str, verb: str, work: Work
+    ) -> _Running:
+        """Admit the caller, read its request, and hand the work to a worker;
+        the caller's slots are released here only when this refuses it."""
         caller = caller_of(context)
         try:
             ticket = self.guard.admit(caller, verb)
@@ -161,17 +215,18 @@ class VmControlService:
         except BaseException:
             self._call_ended(ticket)
             raise
-        # The slots are held until the work ends, not merely until the caller
-        # goes away: a cancelled call's advice still runs to its end.
-        running.add_done_callback(lambda _done: self._call_ended(ticket))
+        return _Running(caller, ticket, running)
+
+    async def _finish(self, context: grpc.aio.ServicerContext, method: str, verb: str, call: _Running) -> Any:
+        """The work's result, or the call aborted with its fault."""
         try:
-            return await asyncio.shield(running)
+            return await asyncio.shield(call.running)
         except VmctlFault as fault:
             if verb == READ and fault.reason in _AUDITED_READ_REFUSALS:
                 # Folded like refusals on headers: a read changes nothing, and an
                 # identity allowed its own processes could otherwise write a
                 # record per pid it probes as fast as it can call.
-                self._record_refusal(method, caller, fault, fold=True)
+                self._record_refusal(method, call.caller, fault, fold=True)
             await _abort(context, fault)
         except Exception:
             log.exception("%s failed", method)
@@ -208,17 +263,36 @@ class VmControlService:
 
     def get_vma_info(self, caller: Caller, policy: Policy, data: bytes) -> bytes:
         request = _parse(pb.GetVmaInfoRequest, data)
+        snapshot, header = self._snapshot(caller, policy, request, pb.GetVmaInfoResponse)
+        return snapshot.table.encode(snapshot.result_mask, prefix=header)
+
+    def stream_vma_info(self, caller: Caller, policy: Policy, data: bytes) -> list[bytes]:
+        """GetVmaInfo's snapshot as StreamVmaInfoResponse messages: the header
+        alone, then the VMAs in chunks that keep every message under the limit."""
+        request = _parse(pb.StreamVmaInfoRequest, data)
+        snapshot, header = self._snapshot(caller, policy, request, pb.StreamVmaInfoResponse)
+        return [header, *snapshot.table.encode_chunks(snapshot.result_mask, STREAM_MESSAGE_LIMIT - 1)]
+
+    def _snapshot(
+        self,
+        caller: Caller,
+        policy: Policy,
+        request: pb.GetVmaInfoRequest | pb.StreamVmaInfoRequest,
+        header_type: type[pb.GetVmaInfoResponse] | type[pb.StreamVmaInfoResponse],
+    ) -> tuple[Snapshot, bytes]:
+        """The snapshot asked for, checked to be of the process the policy
+        judged, and its serialized header: process, cookie and result mask."""
         interceptor.note(pid=request.pid)
         target = self.guard.check_read(policy, caller, request.pid)
         snapshot = self.reader.take(request.pid, request.attr_mask)
         self.guard.same_process(target, snapshot.identity.start_time, snapshot.identity.exec_id)
         identity = snapshot.identity
-        header = pb.GetVmaInfoResponse(
+        header = header_type(
             process=pb.Process(pid=identity.pid, start_time=identity.start_time, comm=identity.comm),
             cookie=self.signer.issue(claims_for(identity, snapshot.digest)),
             result_mask=snapshot.result_mask,
         )
-        return snapshot.table.encode(snapshot.result_mask, prefix=header.SerializeToString())
+        return snapshot, header.SerializeToString()
 
     def advise_ranges(self, caller: Caller, policy: Policy, data: bytes) -> bytes:
         audit = AdviceAudit(caller.audit_fields(), request_id=logs.request_id.get())

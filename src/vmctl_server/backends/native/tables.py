@@ -106,6 +106,28 @@ class NativeVmaTable:
             lib.vmctl_free(out[0])
 
 
+    def encode_chunks(self, mask: int, max_bytes: int) -> list[bytes]:
+        """The wire bytes of ``vmas`` for the groups in ``mask``, cut at VMA
+        boundaries into chunks of at most ``max_bytes``: encoded in one C call
+        and copied out once, a bytes object per chunk, none per VMA."""
+        out = ffi.new("char **")
+        size = ffi.new("size_t *")
+        ends = ffi.new("size_t **")
+        count = ffi.new("size_t *")
+        rc = lib.vmctl_table_encode_chunks(self._table, mask & self.filled_mask, max_bytes, out, size, ends, count)
+        if rc == -errno.E2BIG:
+            raise ValueError(f"a VMA takes more than {max_bytes} bytes on the wire")
+        if rc < 0:
+            raise MemoryError("no memory to encode the VMA table")
+        try:
+            whole = ffi.buffer(out[0], size[0])
+            cuts = ffi.unpack(ends[0], count[0])
+            return [whole[start:end] for start, end in zip([0, *cuts], cuts, strict=False)]
+        finally:
+            lib.vmctl_free(out[0])
+            lib.vmctl_free(ends[0])
+
+
 def _parse(parser: object, data: bytes, name: str) -> object:
     out = ffi.new("struct vmctl_table **")
     bad_line = ffi.new("size_t *")

@@ -68,7 +68,7 @@ class PyPlan:
                     advised_bytes=o.advised_bytes,
                     skipped_bytes=o.skipped_bytes,
                     error=o.error,
-                    errno=o.errno,
+                    error_number=o.errno,
                 )
                 for o in self.outcomes()
             ]

@@ -9,6 +9,8 @@ itself, which is what makes it a trustworthy reference for the C encoder.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api.words import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY, KIND_FILE
 from vmctl_server.core import kernel, procfs
@@ -145,6 +147,34 @@ class PyVmaTable:
     def encode(self, mask: int, prefix: bytes = b"") -> bytes:
         """``prefix``, then the wire bytes of ``repeated Vma vmas = 4`` for the
         groups in ``mask``."""
+        response = pb.GetVmaInfoResponse()
+        add = response.vmas.add
+        for values in self._values(mask):
+            add(**values)
+        return prefix + response.SerializeToString()
+
+    def encode_chunks(self, mask: int, max_bytes: int) -> list[bytes]:
+        """The wire bytes of ``vmas`` for the groups in ``mask``, cut at VMA
+        boundaries into chunks of at most ``max_bytes``, each holding as many
+        VMAs as fit: every VMA serialized on its own, then gathered."""
+        chunks: list[bytes] = []
+        pending: list[bytes] = []
+        pending_size = 0
+        for values in self._values(mask):
+            entry = pb.GetVmaInfoResponse(vmas=[pb.Vma(**values)]).SerializeToString()
+            if len(entry) > max_bytes:
+                raise ValueError(f"a VMA takes more than {max_bytes} bytes on the wire")
+            if pending_size + len(entry) > max_bytes:
+                chunks.append(b"".join(pending))
+                pending, pending_size = [], 0
+            pending.append(entry)
+            pending_size += len(entry)
+        if pending:
+            chunks.append(b"".join(pending))
+        return chunks
+
+    def _values(self, mask: int) -> Iterator[dict]:
+        """Each row's Vma fields for the groups in ``mask`` (and filled)."""
         fields = ["start", "end", "perms", "offset", "dev_major", "dev_minor", "inode", "path", "raw_path", "kind"]
         mask &= self.filled_mask
         if mask & ATTR_RESIDENCY:
@@ -153,12 +183,8 @@ class PyVmaTable:
             fields += ACCOUNTING_FIELDS
         if mask & ATTR_BUILD_ID:
             fields.append("build_id")
-        response = pb.GetVmaInfoResponse()
-        add = response.vmas.add
         for r in self.rows:
-            add(**{f: r[f] for f in fields if f in r})
-        return prefix + response.SerializeToString()
-
+            yield {f: r[f] for f in fields if f in r}
 
 def _attribute_runs(rows: list[dict], runs: list[tuple[int, int, int]]) -> None:
     """Add each (start, end, categories) page run to the VMAs it overlaps."""

@@ -39,7 +39,7 @@
 #define RESULT_ADVISED 3u
 #define RESULT_SKIPPED 4u
 #define RESULT_ERROR 5u
-#define RESULT_ERRNO 6u
+#define RESULT_ERROR_NUMBER 6u
 
 /* ------------------------------------------------------- the request */
 
@@ -518,7 +518,7 @@ int vmctl_plan_encode(const struct vmctl_plan *plan, const char *prefix, size_t 
 		w = put_uint(w, RESULT_ADVISED, r->advised);
 		w = put_uint(w, RESULT_SKIPPED, r->skipped);
 		w = put_bytes(w, RESULT_ERROR, name, name_len);
-		w = put_uint(w, RESULT_ERRNO, (uint64_t)(int64_t)r->err);
+		w = put_uint(w, RESULT_ERROR_NUMBER, (uint64_t)(int64_t)r->err);
 	}
 	*out = buf;
 	*out_len = (size_t)(w - buf);

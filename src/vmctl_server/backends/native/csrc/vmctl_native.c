@@ -931,37 +931,91 @@ static char *put_vma(const struct vmctl_table *t, size_t i, uint32_t mask, char 
 	return p;
 }
 
-int vmctl_table_encode(const struct vmctl_table *table, uint32_t mask, const char *prefix, size_t prefix_len,
-		       char **out, size_t *out_len)
+/* Most bytes the wire form of every Vma can take. */
+static size_t table_bound(const struct vmctl_table *table)
 {
-	size_t bound = prefix_len;
-	char *buf, *w;
+	size_t bound = 0;
 
 	for (size_t i = 0; i < table->len; i++)
 		bound += vma_bound(table, i);
+	return bound;
+}
+
+/*
+ * Write VMA i as one entry of `repeated Vma vmas = 4` at w; returns the
+ * end of what it wrote. The Vma is written after a 2-byte length (most are
+ * 128..16383 bytes), then moved if its length takes another size: protobuf
+ * lengths are minimal varints.
+ */
+static char *put_vmas_entry(const struct vmctl_table *table, size_t i, uint32_t mask, char *w)
+{
+	char *body = w + 3;
+	size_t n = (size_t)(put_vma(table, i, mask, body) - body);
+	size_t k = varint_len(n);
+
+	*w = VMAS_TAG;
+	if (k != 2)
+		memmove(w + 1 + k, body, n);
+	put_varint(w + 1, n);
+	return w + 1 + k + n;
+}
+
+int vmctl_table_encode(const struct vmctl_table *table, uint32_t mask, const char *prefix, size_t prefix_len,
+		       char **out, size_t *out_len)
+{
+	size_t bound = prefix_len + table_bound(table);
+	char *buf, *w;
+
 	buf = malloc(bound ? bound : 1);
 	if (!buf)
 		return -ENOMEM;
 	memcpy(buf, prefix, prefix_len);
 	w = buf + prefix_len;
-	for (size_t i = 0; i < table->len; i++) {
-		/*
-		 * Write the Vma after a 2-byte length (most are 128..16383
-		 * bytes), then move it if its length takes another size:
-		 * protobuf lengths are minimal varints.
-		 */
-		char *body = w + 3;
-		size_t n = (size_t)(put_vma(table, i, mask, body) - body);
-		size_t k = varint_len(n);
-
-		*w = VMAS_TAG;
-		if (k != 2)
-			memmove(w + 1 + k, body, n);
-		put_varint(w + 1, n);
-		w += 1 + k + n;
-	}
+	for (size_t i = 0; i < table->len; i++)
+		w = put_vmas_entry(table, i, mask, w);
 	*out = buf;
 	*out_len = (size_t)(w - buf);
+	return 0;
+}
+
+int vmctl_table_encode_chunks(const struct vmctl_table *table, uint32_t mask, size_t max_chunk, char **out,
+			      size_t *out_len, size_t **ends, size_t *chunk_count)
+{
+	size_t bound = table_bound(table), count = 0, chunk_start = 0, previous_end = 0;
+	char *buf = malloc(bound ? bound : 1);
+	/* Every chunk holds at least one VMA: len ends are always enough. */
+	size_t *cuts = malloc(table->len ? table->len * sizeof(*cuts) : 1);
+	char *w;
+
+	if (!buf || !cuts) {
+		free(buf);
+		free(cuts);
+		return -ENOMEM;
+	}
+	w = buf;
+	for (size_t i = 0; i < table->len; i++) {
+		size_t end;
+
+		w = put_vmas_entry(table, i, mask, w);
+		end = (size_t)(w - buf);
+		if (end - previous_end > max_chunk) {
+			free(buf);
+			free(cuts);
+			return -E2BIG;
+		}
+		if (end - chunk_start > max_chunk) {
+			/* This VMA does not fit: the chunk ends before it. */
+			cuts[count++] = previous_end;
+			chunk_start = previous_end;
+		}
+		previous_end = end;
+	}
+	if (previous_end > chunk_start)
+		cuts[count++] = previous_end;
+	*out = buf;
+	*out_len = previous_end;
+	*ends = cuts;
+	*chunk_count = count;
 	return 0;
 }
 

@@ -110,6 +110,17 @@ int vmctl_table_fill_build_ids(struct vmctl_table *table, int maps_fd);
  */
 int vmctl_table_encode(const struct vmctl_table *table, uint32_t mask, const char *prefix, size_t prefix_len,
 		       char **out, size_t *out_len);
+
+/*
+ * The same wire bytes without a prefix, cut at VMA boundaries into chunks of
+ * at most max_chunk bytes, each one a whole StreamVmaInfoResponse: chunk i
+ * is (*out)[(*ends)[i - 1] .. (*ends)[i]) with (*ends)[-1] taken as 0, and
+ * there are *chunk_count of them (none for a table without VMAs). Each chunk
+ * holds as many VMAs as fit. Release *out and *ends with vmctl_free. 0,
+ * -ENOMEM, or -E2BIG when one VMA alone takes more than max_chunk bytes.
+ */
+int vmctl_table_encode_chunks(const struct vmctl_table *table, uint32_t mask, size_t max_chunk, char **out,
+			      size_t *out_len, size_t **ends, size_t *chunk_count);
 void vmctl_free(void *buffer);
 
 /*
