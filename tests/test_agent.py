@@ -21,10 +21,11 @@ import time
 
 import grpc
 import pytest
-from conftest import expect_error, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from scrape import Scrape, logged_port
+from support.expect import expect_error
+from support.scrape import Scrape, logged_port
+from support.waiting import wait_for
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_client import Client, TlsOptions

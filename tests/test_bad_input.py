@@ -32,9 +32,11 @@ from collections import Counter
 
 import grpc
 import pytest
-from audit_lines import audit_records
-from conftest import PAGE, Agent, expect_error
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.agents import Agent
+from support.audit_lines import audit_records
+from support.expect import expect_error
+from support.processes import PAGE
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_client.calls import RetryPolicy

@@ -18,11 +18,12 @@ import logging
 import socket
 
 import pytest
-from audit_lines import audit_records
-from certs import CertificateAuthority, Pki
-from conftest import PAGE, expect_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.audit_lines import audit_records
+from support.certs import CertificateAuthority, Pki
+from support.expect import expect_error
+from support.processes import PAGE
 
 from vmctl_client import Client, TlsOptions, VmctlError
 from vmctl_client.calls import RetryPolicy

@@ -28,10 +28,12 @@ from dataclasses import dataclass
 
 import pytest
 import yaml
-from audit_lines import audit_records
-from cgroup2 import CGROUP2, cgroup
-from conftest import Agent, expect_error
-from pidns import NamespacedTarget, PidNamespace
+from support.agents import Agent
+from support.audit_lines import audit_records
+from support.cgroup2 import CGROUP2, cgroup
+from support.expect import expect_error
+from support.pidns import NamespacedTarget, PidNamespace
+from support.processes import status_field
 
 from vmctl_server.core.cgroups import CgroupView, _cgroup2_mounts
 
@@ -94,10 +96,7 @@ class Node:
 
 def _pid_inside(host_pid: int) -> int:
     """The pid a host process has in the innermost PID namespace (NSpid's last)."""
-    for line in pathlib.Path(f"/proc/{host_pid}/status").read_text().splitlines():
-        if line.startswith("NSpid:"):
-            return int(line.split()[-1])
-    raise KeyError("NSpid")
+    return int(status_field(host_pid, "NSpid").split()[-1])
 
 
 def _own_cgroup() -> str:

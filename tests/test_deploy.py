@@ -22,8 +22,8 @@ import zipfile
 import kubernetes_validate
 import pytest
 import tomllib
-from agent_workout import Rig, exercise_operations, exercise_tls
-from deploy_files import (
+from support.agent_workout import Rig, exercise_operations, exercise_tls
+from support.deploy_files import (
     DEPLOY,
     DOCKERFILE,
     KUSTOMIZE_BASE,
@@ -36,7 +36,7 @@ from deploy_files import (
     require_tool,
     unit_settings,
 )
-from test_privileges import setpriv_prefix
+from support.privileges import setpriv_prefix
 
 from vmctl_server import config as agent_cli
 from vmctl_server.access.policy import parse_policy

@@ -21,9 +21,9 @@ import threading
 import time
 
 import pytest
-from audit_lines import audit_records
-from conftest import expect_error
-from pidns import PidNamespace
+from support.audit_lines import audit_records
+from support.expect import expect_error
+from support.pidns import PidNamespace
 
 from vmctl_client import VmctlError
 from vmctl_client.calls import RetryPolicy

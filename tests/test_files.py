@@ -22,8 +22,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from audit_lines import audit_records
-from peers import NOBODY
+from support.audit_lines import audit_records
+from support.filesystems import fill
+from support.peers import NOBODY
 
 AGENT = [sys.executable, "-m", "vmctl_server.agent"]
 NOBODY_NAME = f"uid {NOBODY} (nobody)"
@@ -127,32 +128,6 @@ def victim(tmp_path) -> pathlib.Path:
     path.write_bytes(b"root's own file\n")
     path.chmod(0o600)
     return path
-
-
-@pytest.fixture
-def tiny_tmpfs(tmp_path) -> Iterator[pathlib.Path]:
-    """A 64 KiB tmpfs, unmounted at the end whatever happens."""
-    mountpoint = tmp_path / "tiny"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "vmctl-test", str(mountpoint)], check=True)
-    try:
-        yield mountpoint
-    finally:
-        if subprocess.run(["umount", str(mountpoint)]).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(mountpoint)], check=True)
-
-
-def fill(directory: pathlib.Path) -> pathlib.Path:
-    """Fill the file system of ``directory`` to the last byte."""
-    filler = directory / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 4096)
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0")
-    return filler
 
 
 @contextlib.contextmanager

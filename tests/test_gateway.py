@@ -23,9 +23,10 @@ import threading
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from peers import NOBODY, ConnectAs, connect_as, public_directory
-from scrape import Scrape, logged_port
-from waiting import wait_for
+from support.peers import NOBODY, ConnectAs, connect_as, public_directory
+from support.processes import threads
+from support.scrape import Scrape, logged_port
+from support.waiting import wait_for
 
 from vmctl_client.calls import RetryPolicy
 from vmctl_server.runtime import metrics
@@ -90,13 +91,6 @@ def health_as(path: pathlib.Path, uid: int) -> int:
     """A health check over a new connection made by ``uid``: the status, so the connection was served."""
     with ConnectAs(path, uid) as peer, grpc.insecure_channel(peer.address) as channel:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30).status
-
-
-def threads(pid: int) -> int:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    raise AssertionError("no Threads line")
 
 
 def test_other_users_can_never_take_the_slots_kept_for_root(start_agent):

@@ -12,9 +12,9 @@ import time
 
 import grpc
 import pytest
-from conftest import expect_error
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from scrape import Scrape, logged_port
+from support.expect import expect_error
+from support.scrape import Scrape, logged_port
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api import vmctl_pb2_grpc

@@ -14,9 +14,9 @@ import functools
 import itertools
 
 import pytest
-from certs import CertificateAuthority
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from support.certs import CertificateAuthority
 
 from vmctl_server.access.identity import ANONYMOUS, caller_from, peer_name
 from vmctl_server.access.limits import TokenBucket

@@ -23,12 +23,15 @@ import time
 
 import grpc
 import pytest
-from audit_lines import audit_records
-from certs import Pki
-from cgroup2 import CGROUP2, cgroup
-from conftest import PAGE, Agent, expect_error, wait_for, write_policy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from peers import NOBODY, ConnectAs, connect_as
+from support.agents import Agent, write_policy
+from support.audit_lines import audit_records
+from support.certs import Pki
+from support.cgroup2 import CGROUP2, cgroup
+from support.expect import expect_error
+from support.peers import NOBODY, ConnectAs, connect_as
+from support.processes import PAGE
+from support.waiting import wait_for
 
 from vmctl_client import Client, TlsOptions
 from vmctl_client.calls import RetryPolicy

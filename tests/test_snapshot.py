@@ -11,7 +11,8 @@ import sys
 import time
 
 import pytest
-from conftest import PAGE, expect_error
+from support.expect import expect_error
+from support.processes import PAGE
 
 from vmctl_api import vmctl_pb2 as pb
 

@@ -36,10 +36,12 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 import pytest
-from audit_lines import audit_records
-from cgroup2 import cgroup
-from conftest import PAGE, expect_error
-from peers import NOBODY, ConnectAs, public_directory
+from support.agents import write_policy
+from support.audit_lines import audit_records
+from support.cgroup2 import cgroup
+from support.expect import expect_error
+from support.peers import NOBODY, ConnectAs
+from support.processes import PAGE, status_field
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api import vmctl_pb2_grpc
@@ -61,30 +63,14 @@ PR_SET_DUMPABLE = 4
 REFUSAL_METADATA = {"identity", "verb", "advice", "rule", "pid"}
 
 
-@pytest.fixture
-def public_dir() -> Iterator[pathlib.Path]:
-    with public_directory() as path:
-        yield path
-
-
-def write_policy(directory: pathlib.Path, text: str) -> str:
-    path = directory / "policy.yaml"
-    path.write_text(text)
-    return str(path)
-
-
 def comm_of(pid: int) -> str:
     return pathlib.Path(f"/proc/{pid}/comm").read_text().strip()
 
 
 def ids_of(pid: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(real, effective, saved, fs) uids and gids, as /proc/PID/status has them."""
-    fields = {
-        line.split(":")[0]: tuple(int(n) for n in line.split()[1:])
-        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines()
-        if line.startswith(("Uid:", "Gid:"))
-    }
-    return fields["Uid"], fields["Gid"]
+    uids, gids = (tuple(int(n) for n in status_field(pid, name).split()) for name in ("Uid", "Gid"))
+    return uids, gids
 
 
 def stack_of(client: Client, pid: int):
