@@ -18,13 +18,13 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 
 import pytest
 from support.audit_lines import audit_records
 from support.filesystems import fill
 from support.peers import NOBODY
+from support.waiting import wait_for
 
 AGENT = [sys.executable, "-m", "vmctl_server.agent"]
 NOBODY_NAME = f"uid {NOBODY} (nobody)"
@@ -81,12 +81,12 @@ def refused(*args: str, socket_dir: pathlib.Path) -> str:
         agent = subprocess.Popen(
             [*AGENT, "--listen", f"unix://{socket_dir}/agent.sock", *args], stdout=subprocess.DEVNULL, stderr=stderr
         )
+        def exited_before_serving() -> bool:
+            assert not _got_past_the_checks(socket_dir), "the agent accepted its files and is starting to serve"
+            return agent.poll() is not None
+
         try:
-            deadline = time.monotonic() + 60  # only so that a broken agent cannot hang the suite
-            while agent.poll() is None:
-                assert not _got_past_the_checks(socket_dir), "the agent accepted its files and is starting to serve"
-                assert time.monotonic() < deadline, "the agent neither refused nor started: blocked?"
-                time.sleep(0.05)
+            wait_for(exited_before_serving, "the agent to refuse (neither refused nor started: blocked?)", 60)
         finally:
             if agent.poll() is None:
                 agent.kill()

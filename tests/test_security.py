@@ -31,6 +31,7 @@ from support.cgroup2 import CGROUP2, cgroup
 from support.expect import expect_error
 from support.peers import NOBODY, ConnectAs, connect_as
 from support.processes import PAGE
+from support.scrape import Scrape, logged_port
 from support.waiting import wait_for
 
 from vmctl_client import Client, TlsOptions
@@ -593,13 +594,14 @@ def test_rate_limit_per_identity_and_health_is_never_limited(start_agent, target
 
 
 def test_health_answers_while_every_worker_is_busy(start_agent, big_target):
-    agent = start_agent("--no-native", "--workers", "2")
+    agent = start_agent("--no-native", "--workers", "2", "--metrics-listen", "127.0.0.1:0")
+    port = logged_port(agent, "metrics_port")
     clients = [agent.client() for _ in range(4)]
     try:
         for client in clients:
             client.node_info()  # connections up
         runs = [_in_background(lambda c=c: c.get_vma_info(big_target.pid, attrs=["accounting"])) for c in clients]
-        time.sleep(0.2)  # two running, two queued behind them
+        wait_for(lambda: Scrape(port).in_flight("GetVmaInfo") == 4, "two calls running, two queued behind them")
         with grpc.insecure_channel(agent.address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
         answered = time.monotonic()

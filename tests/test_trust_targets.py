@@ -31,7 +31,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 
 import grpc
@@ -42,6 +41,7 @@ from support.cgroup2 import cgroup
 from support.expect import expect_error
 from support.peers import NOBODY, ConnectAs
 from support.processes import PAGE, status_field
+from support.waiting import wait_for
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api import vmctl_pb2_grpc
@@ -109,13 +109,14 @@ class ThrowawayUser:
 
 def _account_tool(*argv: str) -> None:
     """useradd/userdel, again while another one holds the account files' lock."""
-    for attempt in range(10):
+
+    def done() -> bool:
         run = subprocess.run(argv, capture_output=True, text=True)
-        if run.returncode == 0:
-            return
-        if "lock" not in run.stderr or attempt == 9:
+        if run.returncode != 0 and "lock" not in run.stderr:
             raise RuntimeError(f"{' '.join(argv)}: exit {run.returncode}: {run.stderr}")
-        time.sleep(0.2)
+        return run.returncode == 0
+
+    wait_for(done, f"{argv[0]} to get the account files' lock")
 
 
 @pytest.fixture

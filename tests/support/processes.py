@@ -14,6 +14,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
@@ -42,6 +43,21 @@ def status_kb(pid: int, name: str) -> int:
 
 def threads(pid: int) -> int:
     return int(status_field(pid, "Threads"))
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (R, S, D, Z...); after the command name, which may hold any byte."""
+    return pathlib.Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0].decode()
+
+
+def start_ticks(pid: int) -> int:
+    """When the process started, in clock ticks since boot (/proc/PID/stat's starttime)."""
+    return int(pathlib.Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[19])
+
+
+def ticks_since_boot() -> int:
+    """Now, on the clock ``start_ticks`` counts (CLOCK_BOOTTIME in USER_HZ ticks)."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
 
 
 def children_of(pid: int) -> list[int]:
