@@ -154,6 +154,7 @@ def test_cookie_key_file_keeps_cookies_valid_across_restarts(start_agent, target
         )
 
 
+@pytest.mark.unprivileged
 def test_a_readable_key_file_is_refused(tmp_path):
     key_file = tmp_path / "cookie.key"
     key_file.write_bytes(secrets.token_bytes(32))
@@ -191,6 +192,7 @@ def test_health_and_reflection(agent):
         assert method_names == {"VmControl"}
 
 
+@pytest.mark.unprivileged
 def test_tcp_without_tls_is_refused_unless_insecure():
     refused = subprocess.run(
         [sys.executable, "-m", "vmctl_server.agent", "--listen", "tcp://127.0.0.1:0"],
@@ -330,6 +332,7 @@ def test_list_processes_reads_cgroups_and_container_ids(client, spawn_target):
     assert client.list_processes(cgroup_prefix="/no-such-cgroup-anywhere") == []
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("path", "expected"),
     [

@@ -214,6 +214,7 @@ def test_an_agent_in_the_nodes_namespace_needs_no_mapping(start_agent):
         assert "cgroup_paths" not in client.node_info().capabilities.probe_errors
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("kernel_path", "node_path"),
     [
@@ -230,6 +231,7 @@ def test_kernel_paths_climb_from_the_namespace_roots_node_path(kernel_path, node
     assert CgroupView().absolute(kernel_path) == kernel_path  # nothing to map
 
 
+@pytest.mark.unprivileged
 def test_mountinfo_cgroup2_lines_with_optional_fields_and_escapes():
     mountinfo = (
         b"31 23 0:28 / /sys/fs/cgroup rw,relatime shared:9 - tmpfs tmpfs rw,mode=755\n"

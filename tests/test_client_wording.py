@@ -231,6 +231,7 @@ def refusal_from(socket_path: pathlib.Path, servicer: Refusing) -> VmctlError:
     return refused.value
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("refusal", "cls", "said"),
     [
@@ -253,6 +254,7 @@ def test_whatever_the_agent_answers_is_shown_as_its_answer(tmp_path, refusal, cl
     assert_not_told_to_start_an_agent(refused.message)
 
 
+@pytest.mark.unprivileged
 def test_an_unavailable_from_something_else_is_no_agent_answering(tmp_path):
     """An ErrorInfo of another domain (a proxy on the way, say) is not the agent speaking."""
     refused = refusal_from(tmp_path / "s.sock", Refusing("upstream connect error", "UPSTREAM_DOWN", "proxy.example"))

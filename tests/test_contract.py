@@ -17,6 +17,8 @@ from vmctl_server.core.advice import ADVICES, FILTER_ANONYMOUS, FILTER_FILE, FIL
 from vmctl_server.core.cookie import COOKIE_SIZE, CookieClaims, CookieSigner
 from vmctl_server.transport import grpc_status
 
+pytestmark = pytest.mark.unprivileged
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STUBS = ROOT / "src" / "vmctl_api"
 

@@ -238,6 +238,7 @@ def test_connections_cost_no_threads_and_end_with_the_agent(start_agent):
     assert not agent.socket_path.exists()
 
 
+@pytest.mark.unprivileged
 def test_a_bad_reserve_is_refused_at_start():
     with tempfile.TemporaryDirectory(prefix="vmctl-test-") as tmp:
         args = ["--listen", f"unix://{tmp}/agent.sock", "--max-connections", "8", "--connections-reserved-for-root"]
@@ -327,6 +328,7 @@ def closed_total(reason: str) -> float:
     return metrics.REGISTRY.get_sample_value("vmctl_gateway_connections_closed_total", {"reason": reason}) or 0.0
 
 
+@pytest.mark.unprivileged
 def test_the_relay_passes_every_byte_in_order_when_the_reader_is_slow():
     payload = random.Random(7).randbytes(16 * MiB)
     with relayed() as (client, gateway, echo):
@@ -353,6 +355,7 @@ def test_the_relay_passes_every_byte_in_order_when_the_reader_is_slow():
         assert closed_total("client_closed") == before + 1
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize("client_sent_first", [False, True], ids=["quiet-client", "unread-request"])
 def test_the_relay_passes_on_every_byte_sent_before_the_server_closed(client_sent_first):
     last_words = random.Random(8).randbytes(4 * MiB)

@@ -16,6 +16,8 @@ from support.waiting import wait_for
 
 from vmctl_server.runtime import malloc_trim
 
+pytestmark = pytest.mark.unprivileged
+
 CHUNK = 64 << 10  # below glibc's mmap threshold (128 KiB at least): from the heap, not mmap
 CHUNKS = 1024
 MIB = 1 << 20

@@ -140,6 +140,7 @@ def test_health_listener_serves_only_health_and_reports_draining(start_agent, ta
     assert agent.proc.wait(30) == 0, agent.log()
 
 
+@pytest.mark.unprivileged
 def test_operations_listeners_reject_bad_addresses():
     for flag, value in (("--metrics-listen", "nowhere"), ("--health-listen", "127.0.0.1:99999")):
         result = subprocess.run(

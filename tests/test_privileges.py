@@ -137,6 +137,7 @@ def test_each_capability_is_needed(start_agent, nobody_target, tmp_path, missing
     assert agent.stop(signal.SIGTERM) == 0
 
 
+@pytest.mark.unprivileged
 def test_the_sandbox_enforces_what_the_unit_denies(tmp_path):
     """The emulation above is only worth something if it bites: a syscall the unit
     leaves out kills, a socket family it leaves out fails, W+X memory is refused."""

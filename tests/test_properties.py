@@ -26,6 +26,8 @@ from vmctl_server.core.advice import FILTER_KINDS, check_ranges, plan_ranges, sp
 from vmctl_server.core.faults import InvalidRequest, PolicyDenied, ProtectedTarget
 from vmctl_server.core.layout import KIND_ANONYMOUS, KIND_FILE, KIND_SPECIAL, Layout
 
+pytestmark = pytest.mark.unprivileged
+
 PAGE = 4096
 U64 = 2**64 - 1
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -85,6 +85,7 @@ def refused(report: pathlib.Path) -> dict[str, str]:
 # ---- the profile itself ----------------------------------------------------------------------------
 
 
+@pytest.mark.unprivileged
 def test_the_profile_refuses_by_default_and_never_allows_the_escapes():
     profile = load_profile()
     assert profile["defaultAction"] == "SCMP_ACT_ERRNO"
@@ -105,6 +106,7 @@ def test_the_profile_refuses_by_default_and_never_allows_the_escapes():
     assert {"process_madvise", "pidfd_open", "ioctl", "epoll_pwait", "eventfd2", "futex", "rseq"} <= set(allowed)
 
 
+@pytest.mark.unprivileged
 def test_the_configmap_carries_the_profile_file_unchanged():
     config_map = next(
         d for d in render(OVERLAYS[0]) if d["kind"] == "ConfigMap" and "vmctl-agent.json" in d.get("data", {})
@@ -115,6 +117,7 @@ def test_the_configmap_carries_the_profile_file_unchanged():
 # ---- the agent under it ----------------------------------------------------------------------------
 
 
+@pytest.mark.unprivileged
 def test_the_workout_runs_the_agent_with_the_daemonsets_flags():
     """The workout below is only worth something if it runs the agent as the DaemonSet does."""
     args = agent_container(render(next(p for p in OVERLAYS if p.name == "cluster-mtls")))["args"]

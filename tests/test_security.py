@@ -60,6 +60,7 @@ def comm_of(pid: int) -> str:
 # ---- the mapping of refusals to statuses ---------------------------------------------
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("fault", "code", "reason"),
     [
@@ -313,6 +314,7 @@ def test_sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one(start_agent,
     assert agent.proc.poll() is None
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("text", "complaint"),
     [
@@ -355,6 +357,7 @@ def test_a_bad_policy_file_is_refused_with_where_and_why(text, complaint, tmp_pa
     assert not (tmp_path / "a.sock").exists()
 
 
+@pytest.mark.unprivileged
 def test_the_shipped_kubernetes_policy_is_valid():
     shipped = REPO / "deploy" / "kubernetes" / "base" / "policy.yaml"
     if not shipped.exists():
@@ -709,6 +712,7 @@ def test_audit_file_gets_one_flushed_line_per_advise(start_agent, target, tmp_pa
     target.verify()
 
 
+@pytest.mark.unprivileged
 def test_an_unwritable_audit_log_stops_the_agent_at_start(tmp_path):
     result = subprocess.run(
         [*AGENT, "--listen", f"unix://{tmp_path}/a.sock", "--audit-log", "/dev/full"],

@@ -324,6 +324,7 @@ def test_a_process_that_execs_after_the_check_is_not_the_one_checked(spawn_targe
 # ---- item 7: a cgroup prefix is a path ---------------------------------------------------------
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("path", "prefix", "under"),
     [
@@ -346,6 +347,7 @@ def test_a_prefix_selects_whole_path_components(path, prefix, under):
     assert is_under(path, prefix) is under
 
 
+@pytest.mark.unprivileged
 def test_the_client_holds_an_agents_answer_to_the_rule():
     """An agent older than the rule matched string prefixes; the client drops what it let through."""
     older_reply = pb.ListProcessesResponse(
@@ -435,6 +437,7 @@ def test_list_processes_ps_and_reclaim_select_whole_components(agent, app_and_ev
     assert [(p["pid"], p["status"]) for p in report["processes"]] == [(app.pid, "done")]
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize("prefix", ["app", "/app//web"])
 @pytest.mark.parametrize("where", ["rules[0].targets.cgroup_prefixes[0]", "protected_cgroup_prefixes[0]"])
 def test_a_prefix_that_is_no_path_is_refused_saying_what_a_prefix_is(prefix, where, tmp_path):
@@ -457,6 +460,7 @@ def test_a_prefix_that_is_no_path_is_refused_saying_what_a_prefix_is(prefix, whe
     assert result.returncode == 1 and "not /app-evil" in result.stderr, result.stderr
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("cgroup_path", "selected"),
     [
