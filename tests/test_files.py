@@ -13,7 +13,6 @@ import contextlib
 import os
 import pathlib
 import secrets
-import shutil
 import stat
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from collections.abc import Iterator
 import pytest
 from support.audit_lines import audit_records
 from support.filesystems import fill
-from support.peers import NOBODY
+from support.peers import NOBODY, public_directory
 from support.waiting import wait_for
 
 AGENT = [sys.executable, "-m", "vmctl_server.agent"]
@@ -113,12 +112,8 @@ def snapshot(path: pathlib.Path) -> tuple:
 @pytest.fixture
 def shared_dir() -> Iterator[pathlib.Path]:
     """A directory like /tmp: root's, mode 1777 (anyone may add entries, only their owner remove them)."""
-    path = pathlib.Path(tempfile.mkdtemp(prefix="vmctl-shared-"))
-    path.chmod(0o1777)
-    try:
+    with public_directory(0o1777) as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
