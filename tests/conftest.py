@@ -1,4 +1,5 @@
-"""Fixtures: real agents, real target processes, real zram swap.
+"""Fixtures: real agents, real target processes, real zram swap. (What they
+are made of, and every other helper, is the package tests/support.)
 
 Everything a test creates is torn down in ``finally`` blocks or fixture
 finalizers, so a failing test leaves no process, socket or swap behind.

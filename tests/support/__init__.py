@@ -20,6 +20,7 @@ insert it. One copy, one module name: no helper exists twice.
     deploy_files   deploy/ read the way kubectl, systemd and the DaemonSet read it
     privileges     setpriv and the seccomp sandbox in front of a command
     agent_workout  everything the deployed agent does, done to one agent (the seccomp profile's trace)
+    as_nobody      run a command as user nobody though the interpreter lives under /root (the unprivileged tier)
 
 Run as scripts, never imported by the tests (they must work as a lone file,
 e.g. copied where another user can read it): target.py, churn_target.py,
