@@ -45,14 +45,19 @@ def threads(pid: int) -> int:
     return int(status_field(pid, "Threads"))
 
 
+def _stat_from_state(pid: int) -> list[bytes]:
+    """/proc/PID/stat's fields from the 3rd (the state) on: after the command name, which may hold any byte."""
+    return pathlib.Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+
+
 def process_state(pid: int) -> str:
-    """The state letter of /proc/PID/stat (R, S, D, Z...); after the command name, which may hold any byte."""
-    return pathlib.Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0].decode()
+    """R, S, D, Z (a zombie)..."""
+    return _stat_from_state(pid)[0].decode()
 
 
 def start_ticks(pid: int) -> int:
-    """When the process started, in clock ticks since boot (/proc/PID/stat's starttime)."""
-    return int(pathlib.Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[19])
+    """When the process started, in clock ticks since boot (starttime, the 22nd field)."""
+    return int(_stat_from_state(pid)[22 - 3])
 
 
 def ticks_since_boot() -> int:
