@@ -1,6 +1,7 @@
 # vmctl: everything a developer or CI needs, from a fresh clone.
 #   make run    set up .venv and start the agent on /run/vmctl/agent.sock (root)
 #   make test   lint, then the whole suite (root: it reads other processes and sets up zram swap)
+#   make test-unprivileged  the tests that need no root (parsers, policy, cookie, limits, views), as any user
 #   make proto  regenerate the Python stubs from proto/
 #   make bench  (see bench/README.md)
 
@@ -12,7 +13,7 @@ PYTEST_ARGS ?=
 AGENT_ARGS  ?=
 BENCH_ARGS  ?=
 
-.PHONY: setup run test lint proto bench clean
+.PHONY: setup run test test-unprivileged lint proto bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard src/vmctl_server/backends/native/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +32,9 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unprivileged: $(STAMP)
+	$(PY) -m pytest -m unprivileged $(PYTEST_ARGS)
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py

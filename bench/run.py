@@ -24,11 +24,13 @@ import time
 from dataclasses import dataclass
 
 import grpc
-import harness
+import harness  # first: it puts tests/ on the path, for support.*
 import measure
 import psutil
-import zram
 from measure import Iovecs, Samples, Variant, interleaved, percentile
+from support.processes import status_field, status_kb
+from support.waiting import wait_for
+from support.zram import zram_swap_device
 
 from vmctl_api import vmctl_pb2, vmctl_pb2_grpc
 from vmctl_client import Client
@@ -138,7 +140,15 @@ def pageout_cases(client: Client, target: harness.Target) -> list[Variant]:
     return variants
 
 
-def strace_calls(agent: harness.Agent, client: Client, target: harness.Target) -> dict:
+def traces_every_thread(tracer: subprocess.Popen, pid: int) -> bool:
+    """Whether ``tracer`` is attached to every thread of ``pid`` (each thread's TracerPid)."""
+    if tracer.poll() is not None:
+        raise subprocess.SubprocessError(f"strace exited with {tracer.returncode}: {tracer.stderr.read()}")  # type: ignore[union-attr]
+    tids = [int(task.name) for task in pathlib.Path(f"/proc/{pid}/task").iterdir()]
+    return all(status_field(tid, "TracerPid") == str(tracer.pid) for tid in tids)
+
+
+def strace_calls(agent_pid: int, client: Client, target: harness.Target) -> dict:
     """process_madvise calls the agent makes for one AdviseRanges, counted
     by strace attached to it (untimed: strace slows every call)."""
     target.retouch()
@@ -146,12 +156,12 @@ def strace_calls(agent: harness.Agent, client: Client, target: harness.Target) -
     ranges = [(v.start, v.end) for v in info.vmas if v.kind == "anonymous"]
     with tempfile.NamedTemporaryFile("r", prefix="vmctl-bench-strace-") as summary:
         tracer = subprocess.Popen(
-            ["strace", "-f", "-c", "-e", "trace=process_madvise", "-o", summary.name, "-p", str(agent.pid)],
+            ["strace", "-f", "-c", "-e", "trace=process_madvise", "-o", summary.name, "-p", str(agent_pid)],
             stderr=subprocess.PIPE,
             text=True,
         )
         try:
-            time.sleep(1.0)  # attached to every thread by now
+            wait_for(lambda: traces_every_thread(tracer, agent_pid), "strace to attach to every thread of the agent")
             result = client.advise_ranges(target.pid, ranges, "pageout", cookie=info.cookie, filter="anonymous")
         finally:
             tracer.send_signal(signal.SIGINT)
@@ -301,7 +311,7 @@ def main() -> int:
 
     with contextlib.ExitStack() as stack:
         scratch = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vmctl-bench-")))
-        swap = None if args.no_pageout else stack.enter_context(zram.zram_swap_device("4G"))
+        swap = None if args.no_pageout else stack.enter_context(zram_swap_device("4G"))
         if not args.no_pageout and swap is None:
             progress("no zram on this kernel: skipping the pageout cases")
         progress(f"building targets of {SYSTEM_SERVER_VMAS:,} and {big_vmas:,} VMAs")
@@ -309,12 +319,20 @@ def main() -> int:
         big = stack.enter_context(harness.target(big_vmas, scratch))
         small = stack.enter_context(harness.target(SMALL_VMAS, scratch))
         agent = stack.enter_context(harness.agent(scratch, []))
+        agent_pid = agent.proc.pid  # type: ignore[union-attr]
+
+        def agent_mb(key: str) -> float:
+            return status_kb(agent_pid, key) / 1024
+
+        def reset_peak_rss() -> None:
+            harness.reset_peak_rss(agent_pid)
+
         client = stack.enter_context(Client(agent.address))
         # The generated stub on a channel of its own: what the call costs with no client library at all.
         stub = vmctl_pb2_grpc.VmControlStub(
             stack.enter_context(grpc.insecure_channel(agent.address, options=[("grpc.max_receive_message_length", -1)]))
         )
-        agent_idle_rss_mb = agent.status_kb("VmRSS") / 1024
+        agent_idle_rss_mb = agent_mb("VmRSS")
         results["targets"] = {
             name: {"vmas": t.vmas, "heap_regions": t.heap_regions}
             for name, t in (("mid", mid), ("big", big), ("small", small))
@@ -328,13 +346,10 @@ def main() -> int:
                 vmas, name = key.split(" ", 1)
                 measured[int(vmas)][name] = sample
 
-        def agent_mb(key: str) -> float:
-            return agent.status_kb(key) / 1024
-
         # Both targets in the same rounds: the per-VMA comparison between
         # them sees the same drift too.
         progress(f"{mid.vmas:,} and {big.vmas:,} VMAs: maps, layout, smaps, accounting, residency, psutil")
-        agent.reset_peak_rss()
+        reset_peak_rss()
         collect(interleaved(read_cases(client, stub, mid) + read_cases(client, stub, big), args.reps))
         rss |= {"peak_during_reads": agent_mb("VmHWM"), "after_reads": agent_mb("VmRSS")}
         # The load before any pageout, so its peak is the reads' alone. It
@@ -343,7 +358,7 @@ def main() -> int:
         # over those threads, all on one malloc arena (vmctl_server.runtime.malloc_trim).
         progress(f"{args.clients} clients for {args.load_seconds:.0f}s on a {small.vmas}-VMA target")
         load = measure.concurrent_load(
-            agent.address, small.pid, ACCOUNTING, args.clients, args.load_seconds, agent.reset_peak_rss
+            agent.address, small.pid, ACCOUNTING, args.clients, args.load_seconds, reset_peak_rss
         )
         peak_rss_mb = agent_mb("VmHWM")
         results["load"] = {
@@ -362,14 +377,14 @@ def main() -> int:
             if not args.no_strace:
                 progress("counting the agent's process_madvise calls with strace")
                 try:
-                    results["strace"] = strace_calls(agent, client, mid)
+                    results["strace"] = strace_calls(agent_pid, client, mid)
                 except (OSError, subprocess.SubprocessError) as exc:
                     results["strace"] = {"error": str(exc)}
 
         if swap is not None:
             progress(f"{big.vmas:,} VMAs: pageout floor, AdviseRanges, dry run, per VMA")
             rss["before_big_pageout"] = agent_mb("VmRSS")
-            agent.reset_peak_rss()
+            reset_peak_rss()
             collect(interleaved(pageout_cases(client, big), args.big_reps))
             rss["peak_during_big_pageout"] = agent_mb("VmHWM")
         progress(f"health checks during accounting calls on {big.vmas:,} VMAs")

@@ -5,7 +5,7 @@
     sudo .venv/bin/python scripts/trace_agent_syscalls.py --write  # trace and rewrite the profile
 
 Runs the agent with the DaemonSet's flags under ``strace -f`` (every thread)
-through tests/agent_workout.py: start-up and its kernel probes, every RPC and
+through tests/support/agent_workout.py: start-up and its kernel probes, every RPC and
 refusal over the unix socket and over mutual TLS on [::] from IPv4 and IPv6,
 reflection, the health and metrics listeners, a policy reload on SIGHUP and
 the drain on SIGTERM; once on the C extension's paths and once on the
@@ -28,12 +28,11 @@ import os
 import pathlib
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # the workout and the agent are tests/support's (support.*)
 
 PROFILE = ROOT / "deploy" / "kubernetes" / "base" / "seccomp" / "vmctl-agent.json"
 # A syscall the profile does not name answers ENOSYS, as one an older kernel lacks: glibc and CPython
@@ -140,32 +139,22 @@ CLONE_CALL = re.compile(r"^\d+\s+clone\(.*flags=([A-Z0-9_|]+)")
 # ---- the trace -----------------------------------------------------------------------------------
 
 
-def _agent_pid(tracer_pid: int) -> int:
-    """strace's child: the agent (strace forked it and it exec'd)."""
-    from waiting import wait_for
-
-    children = pathlib.Path(f"/proc/{tracer_pid}/task/{tracer_pid}/children")
-    return int(wait_for(lambda: children.read_text().split(), "strace to start the agent")[0])
-
-
 def trace_once(directory: pathlib.Path, extra_args: list[str]) -> str:
     """The workout under ``strace -f``; returns strace's output."""
-    from agent_workout import Rig, drain, exercise_everything
-    from conftest import TARGET_SCRIPT, Target
-    from test_privileges import WrappedAgent  # conftest's Agent behind a command prefix
+    from support.agent_workout import Rig, drain, exercise_everything
+    from support.agents import Agent
+    from support.processes import Target, child_of
 
     strace = shutil.which("strace")
     if strace is None:
         raise SystemExit("strace is not installed (Debian: apt-get install strace)")
     rig = Rig.create(directory)
     out = directory / "strace.out"
-    target = Target(
-        subprocess.Popen([sys.executable, str(TARGET_SCRIPT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    )
-    agent = WrappedAgent([strace, "-f", "-qq", "-o", str(out), "--"], [*rig.agent_args(), *extra_args], directory)
+    target = Target.start()
+    agent = Agent([*rig.agent_args(), *extra_args], directory, prefix=[strace, "-f", "-qq", "-o", str(out), "--"])
     try:
         agent.start()
-        pid = _agent_pid(agent.proc.pid)
+        pid = child_of(agent.proc.pid)  # strace forked the agent
         exercise_everything(rig, agent, pid, [target])
         status = drain(pid, lambda: agent.proc.wait(60), agent.socket_path)
         if status != 0:

@@ -1,4 +1,5 @@
-"""Fixtures: real agents, real target processes, real zram swap.
+"""Fixtures: real agents, real target processes, real zram swap. (What they
+are made of, and every other helper, is the package tests/support.)
 
 Everything a test creates is torn down in ``finally`` blocks or fixture
 finalizers, so a failing test leaves no process, socket or swap behind.
@@ -7,27 +8,21 @@ finalizers, so a failing test leaves no process, socket or swap behind.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pathlib
-import signal
-import subprocess
-import sys
+import shutil
 import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from waiting import wait_for  # noqa: F401  (the tests' one way to wait, re-exported)
-from zram import zram_swap_device
+from support.agents import Agent
+from support.deploy_files import require_tool
+from support.filesystems import tmpfs
+from support.peers import NOBODY, public_directory
+from support.processes import TARGET_SCRIPT, Target
+from support.zram import zram_swap_device
 
-from vmctl_client import Client, VmctlError
-
-TESTS = pathlib.Path(__file__).resolve().parent
-TARGET_SCRIPT = TESTS / "target.py"
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from vmctl_client import Client
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -50,97 +45,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # ---- target processes --------------------------------------------------------
 
 
-class Target:
-    """A tests/target.py process, driven line by line."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
-        hello = self._read()
-        self.pid: int = hello["pid"]
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()  # type: ignore[union-attr]
-        if not line:
-            raise RuntimeError(f"target {self.proc.pid} died (exit {self.proc.poll()})")
-        return json.loads(line)
-
-    def call(self, op: str, **args: object) -> dict:
-        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")  # type: ignore[union-attr]
-        self.proc.stdin.flush()  # type: ignore[union-attr]
-        reply = self._read()
-        if "error" in reply:
-            raise RuntimeError(f"target {op} failed: {reply['error']}")
-        return reply
-
-    def map_anon(self, size: int, seed: int = 1) -> tuple[int, int]:
-        reply = self.call("map_anon", size=size, seed=seed)
-        return reply["start"], reply["end"]
-
-    def map_file(self, path: str, size: int, shared: bool = False) -> tuple[int, int]:
-        reply = self.call("map_file", path=str(path), size=size, shared=shared)
-        return reply["start"], reply["end"]
-
-    def verify(self) -> None:
-        reply = self.call("verify")
-        assert reply["ok"], f"target memory corrupted in regions {reply['bad']}"
-
-    def status_kb(self, key: str) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        raise KeyError(key)
-
-    def smaps_region(self, start: int) -> dict[str, int]:
-        """The smaps counters (kB) of the VMA starting at ``start``."""
-        found: dict[str, int] | None = None
-        with open(f"/proc/{self.pid}/smaps") as f:
-            for line in f:
-                head = line.split(maxsplit=1)[0]
-                if "-" in head and not head.endswith(":"):
-                    if found is not None:
-                        break
-                    if int(head.split("-")[0], 16) == start:
-                        found = {}
-                elif found is not None and line.split()[-1:] == ["kB"]:
-                    key, value = line.split(":")
-                    found[key] = int(value.split()[0])
-        if found is None:
-            raise KeyError(f"no VMA at 0x{start:x}")
-        return found
-
-    @contextlib.contextmanager
-    def stopped(self) -> Iterator[None]:
-        """Hold the target still (SIGSTOP) so its memory cannot change."""
-        os.kill(self.pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            os.kill(self.pid, signal.SIGCONT)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream:
-                stream.close()
-
-
 @pytest.fixture
 def spawn_target() -> Iterator:
     targets: list[Target] = []
 
     def spawn() -> Target:
-        proc = subprocess.Popen(
-            [sys.executable, str(TARGET_SCRIPT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        try:
-            target = Target(proc)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
+        target = Target.start()
         targets.append(target)
         return target
 
@@ -156,79 +66,41 @@ def target(spawn_target) -> Target:
     return spawn_target()
 
 
+@pytest.fixture
+def nobody_target() -> Iterator[Target]:
+    """A target process owned by another user (uid 65534), run by the system's python3 from a copy of
+    the script: the project's interpreter and tree may live under a directory that user cannot enter."""
+    python = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)), None)
+    if python is None:
+        pytest.fail("no system python3 for a target owned by another user")
+    setpriv = require_tool("setpriv", "util-linux")
+    with tempfile.TemporaryDirectory(prefix="vmctl-target-") as script_dir:
+        os.chmod(script_dir, 0o755)
+        script = shutil.copy(TARGET_SCRIPT, script_dir)
+        as_nobody = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        target = Target.spawn(script, prefix=as_nobody, python=python)
+        try:
+            yield target
+        finally:
+            target.kill()
+
+
 # ---- agents --------------------------------------------------------------------
-
-
-class Agent:
-    def __init__(self, args: list[str], socket_dir: pathlib.Path) -> None:
-        self.socket_path = socket_dir / "agent.sock"
-        self.address = f"unix://{self.socket_path}"
-        self.args = args
-        fd, log_name = tempfile.mkstemp(prefix="vmctl-agent-", suffix=".log")
-        os.close(fd)
-        self.log_path = pathlib.Path(log_name)
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Agent:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vmctl_server.agent", "--listen", self.address, *self.args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.wait_serving()
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_serving(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
-            if self.socket_path.exists():
-                with grpc.insecure_channel(self.address) as channel:
-                    try:
-                        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                            return
-                    except grpc.RpcError:
-                        pass
-            time.sleep(0.05)
-        raise RuntimeError(f"agent did not start serving within {timeout}s:\n{self.log()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def discard_log(self) -> None:
-        self.log_path.unlink(missing_ok=True)
-
-    def client(self, **kwargs: object) -> Client:
-        return Client(self.address, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture
 def start_agent() -> Iterator:
-    """Start agents with extra arguments; all are stopped at teardown."""
+    """Start agents with extra arguments (behind a command ``prefix``, if given:
+    setpriv, a seccomp sandbox); all are stopped at teardown."""
     agents: list[Agent] = []
     dirs: list[tempfile.TemporaryDirectory] = []
 
-    def start(*args: str, socket_dir: pathlib.Path | None = None) -> Agent:
+    def start(*args: str, socket_dir: pathlib.Path | None = None, prefix: Sequence[str] = ()) -> Agent:
         if socket_dir is None:
             holder = tempfile.TemporaryDirectory(prefix="vmctl-test-")
             dirs.append(holder)
             socket_dir = pathlib.Path(holder.name)
-        agent = Agent(list(args), socket_dir)
+        agent = Agent(list(args), socket_dir, prefix)
         agents.append(agent)
         return agent.start()
 
@@ -284,17 +156,6 @@ def any_client(any_agent: Agent) -> Iterator[Client]:
         yield c
 
 
-def expect_error(call, code: str, reason: str | None = None) -> VmctlError:
-    """Run ``call`` and return the VmctlError it must raise, with that code and reason."""
-    with pytest.raises(VmctlError) as caught:
-        call()
-    error = caught.value
-    assert error.code == code, f"expected {code}/{reason}, got {error.code}/{error.reason}: {error.message}"
-    if reason is not None:
-        assert error.reason == reason, f"expected reason {reason}, got {error.reason}: {error.message}"
-    return error
-
-
 # ---- zram swap -----------------------------------------------------------------
 
 
@@ -306,21 +167,24 @@ def zram_swap() -> Iterator[str]:
         yield device
 
 
+# ---- a full disk ------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A 64 KiB tmpfs, unmounted at the end whatever happened (request it
+    before start_agent, so the agent holding a file on it stops first)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    with tmpfs(mount_point, "64k"):
+        yield mount_point
+
+
 # ---- shared by the security tests ------------------------------------------------
 
 
 @pytest.fixture
 def public_dir() -> Iterator[pathlib.Path]:
     """A directory every user may traverse (mode 0755), for sockets other users reach."""
-    from peers import public_directory
-
     with public_directory() as path:
         yield path
-
-
-def write_policy(directory: pathlib.Path, text: str) -> str:
-    path = directory / "policy.yaml"
-    path.write_text(text)
-    return str(path)
-
-

@@ -13,11 +13,14 @@ policy's verb), reads the request only for admitted calls and within
 from __future__ import annotations
 
 import grpc
-from conftest import expect_error, wait_for, write_policy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from peers import NOBODY, ConnectAs
-from scrape import logged_port
-from stalls import HeaderOnlyCalls
+from support.agents import write_policy
+from support.expect import expect_error
+from support.peers import NOBODY, ConnectAs
+from support.processes import status_kb
+from support.scrape import logged_port
+from support.stalls import HeaderOnlyCalls
+from support.waiting import wait_for
 
 from vmctl_client import Client
 from vmctl_client.calls import RetryPolicy
@@ -31,14 +34,6 @@ def _health(address: str) -> int:
     """One health check on a connection of its own."""
     with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
-
-
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_header_only_calls_from_a_user_with_no_rights_are_refused_on_their_headers(start_agent, target, public_dir):
@@ -73,12 +68,12 @@ def test_a_flood_of_header_only_calls_leaves_memory_bounded(start_agent, public_
     agent = start_agent("--socket-mode", "0666", socket_dir=public_dir)
     with agent.client() as root:
         root.node_info()
-    before = _rss_kb(agent.proc.pid)
+    before = status_kb(agent.proc.pid, "VmRSS")
     with ConnectAs(agent.socket_path, NOBODY) as nobody:
         for _round in range(10):
             with HeaderOnlyCalls(nobody.address, GET_VMA_INFO, 500, connections=10) as stalls:
                 assert set(stalls.codes()) == {grpc.StatusCode.PERMISSION_DENIED}
-    grown_kb = _rss_kb(agent.proc.pid) - before
+    grown_kb = status_kb(agent.proc.pid, "VmRSS") - before
     # 5,000 refused calls hold nothing: what grew is allocator noise, not a per-call cost
     # (the thread-pool server kept ~106 MB, 21 KB a call, and never gave it back).
     assert grown_kb < 16 * 1024, f"the agent grew {grown_kb} kB over 5,000 refused calls"

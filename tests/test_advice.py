@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import PAGE, expect_error
+from support.expect import expect_error
+from support.processes import PAGE
 
 MiB = 1 << 20
 

@@ -21,10 +21,11 @@ import time
 
 import grpc
 import pytest
-from conftest import expect_error, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from scrape import Scrape, logged_port
+from support.expect import expect_error
+from support.scrape import Scrape, logged_port
+from support.waiting import wait_for
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_client import Client, TlsOptions
@@ -153,6 +154,7 @@ def test_cookie_key_file_keeps_cookies_valid_across_restarts(start_agent, target
         )
 
 
+@pytest.mark.unprivileged
 def test_a_readable_key_file_is_refused(tmp_path):
     key_file = tmp_path / "cookie.key"
     key_file.write_bytes(secrets.token_bytes(32))
@@ -190,6 +192,7 @@ def test_health_and_reflection(agent):
         assert method_names == {"VmControl"}
 
 
+@pytest.mark.unprivileged
 def test_tcp_without_tls_is_refused_unless_insecure():
     refused = subprocess.run(
         [sys.executable, "-m", "vmctl_server.agent", "--listen", "tcp://127.0.0.1:0"],
@@ -329,6 +332,7 @@ def test_list_processes_reads_cgroups_and_container_ids(client, spawn_target):
     assert client.list_processes(cgroup_prefix="/no-such-cgroup-anywhere") == []
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("path", "expected"),
     [

@@ -6,7 +6,6 @@ policy reloads are on record too.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
 import signal
@@ -14,12 +13,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
 
 import pytest
-from audit_lines import audit_records
-from conftest import expect_error, wait_for, write_policy
-from peers import NOBODY, ConnectAs
+from support.agents import write_policy
+from support.audit_lines import audit_records
+from support.expect import expect_error
+from support.filesystems import fill
+from support.peers import NOBODY, ConnectAs
+from support.waiting import wait_for
 
 from vmctl_client import Client, VmctlError
 from vmctl_client.calls import RetryPolicy
@@ -37,29 +38,6 @@ def _lines_parse(path: pathlib.Path) -> list[dict]:
     text = path.read_text()
     assert text.endswith("\n"), f"the last line is cut: {text[-80:]!r}"
     return [json.loads(line) for line in text.splitlines()]
-
-
-@contextlib.contextmanager
-def tiny_tmpfs(size: str) -> Iterator[pathlib.Path]:
-    """A tmpfs of ``size`` mounted on a fresh directory, unmounted and removed afterwards."""
-    mount_point = pathlib.Path(tempfile.mkdtemp(prefix="vmctl-tmpfs-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount_point)], check=True)
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-        mount_point.rmdir()
-
-
-def _fill(path: pathlib.Path) -> None:
-    """Write to ``path`` until the filesystem is full."""
-    with open(path, "wb", buffering=0) as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 4096)
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0")
 
 
 def test_the_intent_is_on_record_first_so_a_killed_agent_leaves_it(start_agent, target, tmp_path, zram_swap):
@@ -93,8 +71,9 @@ def test_the_intent_is_on_record_first_so_a_killed_agent_leaves_it(start_agent, 
     target.verify()
 
 
-def test_a_full_disk_applies_nothing_and_leaves_no_half_line(target, zram_swap):
-    with tiny_tmpfs("64k") as disk, tempfile.TemporaryDirectory(prefix="vmctl-test-") as sockets:
+def test_a_full_disk_applies_nothing_and_leaves_no_half_line(tiny_tmpfs, target, zram_swap):
+    disk = tiny_tmpfs
+    with tempfile.TemporaryDirectory(prefix="vmctl-test-") as sockets:
         audit_path = disk / "audit.jsonl"
         socket_path = pathlib.Path(sockets) / "agent.sock"
         log_path = pathlib.Path(sockets) / "agent.log"
@@ -108,7 +87,7 @@ def test_a_full_disk_applies_nothing_and_leaves_no_half_line(target, zram_swap):
             wait_for(lambda: audit_path.exists() and audit_records(audit_path, event="agent_started"), what="a start")
             wait_for(socket_path.exists, what="the socket")
             start, end = target.map_anon(4 * MiB, seed=12)
-            _fill(disk / "filler")
+            fill(disk)
             # Leave the log's last page a few bytes short of a record.
             room = 4096 - audit_path.stat().st_size % 4096
             with open(audit_path, "a") as f:

@@ -27,14 +27,16 @@ import secrets
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 
 import grpc
 import pytest
-from audit_lines import audit_records
-from conftest import PAGE, Agent, expect_error
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.agents import Agent
+from support.audit_lines import audit_records
+from support.expect import expect_error
+from support.processes import PAGE, process_state
+from support.waiting import wait_for
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_client.calls import RetryPolicy
@@ -268,11 +270,7 @@ def _call(stub, message):
 def _zombie():
     proc = subprocess.Popen(["true"])
     try:
-        for _ in range(500):
-            with open(f"/proc/{proc.pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    break
-            time.sleep(0.01)
+        wait_for(lambda: process_state(proc.pid) == "Z", "the exited child to be a zombie")
         yield proc.pid
     finally:
         proc.wait()

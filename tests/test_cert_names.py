@@ -18,11 +18,12 @@ import logging
 import socket
 
 import pytest
-from audit_lines import audit_records
-from certs import CertificateAuthority, Pki
-from conftest import PAGE, expect_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.audit_lines import audit_records
+from support.certs import CertificateAuthority, Pki
+from support.expect import expect_error
+from support.processes import PAGE
 
 from vmctl_client import Client, TlsOptions, VmctlError
 from vmctl_client.calls import RetryPolicy
@@ -66,6 +67,7 @@ def refusal_of(ca: CertificateAuthority, **names) -> str:
 # ---- which name: the precedence of today, on real certificates -----------------------------
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("names", "identity"),
     [
@@ -92,11 +94,13 @@ def test_certificate_identity_precedence(ca, names, identity):
     assert caller.identity == (identity or ANONYMOUS) and caller.transport == "tls"
 
 
+@pytest.mark.unprivileged
 def test_tls_without_a_client_certificate_is_anonymous():
     caller = caller_from("ipv4:127.0.0.1:5", {"transport_security_type": [b"ssl"]})
     assert caller.identity == ANONYMOUS and caller.transport == "tls"
 
 
+@pytest.mark.unprivileged
 def test_gRPCs_own_name_properties_are_not_believed(ca):
     """What gRPC core hands over as peer_dns is what it cut at the NUL: only
     the certificate counts."""
@@ -110,6 +114,7 @@ def test_gRPCs_own_name_properties_are_not_believed(ca):
 # ---- what is not a name -----------------------------------------------------------------------
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("names", "why"),
     [
@@ -133,6 +138,7 @@ def test_a_control_or_invisible_character_anywhere_discredits_every_name(ca, nam
     assert why in refusal and refusal.isascii() and refusal.isprintable(), refusal
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("names", "why"),
     [
@@ -170,6 +176,7 @@ def test_a_name_that_cannot_be_a_name_names_nobody(ca, names, why):
     assert why in refusal and refusal.isascii() and refusal.isprintable(), refusal
 
 
+@pytest.mark.unprivileged
 def test_a_refused_name_is_logged_once_escaped_and_bounded(ca, caplog):
     pem = ca.pem(sans=[("dns", NUL_DNS + b"\x1b[2K" + b"x" * 500)])
     with caplog.at_level(logging.WARNING, logger="vmctl.auth"):
@@ -184,6 +191,7 @@ def test_a_refused_name_is_logged_once_escaped_and_bounded(ca, caplog):
     assert len(warnings[0].fields["certificate_sha256"]) == 64
 
 
+@pytest.mark.unprivileged
 def test_a_certificate_with_no_names_is_anonymous_without_a_warning(ca, caplog):
     with caplog.at_level(logging.WARNING, logger="vmctl.auth"):
         assert tls_caller(ca.pem()).identity == ANONYMOUS
@@ -202,6 +210,7 @@ _name_text = st.text(
 )
 
 
+@pytest.mark.unprivileged
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     uris=st.lists(_name_text, max_size=2),

@@ -28,10 +28,12 @@ from dataclasses import dataclass
 
 import pytest
 import yaml
-from audit_lines import audit_records
-from cgroup2 import CGROUP2, cgroup
-from conftest import Agent, expect_error
-from pidns import NamespacedTarget, PidNamespace
+from support.agents import Agent
+from support.audit_lines import audit_records
+from support.cgroup2 import CGROUP2, cgroup
+from support.expect import expect_error
+from support.pidns import NamespacedTarget, PidNamespace
+from support.processes import status_field
 
 from vmctl_server.core.cgroups import CgroupView, _cgroup2_mounts
 
@@ -94,10 +96,7 @@ class Node:
 
 def _pid_inside(host_pid: int) -> int:
     """The pid a host process has in the innermost PID namespace (NSpid's last)."""
-    for line in pathlib.Path(f"/proc/{host_pid}/status").read_text().splitlines():
-        if line.startswith("NSpid:"):
-            return int(line.split()[-1])
-    raise KeyError("NSpid")
+    return int(status_field(host_pid, "NSpid").split()[-1])
 
 
 def _own_cgroup() -> str:
@@ -215,6 +214,7 @@ def test_an_agent_in_the_nodes_namespace_needs_no_mapping(start_agent):
         assert "cgroup_paths" not in client.node_info().capabilities.probe_errors
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("kernel_path", "node_path"),
     [
@@ -231,6 +231,7 @@ def test_kernel_paths_climb_from_the_namespace_roots_node_path(kernel_path, node
     assert CgroupView().absolute(kernel_path) == kernel_path  # nothing to map
 
 
+@pytest.mark.unprivileged
 def test_mountinfo_cgroup2_lines_with_optional_fields_and_escapes():
     mountinfo = (
         b"31 23 0:28 / /sys/fs/cgroup rw,relatime shared:9 - tmpfs tmpfs rw,mode=755\n"

@@ -10,8 +10,8 @@ import pty
 import subprocess
 import sys
 
-from cgroup2 import cgroup
-from conftest import PAGE
+from support.cgroup2 import cgroup
+from support.processes import PAGE
 
 from vmctl_server.core.cookie import COOKIE_SIZE
 

@@ -19,8 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from cgroup2 import cgroup
-from conftest import PAGE, Agent, expect_error
+from support.agents import Agent
+from support.cgroup2 import cgroup
+from support.expect import expect_error
+from support.processes import PAGE
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api import vmctl_pb2_grpc as pb_grpc

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import errno
 import json
 import os
 import pathlib
@@ -26,10 +25,11 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from conftest import PAGE
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from support.filesystems import fill
+from support.processes import PAGE
 
 from vmctl_api import vmctl_pb2_grpc
 from vmctl_client import (
@@ -57,30 +57,6 @@ def assert_not_told_to_start_an_agent(text: str) -> None:
 
 
 # ---- AUDIT_UNAVAILABLE: the audit log's file system is full ----------------------------------
-
-
-@pytest.fixture
-def tiny_tmpfs(tmp_path) -> Iterator[pathlib.Path]:
-    """A 64 KiB tmpfs, unmounted at the end whatever happened (request it
-    before start_agent, so the agent holding a file on it stops first)."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "vmctl-test", str(mount_point)], check=True)
-    try:
-        yield mount_point
-    finally:
-        if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(mount_point)], check=True)  # a file still open on it
-
-
-def fill(directory: pathlib.Path) -> None:
-    """Take every free block of ``directory``'s file system."""
-    with open(directory / "filler", "wb", buffering=0) as filler:  # unbuffered: nothing left to flush at close
-        try:
-            while filler.write(b"\0" * PAGE):
-                pass
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
 
 
 def advise_until_refused(client: Client, pid: int, page: tuple[int, int]) -> VmctlError:
@@ -255,6 +231,7 @@ def refusal_from(socket_path: pathlib.Path, servicer: Refusing) -> VmctlError:
     return refused.value
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("refusal", "cls", "said"),
     [
@@ -277,6 +254,7 @@ def test_whatever_the_agent_answers_is_shown_as_its_answer(tmp_path, refusal, cl
     assert_not_told_to_start_an_agent(refused.message)
 
 
+@pytest.mark.unprivileged
 def test_an_unavailable_from_something_else_is_no_agent_answering(tmp_path):
     """An ErrorInfo of another domain (a proxy on the way, say) is not the agent speaking."""
     refused = refusal_from(tmp_path / "s.sock", Refusing("upstream connect error", "UPSTREAM_DOWN", "proxy.example"))

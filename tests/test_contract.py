@@ -12,10 +12,10 @@ import sys
 
 import grpc
 import pytest
-from conftest import expect_error
 from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from node_tools import bin_path
+from support.expect import expect_error
+from support.node_tools import bin_path
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api import vmctl_pb2_grpc
@@ -23,6 +23,8 @@ from vmctl_server.core import faults
 from vmctl_server.core.advice import ADVICE_UNSPECIFIED
 from vmctl_server.core.cookie import COOKIE_SIZE, CookieClaims, CookieSigner
 from vmctl_server.transport import grpc_status
+
+pytestmark = pytest.mark.unprivileged
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STUBS = ROOT / "src" / "vmctl_api"

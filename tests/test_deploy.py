@@ -22,8 +22,8 @@ import zipfile
 import kubernetes_validate
 import pytest
 import tomllib
-from agent_workout import Rig, exercise_operations, exercise_tls
-from deploy_files import (
+from support.agent_workout import Rig, exercise_operations, exercise_tls
+from support.deploy_files import (
     DEPLOY,
     DOCKERFILE,
     KUSTOMIZE_BASE,
@@ -36,7 +36,7 @@ from deploy_files import (
     require_tool,
     unit_settings,
 )
-from test_privileges import setpriv_prefix
+from support.privileges import setpriv_prefix
 
 from vmctl_server import config as agent_cli
 from vmctl_server.access.policy import parse_policy
@@ -95,6 +95,7 @@ NAMESPACED_KINDS = {
 }
 
 
+@pytest.mark.unprivileged
 def test_the_overlays_are_the_documented_two():
     assert OVERLAY_IDS == ["cluster-mtls", "node-local"]
 
@@ -102,6 +103,7 @@ def test_the_overlays_are_the_documented_two():
 # ---- Kubernetes ------------------------------------------------------------------
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize("version", SCHEMA_VERSIONS)
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
 def test_overlay_renders_and_validates_against_kubernetes_schemas(overlay, version):
@@ -111,6 +113,7 @@ def test_overlay_renders_and_validates_against_kubernetes_schemas(overlay, versi
         kubernetes_validate.validate(doc, version, strict=True)
 
 
+@pytest.mark.unprivileged
 def test_the_schema_check_rejects_a_broken_manifest():
     """A check that cannot fail proves nothing: a misspelt field and a wrong type must be caught."""
     daemonset = only(render(OVERLAYS[0]), "DaemonSet")
@@ -133,6 +136,7 @@ def _agent_args(docs: tuple[dict, ...]) -> argparse.Namespace:
     return args
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
 def test_daemonset_security_invariants(overlay):
     docs = render(overlay)
@@ -165,6 +169,7 @@ def test_daemonset_security_invariants(overlay):
         assert {"cpu", "memory"} <= container["resources"][kind].keys()
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
 def test_probes_use_the_health_only_port(overlay):
     docs = render(overlay)
@@ -177,6 +182,7 @@ def test_probes_use_the_health_only_port(overlay):
     assert container["readinessProbe"]["grpc"]["service"] == "vmctl.v1.VmControl"
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
 def test_no_plaintext_vmcontrol_port(overlay):
     """Every TCP listener for VmControl is mutual TLS; the other ports carry only health and metrics."""
@@ -192,6 +198,7 @@ def test_no_plaintext_vmcontrol_port(overlay):
     assert not any(p.get("hostPort") for p in container.get("ports", []))
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
 def test_every_path_the_agent_uses_is_mounted(overlay):
     docs = render(overlay)
@@ -222,6 +229,7 @@ def init_container(docs: tuple[dict, ...]) -> dict:
     return init
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
 def test_the_profile_installer_may_write_the_profiles_directory_and_nothing_else(overlay):
     docs = render(overlay)
@@ -302,6 +310,7 @@ def misplaced_objects(docs: tuple[dict, ...]) -> list[str]:
     return wrong
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
 def test_every_namespaced_object_is_in_vmctl_system(overlay):
     docs = render(overlay)
@@ -309,6 +318,7 @@ def test_every_namespaced_object_is_in_vmctl_system(overlay):
     assert only(docs, "Namespace")["metadata"]["name"] == NAMESPACE
 
 
+@pytest.mark.unprivileged
 def test_the_namespace_check_catches_an_overlay_object_left_in_default(tmp_path):
     """The bug it guards against: the cluster-mtls overlay without its namespace line put the
     Service in default (the base's namespace covers only the base's objects)."""
@@ -337,6 +347,7 @@ def admitted_ports(policy: dict) -> dict[int, list[dict]]:
     return admitted
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
 def test_the_network_policy_admits_only_what_must_reach_each_port(overlay):
     """Not hostNetwork: the agent's ports are on the pod network, where every pod could reach them.
@@ -356,12 +367,14 @@ def test_the_network_policy_admits_only_what_must_reach_each_port(overlay):
     assert ports["health"] not in admitted_ports(policy)
 
 
+@pytest.mark.unprivileged
 def test_node_local_has_no_network_access_to_vmcontrol():
     docs = render(next(p for p in OVERLAYS if p.name == "node-local"))
     assert not [d for d in docs if d["kind"] == "Service"]
     assert all(a.unix_path for a in _agent_args(docs).listen)
 
 
+@pytest.mark.unprivileged
 def test_cluster_overlay_discovery():
     docs = render(next(p for p in OVERLAYS if p.name == "cluster-mtls"))
     daemonset, service = only(docs, "DaemonSet"), only(docs, "Service")
@@ -373,6 +386,7 @@ def test_cluster_overlay_discovery():
     assert service["metadata"]["namespace"] == daemonset["metadata"]["namespace"] == NAMESPACE
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
 def test_a_resource_quota_admits_the_priority_class_in_the_namespace(overlay):
     """system-node-critical outside kube-system needs a quota scoped to it where the API server
@@ -391,6 +405,7 @@ def test_a_resource_quota_admits_the_priority_class_in_the_namespace(overlay):
 # ---- the agent's listeners: IPv6 and IPv4 ---------------------------------------------------
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
 def test_listeners_bind_every_address_family(overlay):
     args = _agent_args(render(overlay))
@@ -422,6 +437,7 @@ def test_the_agent_serves_the_overlays_listen_addresses_over_ipv4_and_ipv6(start
     exercise_tls(rig, target)  # mutual TLS over 127.0.0.1 and ::1
 
 
+@pytest.mark.unprivileged
 def test_policy_configmap_is_a_policy_the_agent_accepts():
     """The ConfigMap's file, through the agent's own policy parser (the one --policy uses)."""
     config_map = next(d for d in render(OVERLAYS[0]) if d["metadata"]["name"].startswith("vmctl-policy-"))
@@ -455,6 +471,7 @@ def _console_scripts() -> dict[str, str]:
         return tomllib.load(f)["project"]["scripts"]
 
 
+@pytest.mark.unprivileged
 def test_dockerfile_is_multi_stage_pinned_and_runs_the_agent():
     instructions = _dockerfile_instructions()
     bases = [rest.split()[0] for keyword, rest in instructions if keyword == "FROM"]
@@ -549,6 +566,7 @@ def _verify(unit: pathlib.Path) -> subprocess.CompletedProcess:
     return subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.unprivileged
 def test_systemd_unit_verifies_cleanly(tmp_path):
     result = _verify(_unit_for_this_host(tmp_path))
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
@@ -558,6 +576,7 @@ def test_systemd_unit_verifies_cleanly(tmp_path):
     assert "protect system value" in _verify(_unit_for_this_host(tmp_path, broken)).stderr
 
 
+@pytest.mark.unprivileged
 def test_systemd_unit_exposure_is_low(tmp_path):
     analyze = require_tool("systemd-analyze", "systemd")
     unit = _unit_for_this_host(tmp_path)
@@ -566,6 +585,7 @@ def test_systemd_unit_exposure_is_low(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr  # "2.5 OK" or better on systemd's 0-10 scale
 
 
+@pytest.mark.unprivileged
 def test_systemd_unit_matches_the_agent_cli_and_the_daemonset():
     settings = unit_settings()
     exec_start = settings["ExecStart"][0].split()

@@ -18,12 +18,14 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
-from audit_lines import audit_records
-from conftest import expect_error
-from pidns import PidNamespace
+from support.audit_lines import audit_records
+from support.expect import expect_error
+from support.pidns import PidNamespace
+from support.processes import start_ticks, ticks_since_boot
+from support.scrape import Scrape, logged_port
+from support.waiting import wait_for
 
 from vmctl_client import VmctlError
 from vmctl_client.calls import RetryPolicy
@@ -39,10 +41,12 @@ def test_pid_reuse_inside_a_pid_namespace_refuses_the_old_cookie(zram_swap):
         pid = 31337
         with agent.client() as client:
             first = ns.spawn_target(pid=pid)
+            first_started = start_ticks(first.host_pid)
             old = client.get_vma_info(pid)
             old_stack = next(v for v in old.vmas if v.path == "[stack]")
             ns.exit_target(first)
-            time.sleep(0.05)  # a few clock ticks: the new process's start time differs
+            # A clock tick later, the new process's start time differs from the old one's.
+            wait_for(lambda: ticks_since_boot() > first_started, "the clock to tick past the first start time")
             second = ns.spawn_target(pid=pid)
             start, end = second.map_anon(4 * MiB, seed=9)
             assert second.pid == pid
@@ -149,29 +153,27 @@ with Client(sys.argv[1]) as client:
 
 
 def test_a_client_killed_mid_call_leaves_nothing_behind(start_agent, spawn_target):
-    agent = start_agent("--no-native")
+    agent = start_agent("--no-native", "--metrics-listen", "127.0.0.1:0", "--log-format", "json")
+    port = logged_port(agent, "metrics_port")
     big = spawn_target()
     big.call("many_vmas", limit=int(pathlib.Path("/proc/sys/vm/max_map_count").read_text()))
     with agent.client() as client:
         client.node_info()
-    time.sleep(0.5)
+    wait_for(lambda: Scrape(port).value("vmctl_gateway_connections") == 0, "the gateway to close the connection")
     baseline = _sockets(agent.proc.pid)
     for _ in range(3):
         caller = subprocess.Popen(
             [sys.executable, "-c", CLIENT_PROGRAM, agent.address, str(big.pid)], stdout=subprocess.PIPE, text=True
         )
         assert caller.stdout.readline().strip() == "connected"
-        time.sleep(0.3)  # the snapshot is running (it takes over a second)
+        wait_for(lambda: Scrape(port).in_flight("GetVmaInfo") == 1, "the snapshot to be running")
         caller.kill()
         caller.wait()
         assert caller.stdout.read() == ""  # it never got its answer
         caller.stdout.close()
     # The calls finish inside the agent, and their connections (the client's
     # end at the gateway, the relay's at gRPC) are all closed.
-    deadline = time.monotonic() + 30
-    while _sockets(agent.proc.pid) > baseline and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _sockets(agent.proc.pid) <= baseline, agent.log()
+    wait_for(lambda: _sockets(agent.proc.pid) <= baseline, f"the agent's sockets back to {baseline}:\n{agent.log()}")
     with agent.client() as client:
         assert client.get_vma_info(big.pid).process.pid == big.pid
     assert "Traceback" not in agent.log()
@@ -203,7 +205,12 @@ def test_sigterm_under_load_drains_cleanly(start_agent, spawn_target):
     workers = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for thread in workers:
         thread.start()
-    time.sleep(1.5)
+
+    def applied_so_far() -> int:
+        with lock:
+            return sum(1 for o in outcomes if o == ("advise", "OK"))
+
+    wait_for(lambda: applied_so_far() >= 2 * len(workers), "the workers to have advice applied: under load")
     agent.proc.send_signal(signal.SIGTERM)
     assert agent.proc.wait(60) == 0, agent.log()
     stop.set()

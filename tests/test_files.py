@@ -13,17 +13,17 @@ import contextlib
 import os
 import pathlib
 import secrets
-import shutil
 import stat
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 
 import pytest
-from audit_lines import audit_records
-from peers import NOBODY
+from support.audit_lines import audit_records
+from support.filesystems import fill
+from support.peers import NOBODY, public_directory
+from support.waiting import wait_for
 
 AGENT = [sys.executable, "-m", "vmctl_server.agent"]
 NOBODY_NAME = f"uid {NOBODY} (nobody)"
@@ -80,12 +80,12 @@ def refused(*args: str, socket_dir: pathlib.Path) -> str:
         agent = subprocess.Popen(
             [*AGENT, "--listen", f"unix://{socket_dir}/agent.sock", *args], stdout=subprocess.DEVNULL, stderr=stderr
         )
+        def exited_before_serving() -> bool:
+            assert not _got_past_the_checks(socket_dir), "the agent accepted its files and is starting to serve"
+            return agent.poll() is not None
+
         try:
-            deadline = time.monotonic() + 60  # only so that a broken agent cannot hang the suite
-            while agent.poll() is None:
-                assert not _got_past_the_checks(socket_dir), "the agent accepted its files and is starting to serve"
-                assert time.monotonic() < deadline, "the agent neither refused nor started: blocked?"
-                time.sleep(0.05)
+            wait_for(exited_before_serving, "the agent to refuse (neither refused nor started: blocked?)", 60)
         finally:
             if agent.poll() is None:
                 agent.kill()
@@ -112,12 +112,8 @@ def snapshot(path: pathlib.Path) -> tuple:
 @pytest.fixture
 def shared_dir() -> Iterator[pathlib.Path]:
     """A directory like /tmp: root's, mode 1777 (anyone may add entries, only their owner remove them)."""
-    path = pathlib.Path(tempfile.mkdtemp(prefix="vmctl-shared-"))
-    path.chmod(0o1777)
-    try:
+    with public_directory(0o1777) as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -127,32 +123,6 @@ def victim(tmp_path) -> pathlib.Path:
     path.write_bytes(b"root's own file\n")
     path.chmod(0o600)
     return path
-
-
-@pytest.fixture
-def tiny_tmpfs(tmp_path) -> Iterator[pathlib.Path]:
-    """A 64 KiB tmpfs, unmounted at the end whatever happens."""
-    mountpoint = tmp_path / "tiny"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "vmctl-test", str(mountpoint)], check=True)
-    try:
-        yield mountpoint
-    finally:
-        if subprocess.run(["umount", str(mountpoint)]).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(mountpoint)], check=True)
-
-
-def fill(directory: pathlib.Path) -> pathlib.Path:
-    """Fill the file system of ``directory`` to the last byte."""
-    filler = directory / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 4096)
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0")
-    return filler
 
 
 @contextlib.contextmanager

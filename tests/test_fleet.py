@@ -29,10 +29,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from certs import CertFiles, Pki
-from cgroup2 import CGROUP2, cgroup
-from conftest import PAGE, TARGET_SCRIPT, Target
-from pidns import child_of
+from support.certs import CertFiles, Pki
+from support.cgroup2 import CGROUP2, cgroup
+from support.processes import PAGE, TARGET_SCRIPT, Target, child_of
 
 from vmctl_client import Client, RetryPolicy, TlsOptions, VmctlError
 
@@ -187,16 +186,10 @@ class Fleet:
         # The shell moves itself into the cgroup, then becomes nsenter, whose
         # child (the target, inside the host) inherits the cgroup.
         join_and_enter = f"echo $$ > {self.cgroup}/cgroup.procs && exec " + " ".join(host.enter())
-        proc = subprocess.Popen(
-            ["sh", "-c", join_and_enter + ' "$@"', "sh", sys.executable, str(TARGET_SCRIPT)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        target = Target(proc)
+        target = Target.spawn(TARGET_SCRIPT, prefix=["sh", "-c", join_and_enter + ' "$@"', "sh"])
         host.targets.append(target)
         target.map_anon(REGION, seed=1000 * host.index + len(host.targets))
-        host.identities.add((target.pid, _start_time(child_of(proc.pid))))
+        host.identities.add((target.pid, _start_time(child_of(target.proc.pid))))
 
     def _wait_serving(self, host: Host, timeout: float = 60.0) -> None:
         patient = RetryPolicy(attempts=10_000, initial_backoff=0.05, max_backoff=0.2)

@@ -23,9 +23,10 @@ import threading
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from peers import NOBODY, ConnectAs, connect_as, public_directory
-from scrape import Scrape, logged_port
-from waiting import wait_for
+from support.peers import NOBODY, ConnectAs, connect_as, public_directory
+from support.processes import threads
+from support.scrape import Scrape, logged_port
+from support.waiting import wait_for
 
 from vmctl_client.calls import RetryPolicy
 from vmctl_server.runtime import metrics
@@ -90,13 +91,6 @@ def health_as(path: pathlib.Path, uid: int) -> int:
     """A health check over a new connection made by ``uid``: the status, so the connection was served."""
     with ConnectAs(path, uid) as peer, grpc.insecure_channel(peer.address) as channel:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30).status
-
-
-def threads(pid: int) -> int:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    raise AssertionError("no Threads line")
 
 
 def test_other_users_can_never_take_the_slots_kept_for_root(start_agent):
@@ -244,6 +238,7 @@ def test_connections_cost_no_threads_and_end_with_the_agent(start_agent):
     assert not agent.socket_path.exists()
 
 
+@pytest.mark.unprivileged
 def test_a_bad_reserve_is_refused_at_start():
     with tempfile.TemporaryDirectory(prefix="vmctl-test-") as tmp:
         args = ["--listen", f"unix://{tmp}/agent.sock", "--max-connections", "8", "--connections-reserved-for-root"]
@@ -333,6 +328,7 @@ def closed_total(reason: str) -> float:
     return metrics.REGISTRY.get_sample_value("vmctl_gateway_connections_closed_total", {"reason": reason}) or 0.0
 
 
+@pytest.mark.unprivileged
 def test_the_relay_passes_every_byte_in_order_when_the_reader_is_slow():
     payload = random.Random(7).randbytes(16 * MiB)
     with relayed() as (client, gateway, echo):
@@ -359,6 +355,7 @@ def test_the_relay_passes_every_byte_in_order_when_the_reader_is_slow():
         assert closed_total("client_closed") == before + 1
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize("client_sent_first", [False, True], ids=["quiet-client", "unread-request"])
 def test_the_relay_passes_on_every_byte_sent_before_the_server_closed(client_sent_first):
     last_words = random.Random(8).randbytes(4 * MiB)

@@ -11,7 +11,7 @@ import socket
 
 import grpc
 import pytest
-from certs import Pki
+from support.certs import Pki
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api import vmctl_pb2_grpc

@@ -17,8 +17,9 @@ import socket
 import time
 
 import pytest
-from scrape import Scrape, logged_port
-from waiting import wait_for
+from support.processes import threads
+from support.scrape import Scrape, logged_port
+from support.waiting import wait_for
 
 from vmctl_server import __version__
 from vmctl_server.runtime import metrics
@@ -30,13 +31,6 @@ IDLE_CONNECTIONS = 1000
 def metrics_agent(start_agent):
     agent = start_agent("--metrics-listen", "127.0.0.1:0", "--log-format", "json")
     return agent, logged_port(agent, "metrics_port")
-
-
-def threads(pid: int) -> int:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    raise AssertionError("no Threads line")
 
 
 def sockets(pid: int) -> int:

@@ -221,6 +221,7 @@ def decoded(table: PyVmaTable | NativeVmaTable, mask: int) -> list[pb.Vma]:
 # --------------------------------------------------------------- the ABI
 
 
+@pytest.mark.unprivileged
 def test_kernel_structs_match_the_reference() -> None:
     for name in ("struct iovec", "struct procmap_query", "struct page_region", "struct pm_scan_arg"):
         fields = [field for field, _ in kernel.ffi.typeof(name).fields]
@@ -254,6 +255,7 @@ def test_reading_a_process_that_is_gone() -> None:
             table.read(proc.pid, "maps")
 
 
+@pytest.mark.unprivileged
 def test_a_failed_read_is_an_os_error(tmp_path: Path) -> None:
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -418,6 +420,7 @@ def test_advice_on_an_exited_process(target: Target) -> None:
     assert native == reference == kernel.AdviseOutcome([0, 0, 0], [errno.ESRCH] * 3, 1)
 
 
+@pytest.mark.unprivileged
 def test_advice_with_no_segments() -> None:
     assert advise_segments(-1, [], kernel.MADV_COLD) == kernel.advise_segments(-1, [], kernel.MADV_COLD)
 
@@ -499,6 +502,7 @@ def ranges_and_layout(draw: st.DrawFn) -> tuple[list[tuple[int, int]], bytes, in
     return ranges, records, draw(st.sampled_from(sorted(FILTER_KINDS)))
 
 
+@pytest.mark.unprivileged
 @settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ranges_and_layout())
 def test_range_checks_and_plans_equal(case: tuple[list[tuple[int, int]], bytes, int]) -> None:
@@ -512,12 +516,14 @@ addresses = st.one_of(
 )
 
 
+@pytest.mark.unprivileged
 @settings(max_examples=500, deadline=None)
 @given(st.lists(st.tuples(addresses, addresses), min_size=1, max_size=40))
 def test_refusals_of_any_ranges_equal(pairs: list[tuple[int, int]]) -> None:
     assert_ranges_agree(pairs, b"", 0)
 
 
+@pytest.mark.unprivileged
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(0, 1 << 20), min_size=2, max_size=300, unique=True), st.randoms())
 def test_many_unsorted_ranges_checked_alike(pages: list[int], rng) -> None:
@@ -530,6 +536,7 @@ def test_many_unsorted_ranges_checked_alike(pages: list[int], rng) -> None:
     assert assert_ranges_agree(ranges, b"", 0)[1] == "RANGE_OVERLAP"
 
 
+@pytest.mark.unprivileged
 def test_total_bytes_beyond_64_bits() -> None:
     pairs = [(0, U64)] * 5 + [(U64, 0), (7, 3)]
     assert NativeRanges.from_pairs(pairs).total_bytes() == PyRanges.from_pairs(pairs).total_bytes() == 5 * U64
@@ -634,6 +641,7 @@ def assert_read_as_protobuf_reads(wire: bytes, plain: bool) -> None:
     assert outcome(ranges, b"", 0) == outcome(PyRanges.from_pairs(expected), b"", 0)
 
 
+@pytest.mark.unprivileged
 @settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(request_bytes())
 def test_ranges_read_from_request_bytes_as_protobuf_reads_them(case: tuple[bytes, bool]) -> None:
@@ -649,6 +657,7 @@ def garbled(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.unprivileged
 @settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=200) | garbled())
 def test_request_bytes_of_any_kind(wire: bytes) -> None:
@@ -656,6 +665,7 @@ def test_request_bytes_of_any_kind(wire: bytes) -> None:
     assert_read_as_protobuf_reads(wire, plain=False)
 
 
+@pytest.mark.unprivileged
 def test_a_real_request_is_read_in_c() -> None:
     ranges = [(start * PAGE, (start + 3) * PAGE) for start in range(0, 3 << 20, 7)]
     request = pb.AdviseRangesRequest(pid=5, advice=2, cookie=b"\xff" * 97, filter=1, dry_run=True)
@@ -867,12 +877,14 @@ def read_in_chunks(source: str, data: bytes, chunk: int) -> NativeVmaTable:
         return NativeVmaTable.from_fd(f.fileno(), source, chunk=chunk)
 
 
+@pytest.mark.unprivileged
 @settings(max_examples=400, deadline=None)
 @given(data=maps_texts)
 def test_maps_parsers_equal(data: bytes) -> None:
     assert_same(*parse_both("maps", data))
 
 
+@pytest.mark.unprivileged
 @settings(max_examples=400, deadline=None)
 @given(data=smaps_texts)
 def test_smaps_parsers_equal(data: bytes) -> None:
@@ -901,12 +913,14 @@ def assert_native_agrees_or_refuses(source: str, data: bytes) -> None:
     assert_same(getattr(PyVmaTable, f"from_{source}")(data), native)
 
 
+@pytest.mark.unprivileged
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(source=st.sampled_from(["maps", "smaps"]), data=st.binary(max_size=300) | damaged(maps_texts | smaps_texts))
 def test_parsers_on_any_bytes(source: str, data: bytes) -> None:
     assert_native_agrees_or_refuses(source, data)
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("source", "data"),
     [
@@ -927,6 +941,7 @@ def test_parsers_equal_on_edge_cases(source: str, data: bytes) -> None:
     assert_same(*parse_both(source, data))
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("source", "data", "line"),
     [
@@ -956,6 +971,7 @@ READ_CHUNKS = st.sampled_from([0, 1, 2, 3, 7, 61, 4096])
 well_formed = st.tuples(st.just("maps"), maps_texts) | st.tuples(st.just("smaps"), smaps_texts)
 
 
+@pytest.mark.unprivileged
 @settings(max_examples=300, deadline=None)
 @given(text=well_formed, chunk=READ_CHUNKS)
 def test_reads_in_chunks_parse_as_the_whole(text: tuple[str, bytes], chunk: int) -> None:
@@ -963,6 +979,7 @@ def test_reads_in_chunks_parse_as_the_whole(text: tuple[str, bytes], chunk: int)
     assert_same(getattr(PyVmaTable, f"from_{source}")(data), read_in_chunks(source, data, chunk))
 
 
+@pytest.mark.unprivileged
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     source=st.sampled_from(["maps", "smaps"]),
@@ -984,6 +1001,7 @@ def test_reads_in_chunks_refuse_as_the_whole(source: str, data: bytes, chunk: in
         assert_same(whole, chunked)
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize("chunk", [0, 4096])
 def test_a_line_longer_than_the_read_buffer(chunk: int) -> None:
     data = b"7f0000000000-7f0000001000 r--p 00000000 08:01 7 /%s\n7f0000001000-7f0000002000 rw-p 00000000 00:00 0\n" % (
@@ -992,6 +1010,7 @@ def test_a_line_longer_than_the_read_buffer(chunk: int) -> None:
     assert_same(PyVmaTable.from_maps(data), read_in_chunks("maps", data, chunk))
 
 
+@pytest.mark.unprivileged
 @given(path=st.lists(st.sampled_from(UTF8_PIECES) | st.binary(max_size=6), max_size=20).map(b"".join))
 def test_paths_escaped_as_python_escapes_them(path: bytes) -> None:
     assume(b"\n" not in path)
@@ -1002,6 +1021,7 @@ def test_paths_escaped_as_python_escapes_them(path: bytes) -> None:
 # ----------------------------------------------------------- the build
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize("cc", ["vmctl-no-such-compiler", ""], ids=["missing", "empty"])
 def test_build_without_a_compiler_says_so(cc: str) -> None:
     env = dict(os.environ, CC=cc)
@@ -1014,6 +1034,7 @@ def test_build_without_a_compiler_says_so(cc: str) -> None:
     )
 
 
+@pytest.mark.unprivileged
 def test_missing_extension_is_a_helpful_import_error(tmp_path: Path) -> None:
     shutil.copytree(PACKAGE, tmp_path / "vmctl_server", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     result = subprocess.run(

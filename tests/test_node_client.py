@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 from google.rpc import status_pb2
-from long_paths import GRPC_DEFAULT_RECEIVE_LIMIT, OVER_THE_DEFAULT_LIMIT, map_long_paths
-from node_tools import node_modules
+from support.long_paths import GRPC_DEFAULT_RECEIVE_LIMIT, OVER_THE_DEFAULT_LIMIT, map_long_paths
+from support.node_tools import node_modules
 
 TESTS = pathlib.Path(__file__).resolve().parent
 CLIENT = TESTS / "node_client.mjs"

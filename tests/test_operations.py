@@ -8,15 +8,15 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import grpc
 import pytest
-from conftest import expect_error, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from scrape import Scrape, logged_port
+from support.expect import expect_error
+from support.scrape import Scrape, logged_port
+from support.waiting import wait_for
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api import vmctl_pb2_grpc
@@ -153,14 +153,17 @@ def test_in_flight_calls_and_the_fallback_path_are_visible(start_agent, target):
 
     reader = threading.Thread(target=slow_read)
     reader.start()
-    seen_in_flight = 0.0
+    scraped: list[float] = []
+
+    def in_flight_or_done() -> bool:
+        scraped.append(Scrape(port).in_flight("GetVmaInfo"))
+        return bool(scraped[-1]) or done.is_set()
+
     try:
-        while not done.is_set() and not seen_in_flight:
-            seen_in_flight = Scrape(port).in_flight("GetVmaInfo")
-            time.sleep(0.01)
+        wait_for(in_flight_or_done, "the slow read to be in flight (or over)")
     finally:
         reader.join(120)
-    assert seen_in_flight == 1, "the slow read was never seen in flight"
+    assert scraped[-1] == 1, "the slow read was never seen in flight"
     after = Scrape(port)
     assert after.in_flight("GetVmaInfo") == 0
     assert after.calls("GetVmaInfo", "OK") == 1
@@ -190,6 +193,7 @@ def test_health_listener_serves_only_health_and_reports_draining(start_agent, ta
     assert agent.proc.wait(30) == 0, agent.log()
 
 
+@pytest.mark.unprivileged
 def test_operations_listeners_reject_bad_addresses():
     for flag, value in (("--metrics-listen", "nowhere"), ("--health-listen", "127.0.0.1:99999")):
         result = subprocess.run(

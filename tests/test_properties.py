@@ -14,9 +14,9 @@ import functools
 import itertools
 
 import pytest
-from certs import CertificateAuthority
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from support.certs import CertificateAuthority
 
 from vmctl_server.access.identity import ANONYMOUS, caller_from, peer_name
 from vmctl_server.access.limits import TokenBucket
@@ -25,6 +25,8 @@ from vmctl_server.core import kernel
 from vmctl_server.core.advice import FILTER_KINDS, check_ranges, plan_ranges, split_for_calls
 from vmctl_server.core.faults import InvalidRequest, PolicyDenied, ProtectedTarget
 from vmctl_server.core.layout import KIND_ANONYMOUS, KIND_FILE, KIND_SPECIAL, Layout
+
+pytestmark = pytest.mark.unprivileged
 
 PAGE = 4096
 U64 = 2**64 - 1

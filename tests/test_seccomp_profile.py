@@ -22,17 +22,11 @@ import sys
 import textwrap
 
 import pytest
-from agent_workout import FLAGS, Rig, drain, exercise_everything
-from deploy_files import OVERLAYS, agent_container, render, require_tool
-from sandbox_exec import seccomp
-from test_privileges import (  # noqa: F401 (fixtures)
-    SANDBOX,
-    _status_field,
-    daemonset_capabilities,
-    nobody_target,
-    setpriv_prefix,
-    start_wrapped_agent,
-)
+from support.agent_workout import FLAGS, Rig, drain, exercise_everything
+from support.deploy_files import OVERLAYS, agent_container, daemonset_capabilities, render, require_tool
+from support.privileges import SANDBOX, capability_mask, setpriv_prefix
+from support.processes import status_field
+from support.sandbox_exec import seccomp
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "deploy" / "kubernetes" / "base" / "seccomp" / "vmctl-agent.json"
@@ -65,7 +59,6 @@ MUST_REFUSE = {
 # What the agent is refused and copes with, by design: glibc makes threads with clone3, and on
 # ENOSYS with clone, whose flags the profile can check.
 EXPECTED_REFUSALS = {"clone3"}
-CAPABILITY_NUMBERS = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19, "CAP_SYS_NICE": 23}  # linux/capability.h
 
 
 def load_profile() -> dict:
@@ -92,6 +85,7 @@ def refused(report: pathlib.Path) -> dict[str, str]:
 # ---- the profile itself ----------------------------------------------------------------------------
 
 
+@pytest.mark.unprivileged
 def test_the_profile_refuses_by_default_and_never_allows_the_escapes():
     profile = load_profile()
     assert profile["defaultAction"] == "SCMP_ACT_ERRNO"
@@ -112,6 +106,7 @@ def test_the_profile_refuses_by_default_and_never_allows_the_escapes():
     assert {"process_madvise", "pidfd_open", "ioctl", "epoll_pwait", "eventfd2", "futex", "rseq"} <= set(allowed)
 
 
+@pytest.mark.unprivileged
 def test_the_configmap_carries_the_profile_file_unchanged():
     config_map = next(
         d for d in render(OVERLAYS[0]) if d["kind"] == "ConfigMap" and "vmctl-agent.json" in d.get("data", {})
@@ -122,6 +117,7 @@ def test_the_configmap_carries_the_profile_file_unchanged():
 # ---- the agent under it ----------------------------------------------------------------------------
 
 
+@pytest.mark.unprivileged
 def test_the_workout_runs_the_agent_with_the_daemonsets_flags():
     """The workout below is only worth something if it runs the agent as the DaemonSet does."""
     args = agent_container(render(next(p for p in OVERLAYS if p.name == "cluster-mtls")))["args"]
@@ -129,7 +125,7 @@ def test_the_workout_runs_the_agent_with_the_daemonsets_flags():
 
 
 @pytest.mark.parametrize("mode", ["exact", "reporting"])
-def test_the_agent_does_its_whole_job_under_the_profile(start_wrapped_agent, target, nobody_target, tmp_path, mode):  # noqa: F811
+def test_the_agent_does_its_whole_job_under_the_profile(start_agent, target, nobody_target, tmp_path, mode):
     """Serves, reads and advises (the targets check their memory byte for byte), answers health and
     metrics over IPv4 and IPv6, reloads its policy and drains, under the profile: "exact" compiles
     it as runc does, "reporting" turns each refusal into a notification answered with the same
@@ -139,11 +135,11 @@ def test_the_agent_does_its_whole_job_under_the_profile(start_wrapped_agent, tar
     (tmp_path / "run").mkdir()
     prefix = sandbox_prefix(tmp_path, PROFILE, report)
     try:
-        agent = start_wrapped_agent(prefix, rig.agent_args(), tmp_path / "run")
+        agent = start_agent(*rig.agent_args(), socket_dir=tmp_path / "run", prefix=prefix)
         pid = agent.proc.pid
-        assert _status_field(pid, "Seccomp") == "2" and _status_field(pid, "NoNewPrivs") == "1"
-        effective = int(_status_field(pid, "CapEff"), 16)
-        assert effective == sum(1 << CAPABILITY_NUMBERS[c] for c in daemonset_capabilities())
+        assert status_field(pid, "Seccomp") == "2" and status_field(pid, "NoNewPrivs") == "1"
+        effective = int(status_field(pid, "CapEff"), 16)
+        assert effective == capability_mask(daemonset_capabilities())
         exercise_everything(rig, agent, pid, [target, nobody_target])
         assert drain(pid, lambda: agent.proc.wait(60), agent.socket_path) == 0, agent.log()
     finally:

@@ -23,12 +23,16 @@ import time
 
 import grpc
 import pytest
-from audit_lines import audit_records
-from certs import Pki
-from cgroup2 import CGROUP2, cgroup
-from conftest import PAGE, Agent, expect_error, wait_for, write_policy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from peers import NOBODY, ConnectAs, connect_as
+from support.agents import Agent, write_policy
+from support.audit_lines import audit_records
+from support.certs import Pki
+from support.cgroup2 import CGROUP2, cgroup
+from support.expect import expect_error
+from support.peers import NOBODY, ConnectAs, connect_as
+from support.processes import PAGE
+from support.scrape import Scrape, logged_port
+from support.waiting import wait_for
 
 from vmctl_client import Client, TlsOptions
 from vmctl_client.calls import RetryPolicy
@@ -56,6 +60,7 @@ def comm_of(pid: int) -> str:
 # ---- the mapping of refusals to statuses ---------------------------------------------
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("fault", "code", "reason"),
     [
@@ -309,6 +314,7 @@ def test_sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one(start_agent,
     assert agent.proc.poll() is None
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("text", "complaint"),
     [
@@ -351,6 +357,7 @@ def test_a_bad_policy_file_is_refused_with_where_and_why(text, complaint, tmp_pa
     assert not (tmp_path / "a.sock").exists()
 
 
+@pytest.mark.unprivileged
 def test_the_shipped_kubernetes_policy_is_valid():
     shipped = REPO / "deploy" / "kubernetes" / "base" / "policy.yaml"
     if not shipped.exists():
@@ -590,13 +597,14 @@ def test_rate_limit_per_identity_and_health_is_never_limited(start_agent, target
 
 
 def test_health_answers_while_every_worker_is_busy(start_agent, big_target):
-    agent = start_agent("--no-native", "--workers", "2")
+    agent = start_agent("--no-native", "--workers", "2", "--metrics-listen", "127.0.0.1:0")
+    port = logged_port(agent, "metrics_port")
     clients = [agent.client() for _ in range(4)]
     try:
         for client in clients:
             client.node_info()  # connections up
         runs = [_in_background(lambda c=c: c.get_vma_info(big_target.pid, attrs=["accounting"])) for c in clients]
-        time.sleep(0.2)  # two running, two queued behind them
+        wait_for(lambda: Scrape(port).in_flight("GetVmaInfo") == 4, "two calls running, two queued behind them")
         with grpc.insecure_channel(agent.address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
         answered = time.monotonic()
@@ -704,6 +712,7 @@ def test_audit_file_gets_one_flushed_line_per_advise(start_agent, target, tmp_pa
     target.verify()
 
 
+@pytest.mark.unprivileged
 def test_an_unwritable_audit_log_stops_the_agent_at_start(tmp_path):
     result = subprocess.run(
         [*AGENT, "--listen", f"unix://{tmp_path}/a.sock", "--audit-log", "/dev/full"],

@@ -8,10 +8,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import PAGE, expect_error
+from support.expect import expect_error
+from support.processes import PAGE, process_state
+from support.waiting import wait_for
 
 from vmctl_api import vmctl_pb2 as pb
 
@@ -201,11 +202,7 @@ def test_kernel_thread_has_no_address_space(client):
 def test_zombie_is_gone(client):
     proc = subprocess.Popen(["true"])
     try:
-        for _ in range(200):  # exited but not reaped: a zombie
-            with open(f"/proc/{proc.pid}/stat") as f:
-                if f.read().split(") ")[1].startswith("Z"):
-                    break
-            time.sleep(0.01)
+        wait_for(lambda: process_state(proc.pid) == "Z", "the exited child to be a zombie (not reaped)")
         error = expect_error(lambda: client.get_vma_info(proc.pid), "NOT_FOUND", "PROCESS_GONE")
         assert "zombie" in error.message
     finally:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import random
 import subprocess
 import sys
@@ -26,7 +25,8 @@ import threading
 import time
 from collections import Counter
 
-from audit_lines import audit_records
+from support.audit_lines import audit_records
+from support.processes import CHURN_SCRIPT, status_kb
 
 from vmctl_client import VmctlError
 from vmctl_client.calls import RetryPolicy
@@ -34,7 +34,6 @@ from vmctl_client.calls import RetryPolicy
 SOAK_SECONDS = float(os.environ.get("VMCTL_SOAK_SECONDS", "60"))
 CLIENTS = 32
 TARGETS = 4
-CHURN_SCRIPT = pathlib.Path(__file__).resolve().parent / "churn_target.py"
 MiB = 1 << 20
 # Every answer the soak may see. Reads of live targets always succeed; advice
 # with a snapshot's cookie succeeds or finds the layout moved on.
@@ -49,13 +48,6 @@ ALLOWED = {
 # process_madvise call is reported per range: the check-then-act window.
 ALLOWED_RANGE_ERRORS = {"", "ENOMEM"}
 RSS_LIMIT_KB = 300 * 1024
-
-
-def _rss_kb(pid: int) -> int:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 class Tally:
@@ -132,7 +124,7 @@ def test_soak(start_agent, zram_swap, tmp_path, capsys):
 
         def sample() -> None:
             while not sampler_stop.wait(0.5):
-                rss.append(_rss_kb(agent.proc.pid))
+                rss.append(status_kb(agent.proc.pid, "VmRSS"))
 
         sampler = threading.Thread(target=sample)
         sampler.start()

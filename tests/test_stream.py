@@ -9,11 +9,13 @@ import os
 
 import grpc
 import pytest
-from audit_lines import audit_records
-from conftest import expect_error, wait_for, write_policy
-from long_paths import GRPC_DEFAULT_RECEIVE_LIMIT, OVER_THE_DEFAULT_LIMIT, map_long_paths
-from peers import NOBODY, ConnectAs
-from scrape import Scrape, logged_port
+from support.agents import write_policy
+from support.audit_lines import audit_records
+from support.expect import expect_error
+from support.long_paths import GRPC_DEFAULT_RECEIVE_LIMIT, OVER_THE_DEFAULT_LIMIT, map_long_paths
+from support.peers import NOBODY, ConnectAs
+from support.scrape import Scrape, logged_port
+from support.waiting import wait_for
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api import vmctl_pb2_grpc

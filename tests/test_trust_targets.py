@@ -31,15 +31,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 
 import grpc
 import pytest
-from audit_lines import audit_records
-from cgroup2 import cgroup
-from conftest import PAGE, expect_error
-from peers import NOBODY, ConnectAs, public_directory
+from support.agents import write_policy
+from support.audit_lines import audit_records
+from support.cgroup2 import cgroup
+from support.expect import expect_error
+from support.peers import NOBODY, ConnectAs
+from support.processes import PAGE, status_field
+from support.waiting import wait_for
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api import vmctl_pb2_grpc
@@ -61,30 +63,14 @@ PR_SET_DUMPABLE = 4
 REFUSAL_METADATA = {"identity", "verb", "advice", "rule", "pid"}
 
 
-@pytest.fixture
-def public_dir() -> Iterator[pathlib.Path]:
-    with public_directory() as path:
-        yield path
-
-
-def write_policy(directory: pathlib.Path, text: str) -> str:
-    path = directory / "policy.yaml"
-    path.write_text(text)
-    return str(path)
-
-
 def comm_of(pid: int) -> str:
     return pathlib.Path(f"/proc/{pid}/comm").read_text().strip()
 
 
 def ids_of(pid: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(real, effective, saved, fs) uids and gids, as /proc/PID/status has them."""
-    fields = {
-        line.split(":")[0]: tuple(int(n) for n in line.split()[1:])
-        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines()
-        if line.startswith(("Uid:", "Gid:"))
-    }
-    return fields["Uid"], fields["Gid"]
+    uids, gids = (tuple(int(n) for n in status_field(pid, name).split()) for name in ("Uid", "Gid"))
+    return uids, gids
 
 
 def stack_of(client: Client, pid: int):
@@ -123,13 +109,14 @@ class ThrowawayUser:
 
 def _account_tool(*argv: str) -> None:
     """useradd/userdel, again while another one holds the account files' lock."""
-    for attempt in range(10):
+
+    def done() -> bool:
         run = subprocess.run(argv, capture_output=True, text=True)
-        if run.returncode == 0:
-            return
-        if "lock" not in run.stderr or attempt == 9:
+        if run.returncode != 0 and "lock" not in run.stderr:
             raise RuntimeError(f"{' '.join(argv)}: exit {run.returncode}: {run.stderr}")
-        time.sleep(0.2)
+        return run.returncode == 0
+
+    wait_for(done, f"{argv[0]} to get the account files' lock")
 
 
 @pytest.fixture
@@ -337,6 +324,7 @@ def test_a_process_that_execs_after_the_check_is_not_the_one_checked(spawn_targe
 # ---- item 7: a cgroup prefix is a path ---------------------------------------------------------
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("path", "prefix", "under"),
     [
@@ -359,6 +347,7 @@ def test_a_prefix_selects_whole_path_components(path, prefix, under):
     assert is_under(path, prefix) is under
 
 
+@pytest.mark.unprivileged
 def test_the_client_holds_an_agents_answer_to_the_rule():
     """An agent older than the rule matched string prefixes; the client drops what it let through."""
     older_reply = pb.ListProcessesResponse(
@@ -448,6 +437,7 @@ def test_list_processes_ps_and_reclaim_select_whole_components(agent, app_and_ev
     assert [(p["pid"], p["status"]) for p in report["processes"]] == [(app.pid, "done")]
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize("prefix", ["app", "/app//web"])
 @pytest.mark.parametrize("where", ["rules[0].targets.cgroup_prefixes[0]", "protected_cgroup_prefixes[0]"])
 def test_a_prefix_that_is_no_path_is_refused_saying_what_a_prefix_is(prefix, where, tmp_path):
@@ -470,6 +460,7 @@ def test_a_prefix_that_is_no_path_is_refused_saying_what_a_prefix_is(prefix, whe
     assert result.returncode == 1 and "not /app-evil" in result.stderr, result.stderr
 
 
+@pytest.mark.unprivileged
 @pytest.mark.parametrize(
     ("cgroup_path", "selected"),
     [
@@ -543,7 +534,9 @@ def test_refusals_to_a_caller_that_may_not_read_name_the_pid_alone(stranger_setu
         cookie, stack = stack_of(root, hidden.pid)
     unmapped = (PAGE, 2 * PAGE)  # nothing is mapped at the first pages: a reader would hear RANGE_UNMAPPED
     with ConnectAs(agent.socket_path, NOBODY) as nobody, Client(nobody.address, retry=NO_RETRY) as client:
-        assert [p.pid for p in client.list_processes()] == [own.pid]
+        listed = client.list_processes()
+        # Its own processes only: this one, and whatever else of uid nobody the machine runs now.
+        assert own.pid in {p.pid for p in listed} and {p.uid for p in listed} == {NOBODY}
         for call in (
             lambda: client.get_vma_info(hidden.pid),
             # protected twice over, and its rules would select it for cold: still only "no"

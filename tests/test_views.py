@@ -5,7 +5,7 @@ real agent about a real process."""
 from __future__ import annotations
 
 import pytest
-from conftest import PAGE
+from support.processes import PAGE
 
 from vmctl_client.types import LAYOUT_WORDS, WORD_GROUP, RangeResult
 

@@ -17,7 +17,7 @@ import subprocess
 import pytest
 import yaml
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUSTOMIZE_BASE = DEPLOY / "kubernetes" / "base"
 OVERLAYS = sorted(p for p in (DEPLOY / "kubernetes" / "overlays").iterdir() if (p / "kustomization.yaml").exists())
@@ -51,6 +51,12 @@ def agent_container(docs: tuple[dict, ...]) -> dict:
     containers = only(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1, "the DaemonSet runs the agent alone"
     return containers[0]
+
+
+def daemonset_capabilities() -> set[str]:
+    """The capabilities the DaemonSet's agent container adds (it drops all others)."""
+    container = agent_container(render(OVERLAYS[0]))
+    return {f"CAP_{c}" for c in container["securityContext"]["capabilities"]["add"]}
 
 
 # ---- systemd ---------------------------------------------------------------------

@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 NODE_MODULES = ROOT / "node_modules"
 LOCK = ROOT / "package-lock.json"
 STAMP = NODE_MODULES / ".vmctl-lock-sha256"

@@ -10,8 +10,9 @@ import contextlib
 import os
 import pathlib
 import subprocess
-import time
 from collections.abc import Iterator
+
+from .waiting import wait_for
 
 ZRAM_CONTROL = pathlib.Path("/sys/class/zram-control")
 
@@ -29,10 +30,7 @@ def zram_swap_device(size: str) -> Iterator[str | None]:
     swapped_on = False
     try:
         (block / "disksize").write_text(size)
-        for _ in range(100):  # udev/devtmpfs may take a moment to show the node
-            if os.path.exists(device):
-                break
-            time.sleep(0.02)
+        wait_for(lambda: os.path.exists(device), f"{device} to appear (devtmpfs, udev)")
         subprocess.run(["mkswap", device], check=True, capture_output=True)
         subprocess.run(["swapon", "-p", "32000", device], check=True, capture_output=True)
         swapped_on = True

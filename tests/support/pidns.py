@@ -20,10 +20,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from types import SimpleNamespace
 
-from conftest import TARGET_SCRIPT, Agent, Target
+from .agents import Agent
+from .processes import TARGET_SCRIPT, Target, child_of, smaps_region, status_kb
 
 
 class NamespacedTarget(Target):
@@ -33,22 +32,10 @@ class NamespacedTarget(Target):
     host_pid: int
 
     def smaps_region(self, start: int) -> dict[str, int]:
-        return Target.smaps_region(SimpleNamespace(pid=self.host_pid), start)  # type: ignore[arg-type]
+        return smaps_region(self.host_pid, start)
 
     def status_kb(self, key: str) -> int:
-        return Target.status_kb(SimpleNamespace(pid=self.host_pid), key)  # type: ignore[arg-type]
-
-
-def child_of(pid: int, timeout: float = 10.0) -> int:
-    """The first child of ``pid`` (the process unshare or nsenter forked)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            children = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            if children:
-                return int(children[0])
-        time.sleep(0.01)
-    raise RuntimeError(f"process {pid} started no child within {timeout}s")
+        return status_kb(self.host_pid, key)
 
 
 class PidNamespace:
@@ -70,16 +57,8 @@ class PidNamespace:
 
     def start_agent(self, *args: str) -> Agent:
         """An agent inside the namespace, on a unix socket the test can reach."""
-        agent = Agent(list(args), pathlib.Path(self._holder.name))
-        with open(agent.log_path, "ab") as log:
-            agent.proc = subprocess.Popen(
-                [*self.enter(), sys.executable, "-m", "vmctl_server.agent", "--listen", agent.address, *args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.agent = agent
-        agent.wait_serving()
-        return agent
+        self.agent = Agent(list(args), pathlib.Path(self._holder.name), prefix=self.enter())
+        return self.agent.start()
 
     def agent_pid(self) -> int:
         """The agent's pid as the host numbers it (nsenter's child)."""
@@ -87,7 +66,7 @@ class PidNamespace:
         return child_of(self.agent.proc.pid)
 
     def spawn_target(self, pid: int | None = None) -> NamespacedTarget:
-        """A tests/target.py process inside; with ``pid``, exactly that pid
+        """A support/target.py process inside; with ``pid``, exactly that pid
         (the shell sets ns_last_pid, then forks the target)."""
         script = f'"$0" "{TARGET_SCRIPT}"; exit $?'  # not exec: the target must be a fork after the write
         if pid is not None:
@@ -117,7 +96,7 @@ class PidNamespace:
 
     def close(self) -> None:
         if self.agent is not None:
-            with contextlib.suppress(RuntimeError, ProcessLookupError):
+            with contextlib.suppress(AssertionError, ProcessLookupError):  # no agent left to find
                 os.kill(self.agent_pid(), signal.SIGTERM)  # a clean stop first: socket and audit log closed
             if self.agent.proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):

@@ -27,15 +27,16 @@ from dataclasses import dataclass
 
 import grpc
 import yaml
-from certs import CertFiles, Pki
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from waiting import wait_for
 
 from vmctl_client import Client, TlsOptions, VmctlError
 from vmctl_client.calls import RetryPolicy
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from .certs import CertFiles, Pki
+from .waiting import wait_for
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 POLICY_FILE = ROOT / "deploy" / "kubernetes" / "base" / "policy.yaml"  # the ConfigMap's file
 READER = "spiffe://cluster.local/ns/vmctl-controllers/sa/observer"  # may read (base policy)
 RECLAIMER = "spiffe://cluster.local/ns/vmctl-controllers/sa/reclaimer"  # /kubepods only (base policy)
@@ -105,7 +106,7 @@ class Rig:
 
     def agent_args(self) -> list[str]:
         """The DaemonSet's arguments, with this rig's files, and port 0 where the agent logs what it bound.
-        (The unix socket's --listen is the caller's: conftest's Agent adds it.)"""
+        (The unix socket's --listen is the caller's: support.agents.Agent adds it.)"""
         return [
             f"--cookie-key-file={self.directory}/state/cookie.key",
             f"--policy={self.policy_path}",
@@ -142,7 +143,7 @@ def _expect_refusal(call: Callable[[], object], reason: str) -> None:
 
 
 def exercise_vmcontrol(client: Client, target) -> None:
-    """Every RPC on ``target`` (a conftest.Target), every advice, and the refusals a caller can provoke;
+    """Every RPC on ``target`` (a support.processes.Target), every advice, and the refusals a caller can provoke;
     the target's memory is checked byte for byte after."""
     node = client.node_info()
     assert node.capabilities.advice_permitted, node.capabilities
@@ -253,7 +254,7 @@ def reload_policy(rig: Rig, agent_pid: int, log: Callable[[], str], target) -> N
 
 
 def exercise_everything(rig: Rig, agent, agent_pid: int, targets: list) -> None:
-    """All of the above but the drain; ``agent`` is a conftest.Agent already serving."""
+    """All of the above but the drain; ``agent`` is a support.agents.Agent already serving."""
     with agent.client() as client:
         for target in targets:
             exercise_vmcontrol(client, target)

@@ -124,10 +124,11 @@ class ConnectAs:
 
 
 @contextlib.contextmanager
-def public_directory() -> Iterator[pathlib.Path]:
-    """A directory every user may traverse (mode 0755), for sockets other users reach."""
+def public_directory(mode: int = 0o755) -> Iterator[pathlib.Path]:
+    """A directory of root's every user may traverse (0755), for sockets other users reach; with mode 0o1777,
+    one like /tmp (anyone may add entries, only their owner remove them)."""
     path = pathlib.Path(tempfile.mkdtemp(prefix="vmctl-public-"))
-    path.chmod(0o755)
+    path.chmod(mode)
     try:
         yield path
     finally:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
-import time
 from collections.abc import Iterator
+
+from .waiting import wait_for
 
 
 def _mount_point() -> pathlib.Path | None:
@@ -36,12 +37,17 @@ def cgroup(name: str) -> Iterator[pathlib.Path]:
     try:
         yield path
     finally:
-        for _ in range(200):
-            for pid in (path / "cgroup.procs").read_text().split():
-                with contextlib.suppress(OSError):  # exited meanwhile
-                    (CGROUP2 / "cgroup.procs").write_text(pid)
-            try:
-                path.rmdir()
-                break
-            except OSError:  # EBUSY: a member is still on its way out
-                time.sleep(0.02)
+        wait_for(lambda: _emptied_and_removed(path), f"cgroup {path} to be removed")
+
+
+def _emptied_and_removed(path: pathlib.Path) -> bool:
+    """Move the group's members back to the root and remove it; False while a member is still on its way out."""
+    assert CGROUP2 is not None
+    for pid in (path / "cgroup.procs").read_text().split():
+        with contextlib.suppress(OSError):  # exited meanwhile
+            (CGROUP2 / "cgroup.procs").write_text(pid)
+    try:
+        path.rmdir()
+    except OSError:  # EBUSY
+        return False
+    return True
