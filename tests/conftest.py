@@ -160,7 +160,8 @@ def target(spawn_target) -> Target:
 
 
 class Agent:
-    def __init__(self, args: list[str], socket_dir: pathlib.Path) -> None:
+    def __init__(self, args: list[str], socket_dir: pathlib.Path, python: str = sys.executable) -> None:
+        self.python = python  # another venv's, to run the agent as installed there (tests/test_packaging.py)
         self.socket_path = socket_dir / "agent.sock"
         self.address = f"unix://{self.socket_path}"
         self.args = args
@@ -172,7 +173,7 @@ class Agent:
     def start(self) -> Agent:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vmctl_server.agent", "--listen", self.address, *self.args],
+                [self.python, "-m", "vmctl_server.agent", "--listen", self.address, *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -223,12 +224,12 @@ def start_agent() -> Iterator:
     agents: list[Agent] = []
     dirs: list[tempfile.TemporaryDirectory] = []
 
-    def start(*args: str, socket_dir: pathlib.Path | None = None) -> Agent:
+    def start(*args: str, socket_dir: pathlib.Path | None = None, python: str = sys.executable) -> Agent:
         if socket_dir is None:
             holder = tempfile.TemporaryDirectory(prefix="vmctl-test-")
             dirs.append(holder)
             socket_dir = pathlib.Path(holder.name)
-        agent = Agent(list(args), socket_dir)
+        agent = Agent(list(args), socket_dir, python)
         agents.append(agent)
         return agent.start()
 
