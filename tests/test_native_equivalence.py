@@ -1021,17 +1021,34 @@ def test_paths_escaped_as_python_escapes_them(path: bytes) -> None:
 # ----------------------------------------------------------- the build
 
 
-@pytest.mark.unprivileged
+def _build_command(build: str, tmp_path: Path) -> list[str]:
+    """A developer's build in place (the extension is all it makes), or a package build told that
+    the agent needs it (VMCTL_NATIVE=required: make setup, the container image) from the files the
+    container build copies. Without VMCTL_NATIVE a package builds pure Python instead
+    (tests/test_packaging.py)."""
+    if build == "in-place":
+        return [sys.executable, str(PACKAGE / "backends" / "native" / "csrc" / "build.py")]
+    root, sources = PACKAGE.parent.parent, tmp_path / "sources"
+    shutil.copytree(root / "src", sources / "src", ignore=shutil.ignore_patterns("*.so", "__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
+        shutil.copy2(root / name, sources / name)
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    return [*pip_wheel, "-w", str(tmp_path), str(sources)]
+
+
+@pytest.mark.parametrize("build", ["in-place", "package"])
 @pytest.mark.parametrize("cc", ["vmctl-no-such-compiler", ""], ids=["missing", "empty"])
-def test_build_without_a_compiler_says_so(cc: str) -> None:
-    env = dict(os.environ, CC=cc)
-    build = PACKAGE / "backends" / "native" / "csrc" / "build.py"
-    result = subprocess.run([sys.executable, str(build)], env=env, capture_output=True, text=True, check=False)
+def test_a_build_that_needs_the_extension_says_when_there_is_no_compiler(cc: str, build: str, tmp_path: Path) -> None:
+    env = dict(os.environ, CC=cc, VMCTL_NATIVE="required")
+    result = subprocess.run(
+        _build_command(build, tmp_path), env=env, capture_output=True, text=True, check=False, timeout=600
+    )
     assert result.returncode != 0
     assert (
         "vmctl needs a C compiler (cc/gcc) to build its native extension; install gcc / build-essential"
-        in result.stderr
+        in result.stdout + result.stderr
     )
+    assert not list(tmp_path.glob("*.whl"))
 
 
 @pytest.mark.unprivileged

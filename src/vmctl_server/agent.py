@@ -13,22 +13,32 @@ from collections.abc import Awaitable, Callable
 from concurrent import futures
 from dataclasses import dataclass
 
-import grpc
-from grpc_health.v1 import health_pb2
-from grpc_health.v1.health import aio as health_aio
+try:
+    import grpc
+    from grpc_health.v1 import health_pb2
+    from grpc_health.v1.health import aio as health_aio
 
-from vmctl_server import __version__, backends, config
-from vmctl_server.access.admission import Guard
-from vmctl_server.access.audit import AuditLog
-from vmctl_server.access.limits import IdentityLimits, LimitSettings
-from vmctl_server.access.policy import PolicyStore
-from vmctl_server.core.advice import Advisor
-from vmctl_server.core.cookie import CookieSigner
-from vmctl_server.core.snapshot import SnapshotReader, SourceSupport
-from vmctl_server.runtime import kernel_probe, logs, malloc_trim, metrics
-from vmctl_server.transport import listeners, servers
-from vmctl_server.transport.service import SERVICE_NAME, Pipeline, VmControlService
-from vmctl_server.transport.unixgate import UnixGateway, claim_unix_path
+    from vmctl_server import __version__, backends, config
+    from vmctl_server.access.admission import Guard
+    from vmctl_server.access.audit import AuditLog
+    from vmctl_server.access.limits import IdentityLimits, LimitSettings
+    from vmctl_server.access.policy import PolicyStore
+    from vmctl_server.core.advice import Advisor
+    from vmctl_server.core.cookie import CookieSigner
+    from vmctl_server.core.snapshot import SnapshotReader, SourceSupport
+    from vmctl_server.runtime import kernel_probe, logs, malloc_trim, metrics
+    from vmctl_server.transport import listeners, servers
+    from vmctl_server.transport.service import SERVICE_NAME, Pipeline, VmControlService
+    from vmctl_server.transport.unixgate import UnixGateway, claim_unix_path
+except ModuleNotFoundError as missing:
+    # `pip install vmctl` is the client alone; the agent's dependencies come with its extra.
+    # A module of vmctl's own missing is a broken install, not this: let it raise.
+    if missing.name is None or missing.name.startswith("vmctl"):
+        raise
+    sys.exit(
+        f"vmctl-agent: {missing}: the agent's dependencies are not installed (plain `vmctl` is the client);"
+        " install them with: pip install 'vmctl[agent]'"
+    )
 
 log = logging.getLogger("vmctl.agent")
 FOLD_FLUSH_SECONDS = 5.0
@@ -52,7 +62,10 @@ def _backend(no_native: bool) -> backends.Backend:
         return backends.native()
     except ImportError as exc:
         raise RuntimeError(
-            f"the C extension is not built ({exc}): reinstall vmctl where a C compiler is available,"
+            f"the C extension is not installed or does not load ({exc}). vmctl installs without it where it"
+            " cannot be compiled: reinstall it where a C compiler and the C library's headers are (Debian: gcc"
+            " libc6-dev), with VMCTL_NATIVE=required so that a failed build says why"
+            " (VMCTL_NATIVE=required pip install --force-reinstall --no-cache-dir --no-binary vmctl 'vmctl[agent]'),"
             " or run with --no-native for the pure-Python paths (several times slower)"
         ) from exc
 

@@ -25,9 +25,13 @@ from .waiting import wait_for
 
 class Agent:
     """``vmctl_server.agent`` listening on ``socket_dir``/agent.sock with ``args``; behind ``prefix``
-    (setpriv, a seccomp sandbox, nsenter) when given, which must exec or fork the agent with its arguments."""
+    (setpriv, a seccomp sandbox, nsenter) when given, which must exec or fork the agent with its arguments;
+    run by ``python`` (another venv's, to run the agent as installed there: tests/test_packaging.py)."""
 
-    def __init__(self, args: list[str], socket_dir: pathlib.Path, prefix: Sequence[str] = ()) -> None:
+    def __init__(
+        self, args: list[str], socket_dir: pathlib.Path, prefix: Sequence[str] = (), python: str = sys.executable
+    ) -> None:
+        self.python = python
         self.socket_path = socket_dir / "agent.sock"
         self.address = f"unix://{self.socket_path}"
         self.args = args
@@ -40,7 +44,7 @@ class Agent:
     def start(self) -> Agent:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.prefix, sys.executable, "-m", "vmctl_server.agent", "--listen", self.address, *self.args],
+                [*self.prefix, self.python, "-m", "vmctl_server.agent", "--listen", self.address, *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
