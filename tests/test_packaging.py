@@ -28,11 +28,11 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from agent_workout import Rig, exercise_everything
 from packaging.requirements import Requirement
 from packaging.tags import Tag
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
+from support.agent_workout import Rig, exercise_everything
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
