@@ -970,9 +970,8 @@ def test_paths_escaped_as_python_escapes_them(path: bytes) -> None:
 @pytest.mark.parametrize("cc", ["vmctl-no-such-compiler", ""], ids=["missing", "empty"])
 def test_build_without_a_compiler_says_so(cc: str) -> None:
     env = dict(os.environ, CC=cc)
-    result = subprocess.run(
-        [sys.executable, str(PACKAGE / "backends" / "native" / "csrc" / "build.py")], env=env, capture_output=True, text=True, check=False
-    )
+    build = PACKAGE / "backends" / "native" / "csrc" / "build.py"
+    result = subprocess.run([sys.executable, str(build)], env=env, capture_output=True, text=True, check=False)
     assert result.returncode != 0
     assert (
         "vmctl needs a C compiler (cc/gcc) to build its native extension; install gcc / build-essential"
