@@ -64,6 +64,8 @@ ADVISE = ("advise", "1", "--advice", "cold")
         (("--timeout", "nan", "node"), {}, "", "must be a positive number"),
         (("--timeout", "inf", "node"), {}, "", "must be a positive number"),
         (("--concurrency", "0", "node"), {}, "", "must be a positive number"),
+        (("--deadline", "99999999999", "node"), {}, "", "must be a positive number up to 604800"),
+        (("--targets-file", "/", "node"), {}, "", "'/': not a regular file"),
         (("reclaim", "1", "--retries", "-1"), {}, "reclaim", "not a whole number"),
         (("reclaim", "1", "--min-rss", "1e400"), {}, "reclaim", "is not a size"),
         (("reclaim", "--cgroup", "kubepods"), {}, "reclaim", "must start with /"),

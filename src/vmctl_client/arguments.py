@@ -12,17 +12,21 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import math
 import os
 import re
 from collections.abc import Callable
 
 from vmctl_api.cgroup_paths import prefix_problem
 
-ADDRESS_RULE = "addresses are hex with 0x (0x7f12a000, as `vmctl maps` prints them) or decimal digits"
+ADDRESS_RULE = "hex with 0x (0x7f12a000, as `vmctl maps` prints them) or decimal digits"
 ADDRESS_LIMIT = 1 << 64
 # Linux's PID_MAX_LIMIT (4,194,304 on 64-bit, less on 32-bit): no process
 # anywhere has a larger pid.
 PID_LIMIT = 1 << 22
+# gRPC turns a deadline much further off (about 1e10 s) into one already
+# past; a week bounds any real call or fleet run.
+SECONDS_LIMIT = 7 * 24 * 3600
 _HEX = re.compile(r"0[xX][0-9a-fA-F]+\Z")
 _DECIMAL = re.compile(r"[0-9]+\Z")
 _DECIMAL_FRACTION = re.compile(r"([0-9]+(\.[0-9]*)?|\.[0-9]+)\Z")
@@ -44,7 +48,7 @@ def parse_address(text: str) -> int:
     elif _BARE_HEX.match(text):
         raise _usage(f"{text!r} is not an address: hex needs 0x (0x{text}); digits alone are decimal")
     else:
-        raise _usage(f"{text!r} is not an address ({ADDRESS_RULE})")
+        raise _usage(f"{text!r} is not an address: addresses are {ADDRESS_RULE}")
     if value >= ADDRESS_LIMIT:
         raise _usage(f"{text!r} is beyond a 64-bit address space")
     return value
@@ -54,7 +58,7 @@ def parse_range(text: str) -> tuple[int, int]:
     """``START-END``, end exclusive: a row's range from ``vmctl maps`` as it is."""
     start, sep, end = text.strip().partition("-")
     if not sep:
-        raise _usage(f"{text!r}: expected START-END, end exclusive ({ADDRESS_RULE})")
+        raise _usage(f"{text!r}: expected START-END, end exclusive; addresses are {ADDRESS_RULE}")
     first, last = parse_address(start.strip()), parse_address(end.strip())
     if last <= first:
         raise _usage(f"{text!r}: END must be above START (END is exclusive)")
@@ -115,17 +119,15 @@ def parse_attrs(known: list[str]) -> Callable[[str], str]:
     return parse
 
 
-def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
-    """A number above zero, in ASCII decimal digits (``int()`` would also take
-    "٣", "1_0" and "inf")."""
+def positive(kind: type[int] | type[float], most: float = math.inf) -> Callable[[str], int | float]:
+    """A number above zero and at most ``most``, in ASCII decimal digits
+    (``int()`` would also take "٣", "1_0" and "inf")."""
     shape = _DECIMAL if kind is int else _DECIMAL_FRACTION
 
     def parse(text: str) -> int | float:
-        if not shape.match(text.strip()):
-            raise _usage(f"{text!r}: must be a positive number")
-        value = kind(text)
-        if not value > 0:
-            raise _usage(f"{text!r}: must be a positive number")
+        value = kind(text) if shape.match(text.strip()) else 0
+        if not 0 < value <= most:
+            raise _usage(f"{text!r}: must be a positive number" + (f" up to {most:g}" if most < math.inf else ""))
         return value
 
     return parse
@@ -140,8 +142,10 @@ def count(text: str) -> int:
 
 def readable_file(text: str) -> str:
     """A file this user can read (PEM files, target lists): checked now, not at the first connection."""
-    if not os.path.isfile(text):
+    if not os.path.exists(text):
         raise _usage(f"{text!r}: no such file")
+    if not os.path.isfile(text):
+        raise _usage(f"{text!r}: not a regular file")
     if not os.access(text, os.R_OK):
         raise _usage(f"{text!r}: not readable by this user")
     return text

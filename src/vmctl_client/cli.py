@@ -80,14 +80,14 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
     )
     where.add_argument(
         "--timeout",
-        type=arguments.positive(float),
+        type=arguments.positive(float, arguments.SECONDS_LIMIT),
         default=DEFAULT_TIMEOUT,
         metavar="S",
         help="seconds per call (default %(default)g)",
     )
     where.add_argument(
         "--deadline",
-        type=arguments.positive(float),
+        type=arguments.positive(float, arguments.SECONDS_LIMIT),
         default=DEFAULT_HOST_DEADLINE,
         metavar="S",
         help="seconds per host for the whole command (default %(default)g)",
@@ -103,10 +103,7 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
     """The names vmctl-agent uses too; the second name of each is its old one, kept."""
-    tls = parser.add_argument_group(
-        "TLS (tcp and dns targets: TLS with --tls-ca, mutual TLS with --tls-cert and --tls-key too,"
-        " or plaintext with --insecure)"
-    )
+    tls = parser.add_argument_group("TLS, for tcp and dns targets (or --insecure)")
     _file_argument(tls, "--tls-ca", "--ca", metavar="PEM", help="CA certificate that signs the agents' certificates")
     _file_argument(tls, "--tls-cert", "--cert", metavar="PEM", help="this client's certificate, for mutual TLS")
     _file_argument(tls, "--tls-key", "--key", metavar="PEM", help="this client's private key, for mutual TLS")
@@ -149,7 +146,8 @@ def _add_advise(sub: argparse._SubParsersAction, output: argparse.ArgumentParser
         parents=[output],
         help="apply memory advice to address ranges",
         description="Apply process_madvise advice to ranges of PID. Without --cookie, a fresh cookie is read first."
-        f" Ranges are START-END, end exclusive, page aligned; {arguments.ADDRESS_RULE}. A range the kernel"
+        f" Ranges are START-END, end exclusive, page aligned; addresses are {arguments.ADDRESS_RULE}. A range the"
+        " kernel"
         " refuses is reported in the result and makes the exit status 1.",
     )
     advise.add_argument("pid", type=arguments.parse_pid, help="the process")
@@ -244,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read process address spaces and apply memory advice through vmctl agents.",
         epilog="Exit status: 0 done, 1 error, 2 usage, 3 stale cookie or changed process (with several targets, the"
         f" worst). Target: --target / --targets-file, else ${TARGET_ENV}, else {DEFAULT_TARGET}."
-        f" Addresses: {arguments.ADDRESS_RULE}.",
+        f" Addresses are {arguments.ADDRESS_RULE}.",
         parents=[output],
     )
     parser.add_argument("--version", action=_LazyVersion)

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--insecure",
         action="store_true",
-        help="allow tcp:// without TLS: plaintext callers are 'anonymous', refused UNAUTHENTICATED unless a"
+        help="allow tcp listeners without TLS: plaintext callers are 'anonymous', refused UNAUTHENTICATED unless a"
         " policy rule names anonymous (for a trusted test network only)",
     )
     parser.add_argument(
@@ -133,8 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--health-listen",
         type=_tcp_address,
         metavar="ADDR",
-        help=f"{TCP_FORMS}: plaintext gRPC serving only grpc.health.v1.Health, for kubelet grpc probes"
-        " (default: off)",
+        help=f"{TCP_FORMS}: plaintext gRPC serving only grpc.health.v1.Health, for kubelet grpc probes (default: off)",
     )
     _add_access_arguments(parser)
     parser.add_argument("--version", action="version", version=f"vmctl-agent {__version__}")
