@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import pathlib
 import pty
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 
+from support.agents import write_policy
+from support.certs import Pki
 from support.cgroup2 import cgroup
 from support.processes import PAGE
+from support.vmctl_cli import usage_error, vmctl
 
 from vmctl_server.core.cookie import COOKIE_SIZE
-
-
-def vmctl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "vmctl_client.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_maps_json_has_the_documented_shape(agent, target):
@@ -49,8 +45,27 @@ def test_maps_table_is_human(agent, target):
     lines = run.stdout.splitlines()
     assert lines[0].startswith(f"pid {target.pid} ")
     assert lines[1].startswith("cookie ")
-    assert lines[2].split() == ["START", "END", "PERMS", "OFFSET", "DEV", "INODE", "RSS", "PATH"]
+    # One RANGE column, 0xSTART-0xEND, which `advise --range` takes back (it was two bare-hex columns).
+    assert lines[2].split() == ["RANGE", "PERMS", "OFFSET", "DEV", "INODE", "RSS", "PATH"]
     assert any(line.endswith("[heap]") for line in lines)
+
+
+def test_a_range_copied_from_the_maps_table_is_taken_back_by_advise(agent, target):
+    start, end = target.map_anon(8 * PAGE, seed=6)
+    table = vmctl("--target", agent.address, "maps", str(target.pid))
+    assert table.returncode == 0, table.stderr
+    (row,) = [line for line in table.stdout.splitlines() if line.startswith(f"0x{start:x}-")]
+    copied = row.split()[0]
+    assert copied == f"0x{start:x}-0x{end:x}"
+    advise = ["--target", agent.address, "advise", str(target.pid), "--advice", "cold", "--range", copied]
+    run = vmctl(*advise, "-o", "json")
+    assert run.returncode == 0, run.stderr
+    (result,) = json.loads(run.stdout)["ranges"]
+    assert (result["start"], result["end"], result["advised_bytes"], result["error"]) == (start, end, end - start, None)
+    again = vmctl(*advise)
+    assert again.returncode == 0, again.stderr
+    assert any(line.split()[0] == copied for line in again.stdout.splitlines()[1:])  # and prints it the same way
+    target.verify()
 
 
 def test_advise_round_trip_with_the_cookie(agent, target):
@@ -347,3 +362,148 @@ def test_version_names_the_installed_distribution():
     run = vmctl("--version")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == f"vmctl {metadata.version('vmctl')}"
+
+
+# ---- targets: a socket path, and TCP only with TLS or an explicit --insecure ---------------------
+
+
+def test_a_socket_path_is_a_target(agent):
+    for target, cwd in ((str(agent.socket_path), None), ("./agent.sock", str(agent.socket_path.parent))):
+        run = vmctl("--target", target, "node", "-o", "json", cwd=cwd)
+        assert run.returncode == 0, (target, run.stderr)
+        assert json.loads(run.stdout)["hostname"] == os.uname().nodename
+
+
+def test_bad_targets_are_usage_errors_and_dial_nothing():
+    for target, why in (
+        ("localhost", "'localhost' has no port"),
+        ("http://localhost:50051", "unsupported scheme http://"),
+        ("unix://tmp/x", "absolute path, unix:///tmp/x"),
+    ):
+        assert why in usage_error(vmctl("--target", target, "node")), target
+    assert "$VMCTL_TARGET: '???'" in usage_error(vmctl("node", env={"VMCTL_TARGET": "???"}))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_plaintext_tcp_needs_insecure_on_the_cli_too(start_agent, tmp_path):
+    port = _free_port()
+    policy = write_policy(tmp_path, "rules: [{identities: [anonymous], verbs: [read]}]")
+    start_agent("--listen", f"127.0.0.1:{port}", "--insecure", "--policy", policy)  # HOST:PORT, no tcp://
+    refused = usage_error(vmctl("--target", f"127.0.0.1:{port}", "node"))
+    assert "is a TCP target: give --tls-ca" in refused and "--insecure" in refused
+    run = vmctl("--target", f"tcp://127.0.0.1:{port}", "--insecure", "node", "-o", "json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["hostname"] == os.uname().nodename
+
+
+def test_the_tls_flags_have_the_agents_names_and_the_old_ones_still_work(start_agent, tmp_path):
+    pki = Pki(tmp_path)
+    server = pki.issue("agent", dns=["agent.vmctl.test"])
+    reader = pki.issue("reader", uri="spiffe://cluster/ns/ops/sa/reader")
+    policy = write_policy(tmp_path, 'rules: [{identities: ["spiffe://cluster/ns/ops/sa/reader"], verbs: [read]}]')
+    port = _free_port()
+    start_agent(
+        *("--listen", f"tcp://127.0.0.1:{port}", "--policy", policy),
+        *("--tls-cert", server.cert, "--tls-key", server.key, "--tls-ca", pki.ca),  # --tls-ca: the agent's new name
+    )
+    new = ("--tls-ca", pki.ca, "--tls-cert", reader.cert, "--tls-key", reader.key, "--tls-server-name")
+    old = ("--ca", pki.ca, "--cert", reader.cert, "--key", reader.key, "--server-name")
+    for names in (new, old):
+        run = vmctl("--target", f"127.0.0.1:{port}", *names, "agent.vmctl.test", "node", "-o", "json")
+        assert run.returncode == 0, (names, run.stdout, run.stderr)
+        assert json.loads(run.stdout)["hostname"] == os.uname().nodename
+
+
+# ---- advise and reclaim report every failure, and what was read before it -----------------------
+
+
+def test_advise_counts_the_ranges_the_kernel_refused_and_exits_1(agent, target):
+    locked_start, locked_end = target.map_anon(4 * PAGE, seed=7)
+    target.call("mlock", start=locked_start)  # MADV_COLD on an mlocked VMA: EINVAL
+    free_start, free_end = target.map_anon(4 * PAGE, seed=8)
+    ranges = ("--range", f"0x{locked_start:x}-0x{locked_end:x}", "--range", f"0x{free_start:x}-0x{free_end:x}")
+    advise = ["--target", agent.address, "advise", str(target.pid), "--advice", "cold", *ranges]
+    run = vmctl(*advise, "-o", "json")
+    assert run.returncode == 1, run.stderr
+    data = json.loads(run.stdout)  # the result, not an error: the other range was advised
+    assert data["failed_ranges"] == 1 and data["advised_bytes"] == 4 * PAGE
+    assert {r["start"]: r["error"] for r in data["ranges"]} == {locked_start: "EINVAL", free_start: None}
+    table = vmctl(*advise)
+    assert table.returncode == 1, table.stderr
+    head = table.stdout.splitlines()[0]
+    assert head.endswith("; 1 of 2 range(s) FAILED"), head
+    assert any(
+        line.split()[0] == f"0x{locked_start:x}-0x{locked_end:x}" and line.endswith("EINVAL")
+        for line in table.stdout.splitlines()
+    )
+    target.verify()
+
+
+# A process whose layout never holds still: a PROT_NONE mapping that grows by a
+# page every 0.1 ms. Its size never repeats, so every cookie is stale by the
+# time it comes back (the agent re-reads the layout milliseconds later).
+GROWING_LAYOUT = """
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = libc.mremap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
+PAGE, MAP_PRIVATE_ANONYMOUS_NORESERVE, MREMAP_MAYMOVE = os.sysconf("SC_PAGE_SIZE"), 0x02 | 0x20 | 0x4000, 1
+size = PAGE
+address = libc.mmap(None, size, 0, MAP_PRIVATE_ANONYMOUS_NORESERVE, -1, 0)
+print("ready", flush=True)
+while address not in (None, ctypes.c_void_p(-1).value):
+    address = libc.mremap(address, size, size + PAGE, MREMAP_MAYMOVE)
+    size += PAGE
+    time.sleep(0.0001)
+"""
+
+
+@contextlib.contextmanager
+def growing_layout() -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen([sys.executable, "-c", GROWING_LAYOUT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_reclaim_reports_a_process_that_stayed_stale_with_its_tries_and_rss(agent, tmp_path):
+    with growing_layout() as mover, cgroup(f"vmctl-test-cli-{tmp_path.name}") as group:
+        (group / "cgroup.procs").write_text(str(mover.pid))
+        reclaim = ["--target", agent.address, "reclaim", "--cgroup", f"/{group.name}", "--advice", "cold"]
+        run = vmctl(*reclaim, "--retries", "2", "-o", "json")
+        assert run.returncode == 3, run.stdout + run.stderr
+        (process,) = json.loads(run.stdout)["processes"]
+        assert (process["pid"], process["status"], process["attempts"]) == (mover.pid, "stale", 3)
+        assert process["error"]["reason"] == "LAYOUT_CHANGED"
+        # What was read is kept; nothing was advised, so "after" is the last reading.
+        assert process["rss_before"] > 0 and process["rss_after"] == process["rss_before"]
+        assert process["vmas_chosen"] > 0 and process["advised_bytes"] == 0
+        table = vmctl(*reclaim, "--retries", "1")
+        assert table.returncode == 3, table.stdout + table.stderr
+        row = table.stdout.splitlines()[1].split()
+        comm = pathlib.Path(f"/proc/{mover.pid}/comm").read_text().strip()
+        assert row[:5] == [str(mover.pid), comm, "stale", "LAYOUT_CHANGED", "2"], row
+        rss_before, arrow, rss_after = row[7:10]  # after ADVISED and CALLS
+        assert arrow == "->" and rss_before == rss_after != "0B", row
+
+
+def test_reclaim_of_a_cgroup_with_no_process_says_so_and_exits_0(agent, tmp_path):
+    with cgroup(f"vmctl-test-cli-empty-{tmp_path.name}") as empty:
+        for prefix in (f"/{empty.name}", f"/{empty.name}-no-such-cgroup"):
+            run = vmctl("--target", agent.address, "reclaim", "--cgroup", prefix)
+            assert run.returncode == 0, run.stderr
+            assert run.stdout.strip() == (
+                f"cgroup {prefix}: no process in it or below it on this node (no such cgroup, or it is empty);"
+                " nothing to do"
+            )
+            data = json.loads(vmctl("--target", agent.address, "reclaim", "--cgroup", prefix, "-o", "json").stdout)
+            assert (data["cgroup"], data["processes"], data["advised_bytes"]) == (prefix, [], 0)

@@ -169,8 +169,8 @@ def test_agent_stopping_says_the_agent_is_shutting_down(start_agent, tmp_path):
         agent.proc.send_signal(signal.SIGTERM)
         assert caller.refused.wait(30), [e.message for e in caller.errors]
         # Draining: the unix socket takes no new connection, gRPC's TCP port still does.
-        run = vmctl("--target", f"127.0.0.1:{port}", "--timeout", "20", "node")
-        json_run = vmctl("--target", f"127.0.0.1:{port}", "--timeout", "20", "node", "-o", "json")
+        run = vmctl("--target", f"127.0.0.1:{port}", "--insecure", "--timeout", "20", "node")
+        json_run = vmctl("--target", f"127.0.0.1:{port}", "--insecure", "--timeout", "20", "node", "-o", "json")
         assert agent.proc.poll() is None, "the agent stopped draining before the CLI asked"
     assert agent.proc.wait(60) == 0, agent.log()
 

@@ -40,7 +40,7 @@ VERSION = PYPROJECT["project"]["version"]
 SUITE_VENV = Path(sys.executable).parent.parent
 NOT_SHIPPED = {".ci/run", ".gitignore"}  # CI's and git's own files, not the project's
 NATIVE_EXTENSION = "vmctl_server/backends/native/_native.abi3.so"
-AGENT_ONLY_MODULES = ("cffi", "yaml", "prometheus_client", "cryptography", "grpc_health", "grpc_reflection")
+AGENT_ONLY_MODULES = ("cffi", "prometheus_client", "cryptography", "grpc_health", "grpc_reflection")
 # The oldest CPython requires-python admits: the stable-ABI wheel's interpreter tag.
 OLDEST_CPYTHON = "cp" + PYPROJECT["project"]["requires-python"].removeprefix(">=").replace(".", "")
 FLOORS_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vmctl-tests"

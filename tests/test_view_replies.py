@@ -66,7 +66,9 @@ def test_a_kind_this_client_does_not_know_is_unknown():
 
 def test_range_results_read_through_and_compare_by_value():
     messages = [
-        pb.RangeResult(start=0x1000, end=0x3000, advised_bytes=0x1000, skipped_bytes=0x1000, error="EAGAIN", error_number=11),
+        pb.RangeResult(
+            start=0x1000, end=0x3000, advised_bytes=0x1000, skipped_bytes=0x1000, error="EAGAIN", error_number=11
+        ),
         pb.RangeResult(start=0x8000, end=0x9000, advised_bytes=0x1000),
     ]
     result = AdviceResult(pb.AdviseRangesResponse(ranges=messages, advised_bytes=0x2000, syscalls=1))

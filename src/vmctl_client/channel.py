@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-DEFAULT_TARGET = "unix:///run/vmctl/agent.sock"
-TARGET_ENV = "VMCTL_TARGET"
-DEFAULT_TIMEOUT = 30.0
+from vmctl_client.defaults import DEFAULT_TARGET, TARGET_ENV
+from vmctl_client.defaults import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT  # re-exported: the clients take it from here
+from vmctl_client.targets import grpc_address
 
 # Retries are the clients' own (calls.Attempts): reads only, on UNAVAILABLE,
 # inside the call's deadline. gRPC's reconnect backoff starts at 1 s, longer
@@ -44,20 +44,6 @@ class TlsOptions:
         return bool(self.ca or self.cert)
 
 
-def grpc_target(target: str) -> str:
-    """``unix:///path`` (and an unexpanded ``dns:///name:port``) stays;
-    ``tcp://host:port`` and ``host:port`` become ``host:port``."""
-    if target.startswith(("unix:", "dns:")):
-        return target
-    if target.startswith("tcp://"):
-        return target[len("tcp://") :]
-    if "://" in target:
-        raise ValueError(
-            f"unsupported target {target!r}: use unix:///PATH, tcp://HOST:PORT, HOST:PORT or dns:///NAME:PORT"
-        )
-    return target
-
-
 def _read(path: str | None) -> bytes | None:
     if path is None:
         return None
@@ -67,7 +53,7 @@ def _read(path: str | None) -> bytes | None:
 
 def channel_args(target: str, tls: TlsOptions | None) -> tuple[str, object | None, list[tuple[str, object]]]:
     """(grpc target, credentials or None for plaintext, options)."""
-    address = grpc_target(target)
+    address = grpc_address(target)
     options = list(CHANNEL_OPTIONS)
     if tls is None or not tls.enabled or address.startswith("unix:"):
         return address, None, options

@@ -17,14 +17,13 @@ from typing import Generic, Literal, TypeAlias, TypeVar
 
 from vmctl_client.aio import AsyncClient
 from vmctl_client.calls import READ_RETRY, RetryPolicy
-from vmctl_client.channel import DEFAULT_TIMEOUT, TlsOptions
+from vmctl_client.channel import TlsOptions
 from vmctl_client.client import Client
+from vmctl_client.defaults import DEFAULT_CONCURRENCY, DEFAULT_HOST_DEADLINE, DEFAULT_TIMEOUT
 from vmctl_client.errors import VmctlError
 from vmctl_client.targets import expand_targets
 
 T = TypeVar("T")
-DEFAULT_HOST_DEADLINE = 120.0
-DEFAULT_CONCURRENCY = 16
 
 
 @dataclass(frozen=True)

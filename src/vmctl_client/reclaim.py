@@ -8,24 +8,27 @@ For one process::
 
 ``report.to_json()`` has the ``advise`` keys (``requested_bytes``,
 ``advised_bytes``, ``syscalls``, ``ranges``) summed over the processes, plus
-rss and swap before and after, and each process's own account.
+rss and swap before and after, and each process's own account. A process
+whose advice failed keeps what was learnt before it failed: its attempts, and
+rss and swap as last read (nothing was advised, so "after" is that reading too).
 """
 
 from __future__ import annotations
 
-import functools
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmctl_api.words import FILTERS, Advice, Filter, Kind
-from vmctl_client.client import Client
+from vmctl_client.defaults import DEFAULT_RETRIES
 from vmctl_client.errors import ProcessChangedError, ProcessGoneError, StaleCookieError, VmctlError
-from vmctl_client.types import RangeResult, Vma, VmaInfo
 
-DEFAULT_RETRIES = 3
+if TYPE_CHECKING:
+    from vmctl_client.client import Client
+    from vmctl_client.types import RangeResult, Vma, VmaInfo
+
 # Jitter for re-reads after LAYOUT_CHANGED: a process that is mapping memory
 # right now is likely to go on for a moment; waiting a little (and not in step
 # with other controllers) gives the next snapshot a better chance to hold.
@@ -56,6 +59,11 @@ class ProcessReclaim:
     swap_after: int = 0
     error: VmctlError | None = None
 
+    @property
+    def failed_ranges(self) -> int:
+        """Ranges the kernel refused (mlocked memory: EINVAL; unmapped meanwhile: ENOMEM)."""
+        return sum(1 for r in self.ranges if r.error)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "pid": self.pid,
@@ -67,6 +75,7 @@ class ProcessReclaim:
             "requested_bytes": self.requested_bytes,
             "advised_bytes": self.advised_bytes,
             "syscalls": self.syscalls,
+            "failed_ranges": self.failed_ranges,
             "rss_before": self.rss_before,
             "swap_before": self.swap_before,
             "rss_after": self.rss_after,
@@ -101,6 +110,10 @@ class ReclaimReport:
         return self._sum("syscalls")
 
     @property
+    def failed_ranges(self) -> int:
+        return self._sum("failed_ranges")
+
+    @property
     def worst_status(self) -> str:
         order = (DONE, GONE, CHANGED, STALE, ERROR)
         return max((p.status for p in self.processes), key=order.index, default=DONE)
@@ -114,6 +127,7 @@ class ReclaimReport:
             "requested_bytes": self.requested_bytes,
             "advised_bytes": self.advised_bytes,
             "syscalls": self.syscalls,
+            "failed_ranges": self.failed_ranges,
             "rss_before": self._sum("rss_before"),
             "swap_before": self._sum("swap_before"),
             "rss_after": self._sum("rss_after"),
@@ -157,6 +171,23 @@ def reclaim_process(
     Raises what the agent raises, except LAYOUT_CHANGED, retried up to
     ``retries`` times before it is raised as :class:`StaleCookieError`."""
     outcome = ProcessReclaim(pid)
+    _reclaim_into(outcome, client, advice, filter, min_rss, retries, dry_run, start_time)
+    return outcome
+
+
+def _reclaim_into(
+    outcome: ProcessReclaim,
+    client: Client,
+    advice: Advice,
+    filter: Filter,
+    min_rss: int,
+    retries: int,
+    dry_run: bool,
+    start_time: int | None,
+) -> None:
+    """reclaim_process's work, written into ``outcome`` as it goes, so that a
+    caller catching its error still has the attempts made and the rss read."""
+    pid = outcome.pid
     for attempt in range(retries + 1):
         outcome.attempts = attempt + 1
         info = client.get_vma_info(pid, ("rss", "swap"))
@@ -168,11 +199,12 @@ def reclaim_process(
             )
         outcome.comm, outcome.start_time = info.process.comm, info.process.start_time
         outcome.rss_before, outcome.swap_before = _residency(info)
+        # Until advice is applied, "after" is the last reading.
+        outcome.rss_after, outcome.swap_after = outcome.rss_before, outcome.swap_before
         chosen = choose_ranges(info, filter, min_rss)
         outcome.vmas_chosen = len(chosen)
         if not chosen:
-            outcome.rss_after, outcome.swap_after = outcome.rss_before, outcome.swap_before
-            return outcome
+            return
         try:
             result = client.advise_ranges(pid, chosen, advice, cookie=info.cookie, filter=filter, dry_run=dry_run)
         except ProcessChangedError:
@@ -189,19 +221,16 @@ def reclaim_process(
         break
     after = client.get_vma_info(pid, ("rss", "swap"))
     outcome.rss_after, outcome.swap_after = _residency(after)
-    return outcome
 
 
-def _failed(pid: int, error: VmctlError) -> ProcessReclaim:
+def _status_of(error: VmctlError) -> str:
     if isinstance(error, ProcessChangedError):
-        status = CHANGED
-    elif isinstance(error, StaleCookieError):
-        status = STALE
-    elif isinstance(error, ProcessGoneError):
-        status = GONE
-    else:
-        status = ERROR
-    return ProcessReclaim(pid, status=status, error=error)
+        return CHANGED
+    if isinstance(error, StaleCookieError):
+        return STALE
+    if isinstance(error, ProcessGoneError):
+        return GONE
+    return ERROR
 
 
 def reclaim(
@@ -226,14 +255,15 @@ def reclaim(
         raise ValueError("reclaim takes a pid or a cgroup prefix, not both")
     if filter not in KINDS_BY_FILTER:
         raise ValueError(f"unknown filter {filter!r}; known: {', '.join(KINDS_BY_FILTER)}")
-    one = functools.partial(
-        reclaim_process, client, advice=advice, filter=filter, min_rss=min_rss, retries=retries, dry_run=dry_run
-    )
     report = ReclaimReport(advice, filter, dry_run, cgroup, [])
     if pid is not None:
         if on_start:
             on_start(1)
-        report.processes.append(one(pid))
+        report.processes.append(
+            reclaim_process(
+                client, pid, advice=advice, filter=filter, min_rss=min_rss, retries=retries, dry_run=dry_run
+            )
+        )
         if on_process:
             on_process(report.processes[-1])
         return report
@@ -241,11 +271,11 @@ def reclaim(
     if on_start:
         on_start(len(members))
     for member in members:
+        outcome = ProcessReclaim(member.pid, comm=member.comm, start_time=member.start_time)
         try:
-            outcome = one(member.pid, start_time=member.start_time)
+            _reclaim_into(outcome, client, advice, filter, min_rss, retries, dry_run, member.start_time)
         except VmctlError as error:
-            outcome = _failed(member.pid, error)
-            outcome.comm, outcome.start_time = member.comm, member.start_time
+            outcome.status, outcome.error = _status_of(error), error
         report.processes.append(outcome)
         if on_process:
             on_process(outcome)

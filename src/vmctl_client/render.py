@@ -1,12 +1,21 @@
-"""Tables for people: human sizes, aligned columns, one function per command.
-(JSON comes from each result's own ``to_json``.)"""
+"""What the command line prints: documents (JSON, YAML) of each result's own
+``to_json``, and tables for people, with human sizes and aligned columns,
+one function per command. ``wide`` tables add the columns a terminal line
+usually has no room for.
+
+Addresses in tables are hex with ``0x``, ranges ``START-END``: exactly what
+``vmctl advise --range`` takes back.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from typing import Any
 
+from vmctl_api.words import GROUPS
 from vmctl_client.reclaim import ReclaimReport
-from vmctl_client.types import AdviceResult, NodeInfo, ProcessInfo, VmaInfo
+from vmctl_client.types import AdviceResult, NodeInfo, ProcessInfo, Vma, VmaInfo, words_for_mask
 
 _UNITS = ("B", "K", "M", "G", "T")
 
@@ -19,6 +28,22 @@ def human_bytes(n: int) -> str:
             return f"{int(value)}{unit}" if unit == "B" else f"{value:.1f}{unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def document(data: dict[str, Any], output: str) -> str:
+    """``data`` as JSON or YAML (the same keys and values: YAML is for people
+    who read it; JSON for programs)."""
+    if output == "yaml":
+        import yaml  # only here: a few tens of milliseconds nobody else should pay
+
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when present: 65,530 VMAs in a blink
+        text: str = yaml.dump(data, Dumper=dumper, sort_keys=False, allow_unicode=True, width=1 << 16)
+        return text.rstrip("\n")
+    return json.dumps(data, indent=2)
+
+
+def address_range(start: int, end: int) -> str:
+    return f"0x{start:x}-0x{end:x}"
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
@@ -34,63 +59,108 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: S
     return "\n".join([line(headers), *(line(r) for r in rows)])
 
 
-# Columns a maps table shows for a group asked for by name (JSON has them all).
+# Columns a maps table shows for a group asked for by name; -o wide shows every
+# word of the group, and -o json all that was read.
 _TABLE_GROUP_WORDS = {
     "residency": ("rss", "swap"),
     "accounting": ("rss", "pss", "swap", "anonymous", "referenced"),
     "all": ("rss", "pss", "swap", "anonymous", "referenced"),
 }
+# Words that are not byte counts: too wide for the table (build_id, vm_flags)
+# or not sizes at all; -o wide shows them.
 _NOT_SIZES = ("vm_flags", "build_id", "thp_eligible")
+_NAMED_HIDDEN = 6  # a table's note names this many attributes it leaves out, then counts the rest
 
 
-def maps_table(info: VmaInfo, attrs: str | None) -> str:
+def _asked_words(attrs: str | None, wide: bool) -> list[str]:
+    """The attribute words ``--attrs`` named, groups spelled out (in a table
+    as its short list, in a wide table whole), in order, without repeats."""
     asked: list[str] = []
-    for word in (attrs or "").split(","):
-        word = word.strip().lower()
-        asked += _TABLE_GROUP_WORDS.get(word, (word,))
-    sizes = [w for w in info.result_attrs if w not in _NOT_SIZES]
-    words = [w for w in dict.fromkeys(asked) if w in sizes]
-    headers = ["START", "END", "PERMS", "OFFSET", "DEV", "INODE", *(w.upper() for w in words), "PATH"]
+    for word in filter(None, (attrs or "").split(",")):
+        if word not in GROUPS:
+            asked.append(word)
+        elif wide:
+            asked += words_for_mask(GROUPS[word])
+        else:
+            asked += _TABLE_GROUP_WORDS.get(word, ())
+    return list(dict.fromkeys(asked))
+
+
+def _attribute_cell(vma: Vma, word: str) -> str:
+    value = getattr(vma, word)
+    if word == "build_id":
+        return value.hex() or "-"
+    if word == "vm_flags":
+        return ",".join(value.split()) or "-"  # one cell, as the kernel's two-letter codes
+    if word == "thp_eligible":
+        return "yes" if value else "no"
+    return human_bytes(value)
+
+
+def maps_table(info: VmaInfo, attrs: str | None, wide: bool = False) -> str:
+    filled = set(info.result_attrs)
+    words = [w for w in _asked_words(attrs, wide) if w in filled and (wide or w not in _NOT_SIZES)]
+    headers = ["RANGE", "PERMS", "OFFSET", "DEV", "INODE", *(w.upper() for w in words), "PATH"]
     rows = [
         [
-            f"{vma.start:x}",
-            f"{vma.end:x}",
+            address_range(vma.start, vma.end),
             vma.perms,
-            f"{vma.offset:x}",
+            f"0x{vma.offset:x}",
             f"{vma.dev_major:02x}:{vma.dev_minor:02x}",
             str(vma.inode),
-            *(human_bytes(getattr(vma, w)) for w in words),
+            *(_attribute_cell(vma, w) for w in words),
             vma.path,
         ]
         for vma in info.vmas
     ]
-    right = [False, False, False, False, False, True, *([True] * len(words)), False]
-    head = (
+    right = [False, False, False, False, True, *(w not in ("build_id", "vm_flags") for w in words), False]
+    head = [
         f"pid {info.process.pid} ({info.process.comm}), start time {info.process.start_time},"
-        f" {len(info.vmas)} VMAs, attrs: {', '.join(['layout', *info.result_attrs])}\n"
-        f"cookie {info.cookie_b64}\n"
-    )
-    return head + format_table(headers, rows, right)
+        f" {len(info.vmas)} VMAs, attrs: {', '.join(['layout', *info.result_attrs])}",
+        f"cookie {info.cookie_b64}",
+    ]
+    hidden = [w for w in _asked_words(attrs, True) if w in filled and w not in words]
+    if hidden:
+        named = ", ".join(hidden[:_NAMED_HIDDEN]) + (
+            f" and {len(hidden) - _NAMED_HIDDEN} more" if len(hidden) > _NAMED_HIDDEN else ""
+        )
+        head.append(f"not in this table: {named} (use -o wide, or -o json for every value)")
+    return "\n".join([*head, format_table(headers, rows, right)])
+
+
+def failed_ranges(result: AdviceResult) -> int:
+    return sum(1 for r in result.ranges if r.error)
 
 
 def advise_table(result: AdviceResult) -> str:
     verb = "would advise" if result.dry_run else "advised"
+    failed = failed_ranges(result)
     head = (
         f"pid {result.process.pid} ({result.process.comm}): {verb} {human_bytes(result.advised_bytes)}"
-        f" of {human_bytes(result.requested_bytes)} requested in {result.syscalls} process_madvise call(s)\n"
+        f" of {human_bytes(result.requested_bytes)} requested in {result.syscalls} process_madvise call(s)"
+        + (f"; {failed} of {len(result.ranges)} range(s) FAILED" if failed else "")
     )
     rows = [
-        [f"{r.start:x}", f"{r.end:x}", human_bytes(r.advised_bytes), human_bytes(r.skipped_bytes), r.error or "-"]
+        [address_range(r.start, r.end), human_bytes(r.advised_bytes), human_bytes(r.skipped_bytes), r.error or "-"]
         for r in result.ranges
     ]
-    return head + format_table(["START", "END", "ADVISED", "SKIPPED", "ERROR"], rows, [False, False, True, True, False])
+    table = format_table(["RANGE", "ADVISED", "SKIPPED", "ERROR"], rows, [False, True, True, False])
+    return f"{head}\n{table}"
 
 
-def ps_table(processes: Sequence[ProcessInfo]) -> str:
-    rows = [
-        [str(p.pid), p.comm, human_bytes(p.rss), human_bytes(p.swap), str(p.vma_count), p.cgroup] for p in processes
-    ]
-    return format_table(["PID", "COMM", "RSS", "SWAP", "VMAS", "CGROUP"], rows, [True, False, True, True, True, False])
+def ps_table(processes: Sequence[ProcessInfo], wide: bool = False) -> str:
+    headers = ["PID", "COMM", "RSS", "SWAP", "VMAS", "CGROUP"]
+    right = [True, False, True, True, True, False]
+    if wide:
+        headers[5:5] = ["UID", "PPID", "START_TIME", "CONTAINER"]
+        right[5:5] = [True, True, True, False]
+    rows = []
+    for p in processes:
+        row = [str(p.pid), p.comm, human_bytes(p.rss), human_bytes(p.swap), str(p.vma_count), p.cgroup]
+        if wide:
+            row[5:5] = [str(p.uid), str(p.ppid), str(p.start_time), p.container_id or "-"]
+        rows.append(row)
+    return format_table(headers, rows, right)
 
 
 def node_table(info: NodeInfo) -> str:
@@ -108,40 +178,47 @@ def node_table(info: NodeInfo) -> str:
     return "\n".join(lines)
 
 
-def reclaim_table(report: ReclaimReport) -> str:
+def reclaim_table(report: ReclaimReport, wide: bool = False) -> str:
     data = report.to_json()
     verb = "would advise" if report.dry_run else "advised"
-    count = len(report.processes)
+    if report.cgroup is not None and not report.processes:
+        return (
+            f"cgroup {report.cgroup}: no process in it or below it on this node (no such cgroup, or it is empty);"
+            " nothing to do"
+        )
     scope = (
-        f"cgroup {report.cgroup}: {count} process(es)"
+        f"cgroup {report.cgroup}: {len(report.processes)} process(es)"
         if report.cgroup is not None
         else f"pid {report.processes[0].pid}"
     )
+    headers = ["PID", "COMM", "STATUS", "TRIES", "ADVISED", "CALLS", "RSS", "SWAP"]
+    right = [True, False, False, True, True, True, True, True]
+    if wide:
+        headers[6:6] = ["START_TIME", "VMAS", "REQUESTED", "FAILED"]
+        right[6:6] = [True, True, True, True]
     rows = []
     for p in report.processes:
         reason = f" {p.error.reason or p.error.code}" if p.error else ""
-        rows.append(
-            [
-                str(p.pid),
-                p.comm,
-                p.status + reason,
-                str(p.attempts),
-                human_bytes(p.advised_bytes),
-                str(p.syscalls),
-                f"{human_bytes(p.rss_before)} -> {human_bytes(p.rss_after)}",
-                f"{human_bytes(p.swap_before)} -> {human_bytes(p.swap_after)}",
-            ]
-        )
-    table = format_table(
-        ["PID", "COMM", "STATUS", "TRIES", "ADVISED", "CALLS", "RSS", "SWAP"],
-        rows,
-        [True, False, False, True, True, True, True, True],
-    )
+        row = [
+            str(p.pid),
+            p.comm,
+            p.status + reason,
+            str(p.attempts),
+            human_bytes(p.advised_bytes),
+            str(p.syscalls),
+            f"{human_bytes(p.rss_before)} -> {human_bytes(p.rss_after)}",
+            f"{human_bytes(p.swap_before)} -> {human_bytes(p.swap_after)}",
+        ]
+        if wide:
+            row[6:6] = [str(p.start_time), str(p.vmas_chosen), human_bytes(p.requested_bytes), str(p.failed_ranges)]
+        rows.append(row)
+    failed = report.failed_ranges
     foot = (
         f"{scope}, {report.advice} ({report.filter}): {verb}"
         f" {human_bytes(report.advised_bytes)} of {human_bytes(report.requested_bytes)} requested in"
-        f" {report.syscalls} process_madvise call(s);"
-        f" rss {human_bytes(data['rss_before'])} -> {human_bytes(data['rss_after'])},"
+        f" {report.syscalls} process_madvise call(s)"
+        + (f", {failed} range(s) refused by the kernel" if failed else "")
+        + f"; rss {human_bytes(data['rss_before'])} -> {human_bytes(data['rss_after'])},"
         f" swap {human_bytes(data['swap_before'])} -> {human_bytes(data['swap_after'])}"
     )
-    return f"{table}\n{foot}"
+    return f"{format_table(headers, rows, right)}\n{foot}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from vmctl_api.addresses import AddressError, join_host_port, split_host_port
 from vmctl_server import __version__
 from vmctl_server.access.admission import DEFAULT_MAX_CALLS
 from vmctl_server.access.audit import STDOUT
@@ -21,13 +22,8 @@ MAX_RANGE_WIRE_BYTES = 26
 MESSAGE_SLACK_BYTES = 64 << 10
 
 
-def parse_host_port(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::]:9464`` for IPv6; port 0 picks a free one)."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{text}: expected HOST:PORT, e.g. 127.0.0.1:9464 or [::]:9464")
-    return host, int(port)
+LISTEN_FORMS = "unix:///PATH (or /PATH), HOST:PORT or tcp://HOST:PORT"
+TCP_FORMS = "HOST:PORT or tcp://HOST:PORT"
 
 
 @dataclass(frozen=True)
@@ -38,25 +34,29 @@ class ListenAddress:
 
 
 def parse_listen(text: str) -> ListenAddress:
-    if text.startswith("unix://"):
-        path = text[len("unix://") :]
+    """--listen: a unix socket by its absolute path, or a TCP address as the other listeners take it."""
+    if text.startswith(("unix:", "/")):
+        path = text.removeprefix("unix://") if text.startswith("unix://") else text.removeprefix("unix:")
         if not path.startswith("/"):
             raise argparse.ArgumentTypeError(f"{text}: a unix socket needs an absolute path (unix:///run/x.sock)")
         return ListenAddress(text, f"unix://{path}", path)
-    if text.startswith("tcp://"):
-        host_port = text[len("tcp://") :]
-        host, sep, port = host_port.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise argparse.ArgumentTypeError(f"{text}: expected tcp://HOST:PORT")
-        return ListenAddress(text, host_port, None)
-    raise argparse.ArgumentTypeError(f"{text}: expected unix:///PATH or tcp://HOST:PORT")
+    scheme, sep, _ = text.partition("://")
+    if sep and scheme != "tcp":
+        raise argparse.ArgumentTypeError(f"{text}: expected {LISTEN_FORMS}")
+    return ListenAddress(text, join_host_port(*_tcp_address(text)), None)
 
 
-def _host_port(text: str) -> tuple[str, int]:
+def _tcp_address(text: str) -> tuple[str, int]:
+    """--health-listen and --metrics-listen, and --listen's TCP form: (HOST, PORT), checked here rather
+    than failing inside gRPC. ``[::]:9464`` for IPv6; port 0 picks a free one."""
+    if text.startswith(("unix:", "/")):
+        raise argparse.ArgumentTypeError(f"{text}: this listener is TCP only ({TCP_FORMS})")
+    host_port = text.removeprefix("tcp://")
     try:
-        return parse_host_port(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+        return split_host_port(host_port, lowest_port=0)
+    except AddressError as exc:
+        every = f" (every address: 0.0.0.0{host_port} or [::]{host_port})" if host_port.startswith(":") else ""
+        raise argparse.ArgumentTypeError(f"{exc}{every}; expected {TCP_FORMS}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         type=parse_listen,
         metavar="ADDR",
-        help=f"unix:///PATH or tcp://HOST:PORT; repeat for several (default {DEFAULT_LISTEN})",
+        help=f"{LISTEN_FORMS}; repeat for several (default {DEFAULT_LISTEN})",
     )
     parser.add_argument(
         "--cookie-key-file",
@@ -79,13 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="HMAC key for cookies; created (mode 0600) if absent. Keeps cookies valid across restarts"
         " (default: a random key per run)",
     )
-    parser.add_argument("--tls-cert", metavar="PEM", help="server certificate for tcp:// listeners")
-    parser.add_argument("--tls-key", metavar="PEM", help="server private key for tcp:// listeners")
-    parser.add_argument("--client-ca", metavar="PEM", help="CA that signs client certificates (mutual TLS)")
+    _add_tls_arguments(parser)
     parser.add_argument(
         "--insecure",
         action="store_true",
-        help="allow tcp:// without TLS: plaintext callers are 'anonymous', refused UNAUTHENTICATED unless a"
+        help="allow tcp listeners without TLS: plaintext callers are 'anonymous', refused UNAUTHENTICATED unless a"
         " policy rule names anonymous (for a trusted test network only)",
     )
     parser.add_argument(
@@ -127,19 +125,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--metrics-listen",
-        type=_host_port,
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics (default: off)",
+        type=_tcp_address,
+        metavar="ADDR",
+        help=f"{TCP_FORMS}: serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics (default: off)",
     )
     parser.add_argument(
         "--health-listen",
-        type=_host_port,
-        metavar="HOST:PORT",
-        help="plaintext gRPC serving only grpc.health.v1.Health, for kubelet grpc probes (default: off)",
+        type=_tcp_address,
+        metavar="ADDR",
+        help=f"{TCP_FORMS}: plaintext gRPC serving only grpc.health.v1.Health, for kubelet grpc probes (default: off)",
     )
     _add_access_arguments(parser)
     parser.add_argument("--version", action="version", version=f"vmctl-agent {__version__}")
     return parser
+
+
+def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """The names `vmctl` uses too; --client-ca is the old name of --tls-ca, kept."""
+    tls = parser.add_argument_group("TLS for tcp listeners (mutual: all three; `vmctl` takes the same names)")
+    tls.add_argument("--tls-cert", metavar="PEM", help="the agent's certificate")
+    tls.add_argument("--tls-key", metavar="PEM", help="the agent's private key")
+    tls.add_argument(
+        "--tls-ca",
+        "--client-ca",
+        dest="client_ca",
+        metavar="PEM",
+        help="CA that signs the clients' certificates (--client-ca: its old name)",
+    )
 
 
 def _octal_mode(text: str) -> int:
@@ -234,12 +246,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     if args.client_ca and not args.tls_cert:
-        parser.error("--client-ca needs --tls-cert and --tls-key")
+        parser.error("--tls-ca (--client-ca) needs --tls-cert and --tls-key")
     has_tcp = any(a.unix_path is None for a in args.listen)
     if has_tcp and not args.client_ca and not args.insecure:
         parser.error(
-            "tcp:// listeners need mutual TLS: --tls-cert, --tls-key and --client-ca"
-            " (or --insecure, for a trusted test network only)"
+            "tcp listeners need mutual TLS: --tls-cert, --tls-key and --tls-ca (or its old name --client-ca);"
+            " or --insecure, for a trusted test network only"
         )
 
 
