@@ -435,3 +435,17 @@ def test_fuzz_raw_request_bytes_never_break_the_agent(agent, client, victim):
     assert "Traceback" not in agent.log()
     target.verify()  # a mutant may have turned into real advice; advice never changes contents
     assert client.get_vma_info(target.pid).process.pid == target.pid
+
+
+def test_a_missing_advice_says_advice_is_required(client, target):
+    start, end = target.map_anon(1 << 20)
+    cookie = client.get_vma_info(target.pid).cookie
+    error = expect_error(
+        lambda: client.advise_ranges(target.pid, [(start, end)], pb.ADVICE_UNSPECIFIED, cookie=cookie),
+        "INVALID_ARGUMENT",
+        "UNKNOWN_ADVICE",
+    )
+    assert error.message.startswith("advice is required: one of cold, pageout, willneed, collapse")
+    assert error.metadata["field"] == "advice"
+    error = expect_error(lambda: client.advise_ranges(target.pid, [(start, end)], 9, cookie=cookie), "INVALID_ARGUMENT")
+    assert error.message == "unknown advice 9"

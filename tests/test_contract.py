@@ -10,15 +10,11 @@ import re
 import subprocess
 import sys
 
-import grpc
 import pytest
 from google.rpc import code_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support.expect import expect_error
 from support.node_tools import bin_path
 
 from vmctl_api import vmctl_pb2 as pb
-from vmctl_api import vmctl_pb2_grpc
 from vmctl_server.core import faults
 from vmctl_server.core.advice import ADVICE_UNSPECIFIED
 from vmctl_server.core.cookie import COOKIE_SIZE, CookieClaims, CookieSigner
@@ -98,41 +94,6 @@ def test_stream_vma_info_takes_get_vma_infos_request_and_answers_its_fields():
     assert _fields(pb.StreamVmaInfoResponse.DESCRIPTOR) == _fields(pb.GetVmaInfoResponse.DESCRIPTOR)
     method = pb.DESCRIPTOR.services_by_name["VmControl"].methods_by_name["StreamVmaInfo"]
     assert (method.client_streaming, method.server_streaming) == (False, True)
-
-
-def test_the_request_id_is_echoed_in_the_trailers(agent, target):
-    with grpc.insecure_channel(agent.address) as channel:
-        stub = vmctl_pb2_grpc.VmControlStub(channel)
-        _, call = stub.GetNodeInfo.with_call(pb.GetNodeInfoRequest(), metadata=[("x-request-id", "trace-7")])
-        assert dict(call.trailing_metadata())["x-request-id"] == "trace-7"
-        stream = stub.StreamVmaInfo(pb.StreamVmaInfoRequest(pid=target.pid), metadata=[("x-request-id", "trace-8")])
-        assert len(list(stream)) >= 2
-        assert dict(stream.trailing_metadata())["x-request-id"] == "trace-8"
-        with pytest.raises(grpc.RpcError) as refused:  # a refusal too, beside its ErrorInfo
-            stub.GetVmaInfo(pb.GetVmaInfoRequest(pid=0), metadata=[("x-request-id", "trace-9")])
-        trailers = dict(refused.value.trailing_metadata())
-        assert trailers["x-request-id"] == "trace-9" and "grpc-status-details-bin" in trailers
-        health = health_pb2_grpc.HealthStub(channel)  # every service's calls, not VmControl's alone
-        _, call = health.Check.with_call(health_pb2.HealthCheckRequest(), metadata=[("x-request-id", "trace-10")])
-        assert dict(call.trailing_metadata())["x-request-id"] == "trace-10"
-        _, call = stub.GetNodeInfo.with_call(pb.GetNodeInfoRequest(), metadata=[("x-request-id", "not usable!")])
-        made = dict(call.trailing_metadata())["x-request-id"]
-    assert re.fullmatch(r"[0-9a-f]{16}", made)
-    assert f"request_id={made} " in agent.log()  # the id the agent made is the one it logged
-
-
-def test_a_missing_advice_says_advice_is_required(client, target):
-    start, end = target.map_anon(1 << 20)
-    cookie = client.get_vma_info(target.pid).cookie
-    error = expect_error(
-        lambda: client.advise_ranges(target.pid, [(start, end)], pb.ADVICE_UNSPECIFIED, cookie=cookie),
-        "INVALID_ARGUMENT",
-        "UNKNOWN_ADVICE",
-    )
-    assert error.message.startswith("advice is required: one of cold, pageout, willneed, collapse")
-    assert error.metadata["field"] == "advice"
-    error = expect_error(lambda: client.advise_ranges(target.pid, [(start, end)], 9, cookie=cookie), "INVALID_ARGUMENT")
-    assert error.message == "unknown advice 9"
 
 
 @pytest.mark.parametrize(

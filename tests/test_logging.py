@@ -11,6 +11,7 @@ import socket
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.certs import Pki
 
 from vmctl_api import vmctl_pb2 as pb
@@ -146,3 +147,24 @@ def test_text_log_is_the_default_and_carries_the_request_id(start_agent, target)
     assert f"pid={target.pid}" in lines[0]
     with pytest.raises(json.JSONDecodeError):
         json.loads(lines[0])
+
+
+def test_the_request_id_is_echoed_in_the_trailers(agent, target):
+    with grpc.insecure_channel(agent.address) as channel:
+        stub = vmctl_pb2_grpc.VmControlStub(channel)
+        _, call = stub.GetNodeInfo.with_call(pb.GetNodeInfoRequest(), metadata=[("x-request-id", "trace-7")])
+        assert dict(call.trailing_metadata())["x-request-id"] == "trace-7"
+        stream = stub.StreamVmaInfo(pb.StreamVmaInfoRequest(pid=target.pid), metadata=[("x-request-id", "trace-8")])
+        assert len(list(stream)) >= 2
+        assert dict(stream.trailing_metadata())["x-request-id"] == "trace-8"
+        with pytest.raises(grpc.RpcError) as refused:  # a refusal too, beside its ErrorInfo
+            stub.GetVmaInfo(pb.GetVmaInfoRequest(pid=0), metadata=[("x-request-id", "trace-9")])
+        trailers = dict(refused.value.trailing_metadata())
+        assert trailers["x-request-id"] == "trace-9" and "grpc-status-details-bin" in trailers
+        health = health_pb2_grpc.HealthStub(channel)  # every service's calls, not VmControl's alone
+        _, call = health.Check.with_call(health_pb2.HealthCheckRequest(), metadata=[("x-request-id", "trace-10")])
+        assert dict(call.trailing_metadata())["x-request-id"] == "trace-10"
+        _, call = stub.GetNodeInfo.with_call(pb.GetNodeInfoRequest(), metadata=[("x-request-id", "not usable!")])
+        made = dict(call.trailing_metadata())["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{16}", made)
+    assert f"request_id={made} " in agent.log()  # the id the agent made is the one it logged
