@@ -757,3 +757,14 @@ def test_the_audit_log_fails_closed(tmp_path, target, zram_swap):
         agent.send_signal(signal.SIGTERM)
         agent.wait(30)
     assert "cannot write the audit log" in log_path.read_text()
+
+
+@pytest.mark.unprivileged
+def test_the_readme_policy_example_is_valid():
+    """The minimal policy the README shows parses with the agent's own parser and means what it says."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("```yaml\n", readme.index("**A minimal policy.**")) + len("```yaml\n")
+    policy = parse_policy(readme[start : readme.index("```", start)], "README.md")
+    assert policy.require_cookie and policy.protected_comm == ("sshd",)
+    assert [rule.name for rule in policy.rules] == ["operators-read", "operators-cool-the-batch-jobs"]
+    assert policy.rules[1].advices == frozenset({"cold", "pageout"})
