@@ -41,7 +41,7 @@ run: $(AGENT_STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts bench
-	$(VENV)/bin/mypy --strict src/vmctl_client src/vmctl_api
+	$(VENV)/bin/mypy --strict src
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 log = logging.getLogger("vmctl.auth")
@@ -70,7 +70,7 @@ def peer_name(uid: int, gid: int, pid: int, nonce: str) -> str:
     return f"{PEER_NAME_PREFIX}uid={uid}/gid={gid}/pid={pid}/{nonce}"
 
 
-def _first(auth_context: Mapping[str, Sequence[bytes]], key: str) -> str | None:
+def _first(auth_context: Mapping[str, Iterable[bytes]], key: str) -> str | None:
     values = auth_context.get(key) or ()
     for value in values:
         text = value.decode("utf-8", "replace")
@@ -104,7 +104,7 @@ def _named_by(pem: bytes) -> _Named:
         return _Named(None, str(exc), certnames.fingerprint(certificate))
 
 
-def certificate_identity(auth_context: Mapping[str, Sequence[bytes]]) -> str | None:
+def certificate_identity(auth_context: Mapping[str, Iterable[bytes]]) -> str | None:
     """URI SAN, else ``dns:`` first DNS SAN, else ``cn:`` common name, read
     from the verified peer certificate (``x509_pem_cert``; gRPC checked it
     against ``--client-ca`` before any call runs). Not from gRPC's own
@@ -125,7 +125,7 @@ def certificate_identity(auth_context: Mapping[str, Sequence[bytes]]) -> str | N
     return named.identity
 
 
-def caller_from(peer: str, auth_context: Mapping[str, Sequence[bytes]]) -> Caller:
+def caller_from(peer: str, auth_context: Mapping[str, Iterable[bytes]]) -> Caller:
     """The caller of one call, from ``context.peer()`` and ``context.auth_context()``."""
     match = _PEER_NAME.match(peer)
     if match:

@@ -52,7 +52,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -279,20 +279,23 @@ def default_policy() -> Policy:
 # ---- the file --------------------------------------------------------------------
 
 
+_T = TypeVar("_T")
+
+
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise PolicyError(f"{where}: expected {what}, got {value!r}")
     return value
 
 
-def _list_of(value: Any, kind: type, where: str, what: str) -> list:
+def _list_of(value: Any, kind: type[_T], where: str, what: str) -> list[_T]:
     if value is None:
         return []
     _expect(value, list, where, f"a list of {what}")
     return [_expect(item, kind, f"{where}[{i}]", what) for i, item in enumerate(value)]
 
 
-def _only_keys(mapping: Mapping, allowed: Iterable[str], where: str) -> None:
+def _only_keys(mapping: Mapping[Any, Any], allowed: Iterable[str], where: str) -> None:
     unknown = sorted(set(map(str, mapping)) - set(allowed))
     if unknown:
         raise PolicyError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(allowed)})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno as errno_mod
 import os
 from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 import cffi
 
@@ -38,9 +39,57 @@ struct pm_scan_arg {
 };
 """
 
+
+# What the cdefs declare, for the type checker: cffi's cdata and libraries have the attributes their
+# C declarations give them, which its stubs cannot know. tests/test_cffi_types.py holds each of these
+# to the declaration it names.
+class _Libc(Protocol):
+    """libc's ``syscall`` and ``ioctl`` as declared below (variadic: cdata arguments)."""
+
+    def syscall(self, number: int, /, *args: object) -> int: ...
+    def ioctl(self, fd: int, request: object, /, *args: object) -> int: ...
+
+
+class _ProcmapQuery(Protocol):
+    """``struct procmap_query``."""
+
+    size: int
+    query_flags: int
+    query_addr: int
+    vma_start: int
+    vma_end: int
+    vma_flags: int
+    vma_page_size: int
+    vma_offset: int
+    inode: int
+    dev_major: int
+    dev_minor: int
+    vma_name_size: int
+    build_id_size: int
+    vma_name_addr: int
+    build_id_addr: int
+
+
+class _PmScanArg(Protocol):
+    """``struct pm_scan_arg``."""
+
+    size: int
+    flags: int
+    start: int
+    end: int
+    walk_end: int
+    vec: int
+    vec_len: int
+    max_pages: int
+    category_inverted: int
+    category_mask: int
+    category_anyof_mask: int
+    return_mask: int
+
+
 ffi = cffi.FFI()
 ffi.cdef(KERNEL_CDEF + "long syscall(long number, ...); int ioctl(int fd, unsigned long request, ...);")
-_libc = ffi.dlopen(None)
+_libc = cast(_Libc, ffi.dlopen(None))
 
 SYS_PIDFD_OPEN = 434
 SYS_PROCESS_MADVISE = 440
@@ -171,7 +220,7 @@ def pagemap_scan_residency(pagemap_fd: int, start: int, end: int) -> list[tuple[
     """Runs of (start, end, categories) of pages present (not the zero page)
     or swapped in [start, end), from PAGEMAP_SCAN on /proc/PID/pagemap."""
     vec = ffi.new("struct page_region[]", _SCAN_VEC_LEN)
-    arg = ffi.new("struct pm_scan_arg *")
+    arg = cast(_PmScanArg, ffi.new("struct pm_scan_arg *"))
     arg.size = ffi.sizeof("struct pm_scan_arg")
     arg.vec = int(ffi.cast("uintptr_t", vec))
     arg.vec_len = _SCAN_VEC_LEN
@@ -214,7 +263,7 @@ def pagemap_scan_residency(pagemap_fd: int, start: int, end: int) -> list[tuple[
 def procmap_query_build_id(maps_fd: int, address: int) -> bytes:
     """Build id of the file mapped at ``address`` (b"" when it has none)."""
     build_id = ffi.new("unsigned char[]", BUILD_ID_MAX)
-    query = ffi.new("struct procmap_query *")
+    query = cast(_ProcmapQuery, ffi.new("struct procmap_query *"))
     query.size = ffi.sizeof("struct procmap_query")
     query.query_addr = address
     query.build_id_addr = int(ffi.cast("uintptr_t", build_id))
@@ -224,7 +273,8 @@ def procmap_query_build_id(maps_fd: int, address: int) -> bytes:
         if err in (errno_mod.ENOENT, errno_mod.ESRCH):
             return b""  # unmapped since the layout was read: nothing to report
         raise _ioctl_error("PROCMAP_QUERY", err)
-    return ffi.buffer(build_id, query.build_id_size)[:]
+    found: bytes = ffi.buffer(build_id, query.build_id_size)[:]
+    return found
 
 
 def _ioctl_error(name: str, err: int) -> Exception:

@@ -64,8 +64,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if getattr(record, "request_id", ""):
-            entry["request_id"] = record.request_id
+        request: str = getattr(record, "request_id", "")  # set by _RequestIdFilter
+        if request:
+            entry["request_id"] = request
         entry.update(_fields(record))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -79,8 +80,9 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         extras = dict(_fields(record))
-        if getattr(record, "request_id", ""):
-            extras = {"request_id": record.request_id, **extras}
+        request: str = getattr(record, "request_id", "")  # set by _RequestIdFilter
+        if request:
+            extras = {"request_id": request, **extras}
         if not extras:
             return line
         head, newline, rest = line.partition("\n")  # keep key=value on the first line, before any traceback

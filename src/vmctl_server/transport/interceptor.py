@@ -36,7 +36,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -60,7 +60,7 @@ def note(**facts: Any) -> None:
         current.update(facts)
 
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]
 VMCONTROL = "vmctl.v1.VmControl"  # admitted by the service itself, before its request is read
 
 
@@ -75,7 +75,7 @@ def response_metadata() -> tuple[tuple[str, str], ...]:
     return ((logs.REQUEST_ID_KEY, logs.request_id.get()),)
 
 
-def declared_type(service: str, method: str, handler: grpc.RpcMethodHandler) -> str:
+def declared_type(service: str, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> str:
     """The method's type as its proto declares it, in go-grpc-prometheus's words
     (``unary``, ``client_stream``, ``server_stream``, ``bidi_stream``): what
     callers see, not how the agent serves it (VmControl's unary methods are
@@ -104,13 +104,13 @@ class SideCallCaps:
     """At most ``limit`` health and reflection calls open at once per caller,
     the caller named by ``key`` (its identity, or its address)."""
 
-    def __init__(self, limit: int, key: Callable[[grpc.aio.ServicerContext], str]) -> None:
+    def __init__(self, limit: int, key: Callable[[grpc.aio.ServicerContext[Any, Any]], str]) -> None:
         self.limit = limit
         self.key = key
         self._open: dict[str, int] = {}
 
     @contextlib.contextmanager
-    def holding(self, context: grpc.aio.ServicerContext) -> Iterator[bool]:
+    def holding(self, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[bool]:
         """Yields whether the call may go on; its place is given back on exit.
         (Only the event loop's thread calls this: no lock.)"""
         key = self.key(context)
@@ -136,9 +136,9 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None  # an unknown method: gRPC answers UNIMPLEMENTED
@@ -147,11 +147,14 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         request_id = logs.request_id_from(handler_call_details.invocation_metadata)
         call = _Call(service, method, declared_type(service, method, handler), request_id, caps)
         streams = handler.response_streaming
+        # grpc's stubs type a handler's behaviors for the synchronous server (a grpc.ServicerContext,
+        # iterators, possibly None); under grpc.aio the one its streaming flags name is set, takes an
+        # aio context, and may be a coroutine function or an async generator: a Behavior.
         if handler.request_streaming:
-            behavior = handler.stream_stream if streams else handler.stream_unary
+            behavior = cast(Behavior, handler.stream_stream if streams else handler.stream_unary)
             deserializer = handler.request_deserializer
         else:  # read raw here, deserialize in _one_request
-            single = handler.unary_stream if streams else handler.unary_unary
+            single = cast(Behavior, handler.unary_stream if streams else handler.unary_unary)
             behavior, deserializer = self._one_request(single, handler.request_deserializer, streams), None
         if streams:
             return grpc.stream_stream_rpc_method_handler(
@@ -171,7 +174,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         """A single-request behavior served from a request stream, its one message read with a deadline."""
         timeout = self.request_timeout
 
-        def served(_requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        def served(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             async def read() -> Any:
                 try:
                     data = await asyncio.wait_for(context.read(), timeout)
@@ -204,7 +207,7 @@ class _Call:
         self.caps = caps
 
     def observe_unary(self, behavior: Behavior) -> Behavior:
-        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             with self._observing(context), self._room(context) as room:
                 if not room:
                     await self._refuse(context)
@@ -214,7 +217,7 @@ class _Call:
         return observed
 
     def observe_stream(self, behavior: Behavior) -> Behavior:
-        async def observed(request: Any, context: grpc.aio.ServicerContext) -> None:
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             with self._observing(context), self._room(context) as room:
                 if not room:
                     await self._refuse(context)
@@ -222,10 +225,10 @@ class _Call:
 
         return observed
 
-    def _room(self, context: grpc.aio.ServicerContext) -> contextlib.AbstractContextManager[bool]:
+    def _room(self, context: grpc.aio.ServicerContext[Any, Any]) -> contextlib.AbstractContextManager[bool]:
         return self.caps.holding(context) if self.caps is not None else contextlib.nullcontext(True)
 
-    async def _refuse(self, context: grpc.aio.ServicerContext) -> None:
+    async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         assert self.caps is not None
         fault = LimitExceeded(
             f"at most {self.caps.limit} {self.service} calls may be open at once per caller",
@@ -236,7 +239,7 @@ class _Call:
         await context.abort_with_status(grpc_status.to_status(fault))
 
     @contextlib.contextmanager
-    def _observing(self, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    def _observing(self, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[None]:
         id_token = logs.request_id.set(self.request_id)
         context.set_trailing_metadata(response_metadata())
         peer = context.peer()  # now: a call that ended may no longer say
@@ -289,7 +292,7 @@ class _Call:
         log.log(level, "%s %s", self.method, code.name, extra={"fields": fields})
 
 
-async def _write_all(result: Any, context: grpc.aio.ServicerContext) -> None:
+async def _write_all(result: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
     """Serve a streaming behavior's responses from this coroutine, with
     ``context.write``: whatever gRPC does when the caller goes away (it cancels
     the call's task) then happens here, in the call's own task and context, so

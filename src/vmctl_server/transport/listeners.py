@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -29,7 +30,7 @@ HEALTH_STOP_GRACE = 1.0  # lets a watcher receive NOT_SERVING before the listene
 HEALTH_CALLS_PER_ADDRESS = 16  # kubelet probes one at a time, from the node's address
 
 
-def peer_address(context: grpc.aio.ServicerContext) -> str:
+def peer_address(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The caller's IP address, without the port (``ipv4:10.0.0.5:43210`` -> ``ipv4:10.0.0.5``)."""
     return context.peer().rpartition(":")[0]
 

@@ -40,7 +40,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -50,13 +50,14 @@ from vmctl_api.words import ADVICE_BY_NUMBER, FILTER_BY_NUMBER
 from vmctl_server.access.admission import Guard, Ticket
 from vmctl_server.access.audit import AdviceAudit
 from vmctl_server.access.identity import Caller, caller_from
-from vmctl_server.access.policy import ADVISE, READ, Policy, Target
+from vmctl_server.access.policy import ADVISE, READ, Policy
 from vmctl_server.core.advice import AdviceRequest, AdviceResult, Advisor, RangeSet
 from vmctl_server.core.cookie import CookieSigner
 from vmctl_server.core.faults import AuditUnavailable, InvalidRequest, RequestTimeout, VmctlFault
 from vmctl_server.core.kernel import Capabilities
 from vmctl_server.core.node import NodeInfo, list_processes, node_info
 from vmctl_server.core.snapshot import Snapshot, SnapshotReader, claims_for
+from vmctl_server.core.targets import Target
 from vmctl_server.runtime import logs, metrics
 from vmctl_server.transport import grpc_status, interceptor
 
@@ -71,6 +72,7 @@ _AUDITED_READ_REFUSALS = {"UNAUTHENTICATED", "POLICY_DENIED", "PROTECTED_TARGET"
 
 MessageType = TypeVar("MessageType", bound=Message)
 Work = Callable[[Caller, Policy, bytes], Any]  # bytes for a reply, list[bytes] for a stream
+Context = grpc.aio.ServicerContext[bytes, bytes]  # VmControl's calls: raw bytes in and out, parsed on a worker
 
 
 class CallActivity(Protocol):
@@ -87,12 +89,12 @@ def _parse(message_type: type[MessageType], data: bytes) -> MessageType:
         ) from None
 
 
-def caller_of(context: grpc.aio.ServicerContext) -> Caller:
+def caller_of(context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
     """Who is calling, by the transport's word (see :mod:`vmctl_server.access.identity`)."""
     return caller_from(context.peer(), context.auth_context())
 
 
-async def _abort(context: grpc.aio.ServicerContext, fault: VmctlFault) -> NoReturn:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], fault: VmctlFault) -> NoReturn:
     interceptor.note(reason=fault.reason)
     status = grpc_status.to_status(fault)
     # The ErrorInfo's trailer replaces the ones the interceptor set: name them again.
@@ -116,7 +118,7 @@ class _Running:
 
     caller: Caller
     ticket: Ticket
-    running: asyncio.Future
+    running: asyncio.Future[Any]  # what the Work returns
 
 
 class VmControlService:
@@ -139,14 +141,14 @@ class VmControlService:
     def handler(self) -> grpc.GenericRpcHandler:
         """The method handlers, client-streaming on raw bytes (see the module docs)."""
 
-        def method(name: str, verb: str, work: Work) -> grpc.RpcMethodHandler:
-            async def behavior(_requests: Any, context: grpc.aio.ServicerContext) -> bytes:
+        def method(name: str, verb: str, work: Work) -> grpc.RpcMethodHandler[bytes, bytes]:
+            async def behavior(_requests: Any, context: Context) -> bytes:
                 return await self._serve(context, name, verb, work)
 
             return grpc.stream_unary_rpc_method_handler(behavior)
 
-        def streamed(name: str, verb: str, work: Work) -> grpc.RpcMethodHandler:
-            def behavior(_requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        def streamed(name: str, verb: str, work: Work) -> grpc.RpcMethodHandler[bytes, bytes]:
+            def behavior(_requests: Any, context: Context) -> AsyncIterator[bytes]:
                 return self._serve_stream(context, name, verb, work)
 
             return grpc.stream_stream_rpc_method_handler(behavior)
@@ -164,15 +166,16 @@ class VmControlService:
 
     # ---- every call: admit, read, work -------------------------------------------
 
-    async def _serve(self, context: grpc.aio.ServicerContext, method: str, verb: str, work: Work) -> bytes:
+    async def _serve(self, context: Context, method: str, verb: str, work: Work) -> bytes:
         call = await self._start(context, method, verb, work)
         # The slots are held until the work ends, not merely until the caller
         # goes away: a cancelled call's advice still runs to its end.
         call.running.add_done_callback(lambda _done: self._call_ended(call.ticket))
-        return await self._finish(context, method, verb, call)
+        reply: bytes = await self._finish(context, method, verb, call)  # a unary method's Work gives bytes
+        return reply
 
     async def _serve_stream(
-        self, context: grpc.aio.ServicerContext, method: str, verb: str, work: Work
+        self, context: Context, method: str, verb: str, work: Work
     ) -> AsyncIterator[bytes]:
         """As :meth:`_serve`, then every message the work made, written from
         the event loop; the slots are held until the last is written (or the
@@ -190,7 +193,7 @@ class VmControlService:
                 call.running.add_done_callback(lambda _done: self._call_ended(call.ticket))
 
     async def _start(
-        self, context: grpc.aio.ServicerContext, method: str, verb: str, work: Work
+        self, context: Context, method: str, verb: str, work: Work
     ) -> _Running:
         """Admit the caller, read its request, and hand the work to a worker;
         the caller's slots are released here only when this refuses it."""
@@ -217,7 +220,7 @@ class VmControlService:
             raise
         return _Running(caller, ticket, running)
 
-    async def _finish(self, context: grpc.aio.ServicerContext, method: str, verb: str, call: _Running) -> Any:
+    async def _finish(self, context: Context, method: str, verb: str, call: _Running) -> Any:
         """The work's result, or the call aborted with its fault."""
         try:
             return await asyncio.shield(call.running)
@@ -232,7 +235,7 @@ class VmControlService:
             log.exception("%s failed", method)
             await _abort(context, VmctlFault(f"{method} failed inside the agent; see its log", reason="INTERNAL"))
 
-    async def _read_request(self, context: grpc.aio.ServicerContext) -> bytes:
+    async def _read_request(self, context: Context) -> bytes:
         timeout = self.pipeline.request_timeout
         try:
             data = await asyncio.wait_for(context.read(), timeout)
@@ -389,7 +392,8 @@ def _node_info_reply(info: NodeInfo) -> pb.GetNodeInfoResponse:
         capabilities=pb.Capabilities(
             pidfd_open=caps.pidfd_open,
             process_madvise=caps.process_madvise,
-            advices=sorted(caps.advices),
+            # vmctl.v1.Advice numbers (kernel_probe); protoc's stubs type enum fields by their wrapper class.
+            advices=cast("list[pb.Advice]", sorted(caps.advices)),
             procmap_query=caps.procmap_query,
             pagemap_scan=caps.pagemap_scan,
             advice_permitted=caps.advice_permitted,

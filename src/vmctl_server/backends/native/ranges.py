@@ -75,7 +75,8 @@ class NativePlan:
         if lib.vmctl_plan_encode(self._plan, prefix, len(prefix), _ERRNO_TABLE, len(_ERRNO_NAMES), out, size) < 0:
             raise MemoryError("no memory to encode the range results")
         try:
-            return ffi.buffer(out[0], size[0])[:]
+            encoded: bytes = ffi.buffer(out[0], size[0])[:]
+            return encoded
         finally:
             lib.vmctl_free(out[0])
 
@@ -115,7 +116,8 @@ class NativeRanges:
     def total_bytes(self) -> int:
         low, high = ffi.new("uint64_t *"), ffi.new("uint64_t *")
         lib.vmctl_ranges_bytes(self._ranges(), len(self), low, high)
-        return high[0] << 64 | low[0]
+        total: int = high[0] << 64 | low[0]
+        return total
 
     def check(self) -> None:
         fault = ffi.new("struct vmctl_range_fault *")

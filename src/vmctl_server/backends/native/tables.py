@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 from vmctl_api.words import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
 from vmctl_server.core import kernel, procfs
 from vmctl_server.core.layout import LAYOUT_RECORD
 
-try:
-    from vmctl_server.backends.native._native import ffi, lib
+if TYPE_CHECKING:
+    from cffi import FFI
+
+try:  # ffi and lib re-exported: backends.native.ranges takes them from here, with this error
+    from vmctl_server.backends.native._native import ffi as ffi
+    from vmctl_server.backends.native._native import lib as lib
 except ImportError as exc:
     raise ImportError(
         "vmctl's native extension (vmctl_server.backends.native._native) is not built or does not load:"
@@ -34,7 +40,7 @@ class NativeVmaTable:
 
     native = True
 
-    def __init__(self, table: object, filled_mask: int) -> None:
+    def __init__(self, table: FFI.CData, filled_mask: int) -> None:
         self._table = table
         self._len = int(lib.vmctl_table_len(table))
         self.filled_mask = filled_mask
@@ -78,7 +84,8 @@ class NativeVmaTable:
     def layout_records(self) -> bytes:
         out = ffi.new("char[]", self._len * LAYOUT_RECORD.size)
         lib.vmctl_table_layout(self._table, out)
-        return ffi.buffer(out)[:]
+        records: bytes = ffi.buffer(out)[:]
+        return records
 
     def fill_residency(self, pagemap_fd: int) -> None:
         """rss_bytes and swap_bytes per VMA from one PAGEMAP_SCAN walk."""
@@ -101,7 +108,8 @@ class NativeVmaTable:
         if lib.vmctl_table_encode(self._table, mask & self.filled_mask, prefix, len(prefix), out, size) < 0:
             raise MemoryError("no memory to encode the VMA table")
         try:
-            return ffi.buffer(out[0], size[0])[:]
+            encoded: bytes = ffi.buffer(out[0], size[0])[:]
+            return encoded
         finally:
             lib.vmctl_free(out[0])
 
@@ -128,7 +136,7 @@ class NativeVmaTable:
             lib.vmctl_free(ends[0])
 
 
-def _parse(parser: object, data: bytes, name: str) -> object:
+def _parse(parser: Callable[[FFI.CData, int, FFI.CData, FFI.CData], int], data: bytes, name: str) -> FFI.CData:
     out = ffi.new("struct vmctl_table **")
     bad_line = ffi.new("size_t *")
     rc = parser(ffi.from_buffer(data), len(data), out, bad_line)
@@ -149,4 +157,7 @@ def advise_segments(pidfd: int, segments: list[tuple[int, int]], advice: int) ->
         raise ValueError("a segment ends before it starts")
     if calls < 0:
         raise MemoryError("no memory for the iovecs")
-    return kernel.AdviseOutcome(ffi.unpack(advised, n), ffi.unpack(errors, n), int(calls))
+    # ffi.unpack of an integer array is a list of int (its stub allows bytes and str, for char arrays).
+    return kernel.AdviseOutcome(
+        cast("list[int]", ffi.unpack(advised, n)), cast("list[int]", ffi.unpack(errors, n)), int(calls)
+    )

@@ -10,6 +10,7 @@ itself, which is what makes it a trustworthy reference for the C encoder.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api.words import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY, KIND_FILE
@@ -49,7 +50,7 @@ ACCOUNTING_FIELDS = (
 _HEX_DIGITS = frozenset(b"0123456789abcdef")
 
 
-def parse_header(line: bytes) -> dict:
+def parse_header(line: bytes) -> dict[str, Any]:
     """One /proc/PID/maps line (also the first line of each smaps entry)."""
     parts = line.split(b" ", 5)
     start, _, end = parts[0].partition(b"-")
@@ -82,7 +83,7 @@ class PyVmaTable:
 
     native = False
 
-    def __init__(self, rows: list[dict], filled_mask: int) -> None:
+    def __init__(self, rows: list[dict[str, Any]], filled_mask: int) -> None:
         self.rows = rows
         self.filled_mask = filled_mask
 
@@ -95,8 +96,8 @@ class PyVmaTable:
 
     @classmethod
     def from_smaps(cls, data: bytes) -> PyVmaTable:
-        rows: list[dict] = []
-        row: dict = {}
+        rows: list[dict[str, Any]] = []
+        row: dict[str, Any] = {}
         for line in data.split(b"\n"):
             if not line:
                 continue
@@ -173,7 +174,7 @@ class PyVmaTable:
             chunks.append(b"".join(pending))
         return chunks
 
-    def _values(self, mask: int) -> Iterator[dict]:
+    def _values(self, mask: int) -> Iterator[dict[str, Any]]:
         """Each row's Vma fields for the groups in ``mask`` (and filled)."""
         fields = ["start", "end", "perms", "offset", "dev_major", "dev_minor", "inode", "path", "raw_path", "kind"]
         mask &= self.filled_mask
@@ -186,7 +187,7 @@ class PyVmaTable:
         for r in self.rows:
             yield {f: r[f] for f in fields if f in r}
 
-def _attribute_runs(rows: list[dict], runs: list[tuple[int, int, int]]) -> None:
+def _attribute_runs(rows: list[dict[str, Any]], runs: list[tuple[int, int, int]]) -> None:
     """Add each (start, end, categories) page run to the VMAs it overlaps."""
     i = 0
     for run_start, run_end, categories in runs:

@@ -51,7 +51,8 @@ def kernel_cdef() -> str:
     tree = ast.parse(KERNEL_MODULE.read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "KERNEL_CDEF" for t in node.targets):
-            return ast.literal_eval(node.value)
+            cdef: str = ast.literal_eval(node.value)  # a string literal in kernel.py
+            return cdef
     raise RuntimeError("vmctl_server/core/kernel.py defines no KERNEL_CDEF")
 
 
