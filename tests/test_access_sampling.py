@@ -137,6 +137,18 @@ def test_a_sampler_that_cannot_have_its_turn_in_time_clears_nothing(client, targ
         assert vma_at(holder.result(), other[0]).accessed > TOUCHED / 2  # nothing cleared it meanwhile
 
 
+def test_a_sampler_whose_caller_goes_away_gives_its_turn_back(agent, target):
+    probe = target.map_anon(MiB, seed=13)
+    with grpc.insecure_channel(agent.address) as channel:
+        request = pb.GetVmaInfoRequest(pid=target.pid, attr_mask=ATTR_ACCESS, access_window_ms=60_000)
+        abandoned = pb_grpc.VmControlStub(channel).GetVmaInfo.future(request, timeout=120)
+        window_began(target, probe[0])
+        abandoned.cancel()
+    # Its turn would last a minute more; this sampler waits 5 s at most, then is refused SAMPLER_BUSY.
+    with Client(agent.address, timeout=5, retry=NO_RETRY) as client:
+        assert vma_at(client.get_vma_info(target.pid, ("accessed",), window=0.2), probe[0]).accessed == 0
+
+
 def test_a_process_that_execs_during_the_window_is_process_changed(client, target):
     probe = target.map_anon(MiB, seed=7)
     with ThreadPoolExecutor(1) as pool:

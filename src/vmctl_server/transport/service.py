@@ -285,8 +285,8 @@ class VmControlService:
     async def _sample(self, context: grpc.aio.ServicerContext, sampling: _Sampling) -> Any:
         """Clear, wait the window, read: in the process's turn, and only if the
         window fits the call's deadline, waiting included (else nothing is cleared)."""
-        check_fits(sampling.window, context.time_remaining())
         time_left = context.time_remaining()
+        check_fits(sampling.window, time_left)
         wait = None if time_left is None else time_left - sampling.window
         async with self.samplers.turn(sampling.target.pid, sampling.target.start_time, wait):
             cleared = await self._on_worker(self._begin_window, sampling)
