@@ -8,9 +8,10 @@ write of "0" to its own /proc/self/clear_refs (the kernel opens the file, then
 refuses the value with EINVAL: clear_refs is there and nothing was cleared).
 
 Access sampling is clear_refs only. DAMON's virtual-address mode would
-sample without touching the kernel's page aging, but it is not implemented
-here (and these machines' kernels lack CONFIG_DAMON_VADDR), so it is not
-probed for either.
+sample without disturbing the kernel's page aging (it keeps each accessed
+bit it clears as the page's young flag, which reclaim honours; clear_refs
+keeps nothing), but it is not implemented here, and these machines' kernels
+lack CONFIG_DAMON_VADDR, so it is not probed for either.
 """
 
 from __future__ import annotations
