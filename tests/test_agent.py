@@ -365,5 +365,6 @@ def test_node_info(client):
     assert caps.pidfd_open and caps.process_madvise and caps.advice_permitted
     assert set(caps.advices) == {pb.ADVICE_COLD, pb.ADVICE_PAGEOUT, pb.ADVICE_WILLNEED, pb.ADVICE_COLLAPSE}
     assert caps.procmap_query and caps.pagemap_scan  # Linux 6.11+ and 6.7+
+    assert caps.access_sampling == "clear_refs" and "access_sampling" not in caps.probe_errors  # root: any process
     if os.path.exists("/proc/pressure/memory"):
         assert info.HasField("memory_pressure")

@@ -81,7 +81,8 @@ def test_wide_ps_and_reclaim_add_columns(agent, target):
     ps = vmctl("--target", agent.address, "ps", "-o", "wide")
     assert ps.returncode == 0, ps.stderr
     lines = ps.stdout.splitlines()
-    headers = ["PID", "COMM", "RSS", "SWAP", "VMAS", "UID", "PPID", "START_TIME", "CONTAINER", "CGROUP"]
+    headers = ["PID", "COMM", "RSS", "SWAP", "VMAS", "UID", "PPID", "START_TIME", "CONTAINER", "CPU", "MAJFLT"]
+    headers += ["CG_PSI10", "CGROUP"]
     assert lines[0].split() == headers
     (row,) = [line.split() for line in lines[1:] if line.split()[0] == str(target.pid)]
     assert row[5:7] == ["0", str(os.getpid())]  # root's target, started by this test process

@@ -166,7 +166,8 @@ def test_views_read_every_field_of_the_reply(client, target):
 
     (me,) = [p for p in client.list_processes() if p.pid == target.pid]
     assert (me.rss, me.swap) == (me.rss_bytes, me.swap_bytes) and me.rss > 0
-    assert set(me.to_json()) == {
+    document = me.to_json()
+    assert set(document) - {"cgroup_memory_pressure"} == {
         "pid",
         "start_time",
         "comm",
@@ -177,7 +178,10 @@ def test_views_read_every_field_of_the_reply(client, target):
         "rss",
         "swap",
         "vma_count",
+        "cpu_time_ns",
+        "major_faults",
     }
+    assert document.get("cgroup_memory_pressure") == me.cgroup_memory_pressure  # where the agent read one
     node = client.node_info()
     assert node.mem_total == node.mem_total_bytes > 0
     assert set(node.advice_names) == {"cold", "pageout", "willneed", "collapse"}

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from vmctl_api import vmctl_pb2 as pb
-from vmctl_api.words import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
+from vmctl_api.words import ATTR_ACCESS, ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
 from vmctl_client.errors import VmctlError
 from vmctl_server.backends.native import _native
 from vmctl_server.backends.native.ranges import NativeRanges, request_ranges
@@ -37,7 +37,7 @@ from vmctl_server.core.faults import InvalidRequest, ProcessGone
 from vmctl_server.core.layout import KIND_ANONYMOUS, KIND_FILE, KIND_SPECIAL, LAYOUT_RECORD
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-ALL_MASKS = range(16)
+ALL_MASKS = range(32)
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "vmctl_server"
 
 needs_cap_sys_nice = pytest.mark.skipif(os.geteuid() != 0, reason="process_madvise(2) needs CAP_SYS_NICE")
@@ -186,10 +186,27 @@ def assert_same(py: PyVmaTable | NativeVmaTable, native: NativeVmaTable) -> None
     header = pb.GetVmaInfoResponse(process=pb.Process(pid=7, comm="x"), cookie=b"c" * 109).SerializeToString()
     assert native.encode(ATTR_ACCOUNTING, prefix=header) == py.encode(ATTR_ACCOUNTING, prefix=header)
     assert native.encode(ATTR_ACCOUNTING, prefix=header) == header + native.encode(ATTR_ACCOUNTING)
-    for mask in (0, ATTR_RESIDENCY | ATTR_ACCOUNTING | ATTR_BUILD_ID):
+    for mask in (0, ATTR_RESIDENCY | ATTR_ACCOUNTING | ATTR_BUILD_ID | ATTR_ACCESS):
         for max_bytes in CHUNK_LIMITS:
             assert chunks_or_refusal(native, mask, max_bytes) == chunks_or_refusal(py, mask, max_bytes), max_bytes
         assert b"".join(native.encode_chunks(mask, 1 << 20)) == native.encode(mask)
+    if not native.filled_mask & ATTR_ACCESS:
+        assert_same_accessed(py, native)
+
+
+def assert_same_accessed(py: PyVmaTable | NativeVmaTable, native: NativeVmaTable) -> None:
+    """Once marked sampled (smaps read after a clear_refs), both encode accessed_bytes alike:
+    each VMA's Referenced; a maps table has no Referenced to give, and both refuse."""
+    if not native.filled_mask & ATTR_ACCOUNTING:
+        for table in (py, native):
+            with pytest.raises(ValueError, match="read from maps"):
+                table.fill_access()
+        return
+    py.fill_access()
+    native.fill_access()
+    assert_same(py, native)
+    for vma in decoded(native, ATTR_ACCESS | ATTR_ACCOUNTING):
+        assert vma.accessed_bytes == vma.referenced_bytes
 
 
 # From "every VMA too big" through "a few VMAs a chunk" to StreamVmaInfo's own limit.

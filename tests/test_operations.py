@@ -85,6 +85,7 @@ def test_metrics_count_real_calls_by_method_code_reason_and_cookie_outcome(meter
     assert m.value("vmctl_grpc_calls_in_flight", **vmcontrol, grpc_method="AdviseRanges") == 0
     assert m.value("vmctl_agent_path", component="tables", path="native") == 1
     assert m.value("vmctl_agent_path", component="advise_loop", path="native") == 1
+    assert m.value("vmctl_agent_path", component="access_sampling", path="clear_refs") == 1
     assert m.value("process_resident_memory_bytes") > 0
 
 

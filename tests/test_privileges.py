@@ -137,6 +137,33 @@ def test_each_capability_is_needed(start_agent, nobody_target, tmp_path, missing
     assert agent.stop(signal.SIGTERM) == 0
 
 
+def test_sampling_another_users_process_takes_cap_dac_override(start_agent, target, nobody_target, tmp_path):
+    """clear_refs is mode 0200 and its owner's: the DaemonSet's three capabilities sample root's
+    processes and refuse another user's, saying what is missing, with nothing cleared; add
+    CAP_DAC_OVERRIDE and they are sampled too."""
+    caps = daemonset_capabilities()
+    assert "CAP_DAC_OVERRIDE" not in caps
+    for extra in (set(), {"CAP_DAC_OVERRIDE"}):
+        socket_dir = tmp_path / ("override" if extra else "plain")
+        socket_dir.mkdir()
+        agent = start_agent(socket_dir=socket_dir, prefix=setpriv_prefix(0, caps | extra))
+        with agent.client() as client:
+            node = client.node_info().capabilities
+            assert node.access_sampling == "clear_refs"
+            assert ("CAP_DAC_OVERRIDE" in node.probe_errors.get("access_sampling", "")) == (not extra)
+            start, _ = target.map_anon(MiB)
+            assert client.get_vma_info(target.pid, ("accessed",), window=0.2).process.pid == target.pid
+            start, _ = nobody_target.map_anon(MiB)
+            sample = lambda: client.get_vma_info(nobody_target.pid, ("accessed",), window=0.2)  # noqa: E731
+            if extra:
+                assert next(v for v in sample().vmas if v.start == start).accessed == 0
+            else:
+                error = expect_error(sample, "PERMISSION_DENIED", "ACCESS_DENIED")
+                assert "CAP_DAC_OVERRIDE" in error.message and error.metadata["missing"] == "CAP_DAC_OVERRIDE"
+                assert nobody_target.smaps_region(start)["Referenced"] == 1024  # nothing was cleared
+        assert agent.stop() == 0, agent.log()
+
+
 @pytest.mark.unprivileged
 def test_the_sandbox_enforces_what_the_unit_denies(tmp_path):
     """The emulation above is only worth something if it bites: a syscall the unit

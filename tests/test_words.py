@@ -62,7 +62,8 @@ def test_the_proto_enums_are_the_words() -> None:
         "VMA_ATTR_UNSPECIFIED": 0,
         **{f"VMA_ATTR_{group.upper()}": bits for group, bits in words.GROUPS.items() if group != "all"},
     }
-    assert words.ATTR_ALL == sum(words.GROUP_WORDS) == words.GROUPS["all"]
+    assert words.ATTR_ALL == words.GROUPS["all"] == words.ATTR_KNOWN & ~words.ATTR_ACCESS  # "all" needs no window
+    assert sum(words.GROUP_WORDS) == words.ATTR_KNOWN
     assert _enum("VmaKind") == {
         "VMA_KIND_UNSPECIFIED": 0,
         **{f"VMA_KIND_{k.upper()}": n for k, n in words.KINDS.items()},
@@ -112,6 +113,7 @@ def test_the_c_extension_has_the_words_numbers() -> None:
         "ATTR_BUILD_ID",
         "ATTR_RESIDENCY",
         "ATTR_ACCOUNTING",
+        "ATTR_ACCESS",
     }
     assert shared == {name: getattr(words, name) for name in shared}
 

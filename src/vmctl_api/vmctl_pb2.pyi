@@ -14,6 +14,7 @@ class VmaAttr(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VMA_ATTR_BUILD_ID: _ClassVar[VmaAttr]
     VMA_ATTR_RESIDENCY: _ClassVar[VmaAttr]
     VMA_ATTR_ACCOUNTING: _ClassVar[VmaAttr]
+    VMA_ATTR_ACCESS: _ClassVar[VmaAttr]
 
 class VmaKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,6 +41,7 @@ VMA_ATTR_LAYOUT: VmaAttr
 VMA_ATTR_BUILD_ID: VmaAttr
 VMA_ATTR_RESIDENCY: VmaAttr
 VMA_ATTR_ACCOUNTING: VmaAttr
+VMA_ATTR_ACCESS: VmaAttr
 VMA_KIND_UNSPECIFIED: VmaKind
 VMA_KIND_ANONYMOUS: VmaKind
 VMA_KIND_FILE: VmaKind
@@ -64,15 +66,17 @@ class Process(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ...) -> None: ...
 
 class GetVmaInfoRequest(_message.Message):
-    __slots__ = ("pid", "attr_mask")
+    __slots__ = ("pid", "attr_mask", "access_window_ms")
     PID_FIELD_NUMBER: _ClassVar[int]
     ATTR_MASK_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     pid: int
     attr_mask: int
-    def __init__(self, pid: _Optional[int] = ..., attr_mask: _Optional[int] = ...) -> None: ...
+    access_window_ms: int
+    def __init__(self, pid: _Optional[int] = ..., attr_mask: _Optional[int] = ..., access_window_ms: _Optional[int] = ...) -> None: ...
 
 class Vma(_message.Message):
-    __slots__ = ("start", "end", "perms", "offset", "dev_major", "dev_minor", "inode", "path", "kind", "rss_bytes", "swap_bytes", "pss_bytes", "referenced_bytes", "anonymous_bytes", "build_id", "pss_dirty_bytes", "shared_clean_bytes", "shared_dirty_bytes", "private_clean_bytes", "private_dirty_bytes", "ksm_bytes", "lazy_free_bytes", "anon_huge_pages_bytes", "shmem_pmd_mapped_bytes", "file_pmd_mapped_bytes", "shared_hugetlb_bytes", "private_hugetlb_bytes", "swap_pss_bytes", "locked_bytes", "kernel_page_size_bytes", "mmu_page_size_bytes", "thp_eligible", "vm_flags", "raw_path")
+    __slots__ = ("start", "end", "perms", "offset", "dev_major", "dev_minor", "inode", "path", "kind", "rss_bytes", "swap_bytes", "pss_bytes", "referenced_bytes", "anonymous_bytes", "build_id", "pss_dirty_bytes", "shared_clean_bytes", "shared_dirty_bytes", "private_clean_bytes", "private_dirty_bytes", "ksm_bytes", "lazy_free_bytes", "anon_huge_pages_bytes", "shmem_pmd_mapped_bytes", "file_pmd_mapped_bytes", "shared_hugetlb_bytes", "private_hugetlb_bytes", "swap_pss_bytes", "locked_bytes", "kernel_page_size_bytes", "mmu_page_size_bytes", "thp_eligible", "vm_flags", "accessed_bytes", "raw_path")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     PERMS_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +110,7 @@ class Vma(_message.Message):
     MMU_PAGE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     THP_ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
     VM_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    ACCESSED_BYTES_FIELD_NUMBER: _ClassVar[int]
     RAW_PATH_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
@@ -140,8 +145,9 @@ class Vma(_message.Message):
     mmu_page_size_bytes: int
     thp_eligible: bool
     vm_flags: str
+    accessed_bytes: int
     raw_path: bytes
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., perms: _Optional[str] = ..., offset: _Optional[int] = ..., dev_major: _Optional[int] = ..., dev_minor: _Optional[int] = ..., inode: _Optional[int] = ..., path: _Optional[str] = ..., kind: _Optional[_Union[VmaKind, str]] = ..., rss_bytes: _Optional[int] = ..., swap_bytes: _Optional[int] = ..., pss_bytes: _Optional[int] = ..., referenced_bytes: _Optional[int] = ..., anonymous_bytes: _Optional[int] = ..., build_id: _Optional[bytes] = ..., pss_dirty_bytes: _Optional[int] = ..., shared_clean_bytes: _Optional[int] = ..., shared_dirty_bytes: _Optional[int] = ..., private_clean_bytes: _Optional[int] = ..., private_dirty_bytes: _Optional[int] = ..., ksm_bytes: _Optional[int] = ..., lazy_free_bytes: _Optional[int] = ..., anon_huge_pages_bytes: _Optional[int] = ..., shmem_pmd_mapped_bytes: _Optional[int] = ..., file_pmd_mapped_bytes: _Optional[int] = ..., shared_hugetlb_bytes: _Optional[int] = ..., private_hugetlb_bytes: _Optional[int] = ..., swap_pss_bytes: _Optional[int] = ..., locked_bytes: _Optional[int] = ..., kernel_page_size_bytes: _Optional[int] = ..., mmu_page_size_bytes: _Optional[int] = ..., thp_eligible: _Optional[bool] = ..., vm_flags: _Optional[str] = ..., raw_path: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., perms: _Optional[str] = ..., offset: _Optional[int] = ..., dev_major: _Optional[int] = ..., dev_minor: _Optional[int] = ..., inode: _Optional[int] = ..., path: _Optional[str] = ..., kind: _Optional[_Union[VmaKind, str]] = ..., rss_bytes: _Optional[int] = ..., swap_bytes: _Optional[int] = ..., pss_bytes: _Optional[int] = ..., referenced_bytes: _Optional[int] = ..., anonymous_bytes: _Optional[int] = ..., build_id: _Optional[bytes] = ..., pss_dirty_bytes: _Optional[int] = ..., shared_clean_bytes: _Optional[int] = ..., shared_dirty_bytes: _Optional[int] = ..., private_clean_bytes: _Optional[int] = ..., private_dirty_bytes: _Optional[int] = ..., ksm_bytes: _Optional[int] = ..., lazy_free_bytes: _Optional[int] = ..., anon_huge_pages_bytes: _Optional[int] = ..., shmem_pmd_mapped_bytes: _Optional[int] = ..., file_pmd_mapped_bytes: _Optional[int] = ..., shared_hugetlb_bytes: _Optional[int] = ..., private_hugetlb_bytes: _Optional[int] = ..., swap_pss_bytes: _Optional[int] = ..., locked_bytes: _Optional[int] = ..., kernel_page_size_bytes: _Optional[int] = ..., mmu_page_size_bytes: _Optional[int] = ..., thp_eligible: _Optional[bool] = ..., vm_flags: _Optional[str] = ..., accessed_bytes: _Optional[int] = ..., raw_path: _Optional[bytes] = ...) -> None: ...
 
 class GetVmaInfoResponse(_message.Message):
     __slots__ = ("process", "cookie", "result_mask", "vmas")
@@ -156,12 +162,14 @@ class GetVmaInfoResponse(_message.Message):
     def __init__(self, process: _Optional[_Union[Process, _Mapping]] = ..., cookie: _Optional[bytes] = ..., result_mask: _Optional[int] = ..., vmas: _Optional[_Iterable[_Union[Vma, _Mapping]]] = ...) -> None: ...
 
 class StreamVmaInfoRequest(_message.Message):
-    __slots__ = ("pid", "attr_mask")
+    __slots__ = ("pid", "attr_mask", "access_window_ms")
     PID_FIELD_NUMBER: _ClassVar[int]
     ATTR_MASK_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     pid: int
     attr_mask: int
-    def __init__(self, pid: _Optional[int] = ..., attr_mask: _Optional[int] = ...) -> None: ...
+    access_window_ms: int
+    def __init__(self, pid: _Optional[int] = ..., attr_mask: _Optional[int] = ..., access_window_ms: _Optional[int] = ...) -> None: ...
 
 class StreamVmaInfoResponse(_message.Message):
     __slots__ = ("process", "cookie", "result_mask", "vmas")
@@ -238,7 +246,7 @@ class ListProcessesRequest(_message.Message):
     def __init__(self, cgroup_prefix: _Optional[str] = ...) -> None: ...
 
 class ProcessInfo(_message.Message):
-    __slots__ = ("pid", "start_time", "comm", "cgroup", "container_id", "rss_bytes", "swap_bytes", "vma_count", "uid", "ppid")
+    __slots__ = ("pid", "start_time", "comm", "cgroup", "container_id", "rss_bytes", "swap_bytes", "vma_count", "uid", "ppid", "cpu_time_ns", "major_faults")
     PID_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     COMM_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +257,8 @@ class ProcessInfo(_message.Message):
     VMA_COUNT_FIELD_NUMBER: _ClassVar[int]
     UID_FIELD_NUMBER: _ClassVar[int]
     PPID_FIELD_NUMBER: _ClassVar[int]
+    CPU_TIME_NS_FIELD_NUMBER: _ClassVar[int]
+    MAJOR_FAULTS_FIELD_NUMBER: _ClassVar[int]
     pid: int
     start_time: int
     comm: str
@@ -259,13 +269,24 @@ class ProcessInfo(_message.Message):
     vma_count: int
     uid: int
     ppid: int
-    def __init__(self, pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., cgroup: _Optional[str] = ..., container_id: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., swap_bytes: _Optional[int] = ..., vma_count: _Optional[int] = ..., uid: _Optional[int] = ..., ppid: _Optional[int] = ...) -> None: ...
+    cpu_time_ns: int
+    major_faults: int
+    def __init__(self, pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., cgroup: _Optional[str] = ..., container_id: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., swap_bytes: _Optional[int] = ..., vma_count: _Optional[int] = ..., uid: _Optional[int] = ..., ppid: _Optional[int] = ..., cpu_time_ns: _Optional[int] = ..., major_faults: _Optional[int] = ...) -> None: ...
 
 class ListProcessesResponse(_message.Message):
-    __slots__ = ("processes",)
+    __slots__ = ("processes", "cgroup_memory_pressure")
+    class CgroupMemoryPressureEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: MemoryPressure
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[MemoryPressure, _Mapping]] = ...) -> None: ...
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    CGROUP_MEMORY_PRESSURE_FIELD_NUMBER: _ClassVar[int]
     processes: _containers.RepeatedCompositeFieldContainer[ProcessInfo]
-    def __init__(self, processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ...) -> None: ...
+    cgroup_memory_pressure: _containers.MessageMap[str, MemoryPressure]
+    def __init__(self, processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ..., cgroup_memory_pressure: _Optional[_Mapping[str, MemoryPressure]] = ...) -> None: ...
 
 class GetNodeInfoRequest(_message.Message):
     __slots__ = ()
@@ -292,7 +313,7 @@ class MemoryPressure(_message.Message):
     def __init__(self, some: _Optional[_Union[PressureStall, _Mapping]] = ..., full: _Optional[_Union[PressureStall, _Mapping]] = ...) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("pidfd_open", "process_madvise", "advices", "procmap_query", "pagemap_scan", "advice_permitted", "probe_errors")
+    __slots__ = ("pidfd_open", "process_madvise", "advices", "procmap_query", "pagemap_scan", "advice_permitted", "probe_errors", "access_sampling")
     class ProbeErrorsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +328,7 @@ class Capabilities(_message.Message):
     PAGEMAP_SCAN_FIELD_NUMBER: _ClassVar[int]
     ADVICE_PERMITTED_FIELD_NUMBER: _ClassVar[int]
     PROBE_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_SAMPLING_FIELD_NUMBER: _ClassVar[int]
     pidfd_open: bool
     process_madvise: bool
     advices: _containers.RepeatedScalarFieldContainer[Advice]
@@ -314,7 +336,8 @@ class Capabilities(_message.Message):
     pagemap_scan: bool
     advice_permitted: bool
     probe_errors: _containers.ScalarMap[str, str]
-    def __init__(self, pidfd_open: _Optional[bool] = ..., process_madvise: _Optional[bool] = ..., advices: _Optional[_Iterable[_Union[Advice, str]]] = ..., procmap_query: _Optional[bool] = ..., pagemap_scan: _Optional[bool] = ..., advice_permitted: _Optional[bool] = ..., probe_errors: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    access_sampling: str
+    def __init__(self, pidfd_open: _Optional[bool] = ..., process_madvise: _Optional[bool] = ..., advices: _Optional[_Iterable[_Union[Advice, str]]] = ..., procmap_query: _Optional[bool] = ..., pagemap_scan: _Optional[bool] = ..., advice_permitted: _Optional[bool] = ..., probe_errors: _Optional[_Mapping[str, str]] = ..., access_sampling: _Optional[str] = ...) -> None: ...
 
 class GetNodeInfoResponse(_message.Message):
     __slots__ = ("hostname", "kernel", "boot_id", "mem_total_bytes", "mem_available_bytes", "swap_total_bytes", "swap_free_bytes", "memory_pressure", "capabilities", "agent_version", "page_size", "machine")

@@ -34,7 +34,8 @@ class VmControlStub:
     status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED after a backoff).
     AdviseRanges changes the target's memory and is not: see its comment.
     Whatever the method, RESOURCE_EXHAUSTED and UNAVAILABLE AGENT_STOPPING mean
-    the call was refused before its request was read, so nothing was done.
+    nothing was done: the call was refused before its request was read, or
+    (SAMPLER_BUSY) before it touched the process.
     """
 
     def __init__(self, channel):
@@ -79,7 +80,8 @@ class VmControlServicer:
     status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED after a backoff).
     AdviseRanges changes the target's memory and is not: see its comment.
     Whatever the method, RESOURCE_EXHAUSTED and UNAVAILABLE AGENT_STOPPING mean
-    the call was refused before its request was read, so nothing was done.
+    nothing was done: the call was refused before its request was read, or
+    (SAMPLER_BUSY) before it touched the process.
     """
 
     def GetVmaInfo(self, request, context):
@@ -91,8 +93,13 @@ class VmControlServicer:
         client's receive limit (gRPC's default is 4 MiB; the refusal is a
         client-side RESOURCE_EXHAUSTED). Such clients use StreamVmaInfo.
 
-        Retry: safe; read-only. Each call takes a new snapshot, so a retry may
-        answer another layout and another cookie.
+        With VMA_ATTR_ACCESS the call samples: it clears the process's
+        referenced bits, waits access_window_ms, then takes the snapshot (see
+        VMA_ATTR_ACCESS). The call's deadline must leave room for the window.
+
+        Retry: safe; it changes no memory (sampling ages the target's pages in
+        the kernel's eyes: see VMA_ATTR_ACCESS). Each call takes a new snapshot,
+        so a retry may answer another layout and another cookie.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,8 +145,9 @@ class VmControlServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListProcesses(self, request, context):
-        """The node's user processes (no kernel threads, no zombies) with identity
-        and a cheap memory rollup; only those the caller may read.
+        """The node's user processes (no kernel threads, no zombies) with identity,
+        a cheap memory rollup and activity (CPU time, major faults), and the
+        memory pressure of their cgroups; only those the caller may read.
 
         Retry: safe; read-only.
         """
@@ -202,7 +210,8 @@ class VmControl:
     status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED after a backoff).
     AdviseRanges changes the target's memory and is not: see its comment.
     Whatever the method, RESOURCE_EXHAUSTED and UNAVAILABLE AGENT_STOPPING mean
-    the call was refused before its request was read, so nothing was done.
+    nothing was done: the call was refused before its request was read, or
+    (SAMPLER_BUSY) before it touched the process.
     """
 
     @staticmethod

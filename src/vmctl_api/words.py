@@ -21,7 +21,11 @@ ATTR_LAYOUT: Final = 1  # /proc/PID/maps; always filled
 ATTR_BUILD_ID: Final = 2  # one PROCMAP_QUERY per file VMA
 ATTR_RESIDENCY: Final = 4  # one PAGEMAP_SCAN walk
 ATTR_ACCOUNTING: Final = 8  # /proc/PID/smaps
+ATTR_ACCESS: Final = 16  # clear_refs, a sampling window, then smaps
+# "all": every group a snapshot reads at once. ACCESS is left out: it needs a
+# window, and it changes how the kernel ages the target's pages.
 ATTR_ALL: Final = ATTR_LAYOUT | ATTR_BUILD_ID | ATTR_RESIDENCY | ATTR_ACCOUNTING
+ATTR_KNOWN: Final = ATTR_ALL | ATTR_ACCESS  # every VmaAttr bit
 
 LayoutWord = Literal["start", "end", "perms", "offset", "dev_major", "dev_minor", "inode", "path", "kind"]
 BuildIdWord = Literal["build_id"]
@@ -49,9 +53,10 @@ AccountingWord = Literal[
     "thp_eligible",
     "vm_flags",
 ]
-AttrWord = Literal[LayoutWord, BuildIdWord, ResidencyWord, AccountingWord]
+AccessWord = Literal["accessed"]
+AttrWord = Literal[LayoutWord, BuildIdWord, ResidencyWord, AccountingWord, AccessWord]
 """A field of a VMA, by the name the CLI and the library give it."""
-AttrGroup = Literal["layout", "build_id", "residency", "accounting", "all"]
+AttrGroup = Literal["layout", "build_id", "residency", "accounting", "access", "all"]
 Attr = Literal[AttrWord, AttrGroup]
 """What ``get_vma_info(attrs=...)`` and ``vmctl maps --attrs`` take: a word or a group."""
 
@@ -61,14 +66,22 @@ GROUP_WORDS: Final[dict[int, tuple[AttrWord, ...]]] = {
     ATTR_BUILD_ID: get_args(BuildIdWord),
     ATTR_RESIDENCY: get_args(ResidencyWord),
     ATTR_ACCOUNTING: get_args(AccountingWord),
+    ATTR_ACCESS: get_args(AccessWord),
 }
 GROUPS: Final[dict[AttrGroup, int]] = {
     "layout": ATTR_LAYOUT,
     "build_id": ATTR_BUILD_ID,
     "residency": ATTR_RESIDENCY,
     "accounting": ATTR_ACCOUNTING,
+    "access": ATTR_ACCESS,
     "all": ATTR_ALL,
 }
+
+# The sampling window of ATTR_ACCESS (GetVmaInfoRequest.access_window_ms): long
+# enough for a page to be touched at all, short enough that a call's slot and
+# the per-process sampler lock are not held for minutes.
+ACCESS_WINDOW_MIN_MS: Final = 100
+ACCESS_WINDOW_MAX_MS: Final = 60_000
 WORD_GROUP: Final[dict[AttrWord, int]] = {word: group for group, words in GROUP_WORDS.items() for word in words}
 
 # The vmctl.v1.Vma field that carries each word: sizes are in bytes and say so.
@@ -159,6 +172,11 @@ REASONS: Final[dict[str, Reason]] = {
     # The request as sent can never succeed.
     "INVALID_PID": Reason("INVALID_ARGUMENT", "the pid is out of range, or names a thread rather than a process"),
     "UNKNOWN_ATTR": Reason("INVALID_ARGUMENT", "attr_mask has bits no VmaAttr names"),
+    "INVALID_WINDOW": Reason(
+        "INVALID_ARGUMENT",
+        "access_window_ms must be 100 to 60000 with VMA_ATTR_ACCESS (and unset without it),"
+        " within the call's deadline",
+    ),
     "UNKNOWN_ADVICE": Reason("INVALID_ARGUMENT", "the advice is none this agent knows"),
     "UNKNOWN_FILTER": Reason("INVALID_ARGUMENT", "the filter is none this agent knows"),
     "NO_RANGES": Reason("INVALID_ARGUMENT", "no ranges were given"),
@@ -187,6 +205,11 @@ REASONS: Final[dict[str, Reason]] = {
     "PROTECTED_TARGET": Reason("PERMISSION_DENIED", "the target is never advised (pid 1, the agent, protected)"),
     "CONCURRENCY_LIMIT": Reason("RESOURCE_EXHAUSTED", "too many calls in flight; try again later"),
     "RATE_LIMITED": Reason("RESOURCE_EXHAUSTED", "over the caller's call rate; try again later"),
+    "SAMPLER_BUSY": Reason(
+        "RESOURCE_EXHAUSTED",
+        "another sampler of this process held it until the window no longer fitted the call's deadline;"
+        " nothing was done: try again later",
+    ),
     "TOO_MANY_CALLS": Reason(
         "RESOURCE_EXHAUSTED", "the caller holds too many health or reflection calls open at once; close some"
     ),

@@ -64,10 +64,17 @@ class AsyncClient:
             await asyncio.sleep(delay)
 
     async def get_vma_info(
-        self, pid: int, attrs: Attrs = None, *, stream: bool = False, timeout: float | None = None
+        self,
+        pid: int,
+        attrs: Attrs = None,
+        *,
+        window: float | None = None,
+        stream: bool = False,
+        timeout: float | None = None,
     ) -> VmaInfo:
         """See :meth:`Client.get_vma_info`."""
-        return await self._invoke((calls.stream_vma_info if stream else calls.get_vma_info)(pid, attrs), timeout)
+        call = (calls.stream_vma_info if stream else calls.get_vma_info)(pid, attrs, window)
+        return await self._invoke(call, timeout)
 
     async def advise_ranges(
         self,

@@ -7,6 +7,7 @@ only in how they wait.
 from __future__ import annotations
 
 import base64
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -78,18 +79,39 @@ class Call(Generic[T]):
     retryable: bool
     # A server stream whose messages' bytes, joined, are the reply (see stream_vma_info).
     streamed: bool = False
+    # Seconds the agent waits on purpose (a sampling window): added to the call's timeout.
+    waits: float = 0.0
 
 
-def get_vma_info(pid: int, attrs: Attrs) -> Call[VmaInfo]:
-    return Call("GetVmaInfo", pb.GetVmaInfoRequest(pid=pid, attr_mask=attr_mask(attrs)), VmaInfo, retryable=True)
+def window_ms(window: float | None) -> int:
+    """A sampling window in seconds as the request's access_window_ms (0: none).
+    Its bounds are the agent's to judge (INVALID_WINDOW); here only that it is one."""
+    if window is None:
+        return 0
+    if isinstance(window, bool) or not (isinstance(window, (int, float)) and math.isfinite(window) and window > 0):
+        raise ValueError(f"window must be a positive number of seconds, not {window!r}")
+    return round(window * 1000)
 
 
-def stream_vma_info(pid: int, attrs: Attrs) -> Call[VmaInfo]:
+def get_vma_info(pid: int, attrs: Attrs, window: float | None = None) -> Call[VmaInfo]:
+    """``window``: seconds to sample access over, with the ``accessed`` attribute."""
+    request = pb.GetVmaInfoRequest(pid=pid, attr_mask=attr_mask(attrs), access_window_ms=window_ms(window))
+    return Call("GetVmaInfo", request, VmaInfo, retryable=True, waits=window or 0.0)
+
+
+def stream_vma_info(pid: int, attrs: Attrs, window: float | None = None) -> Call[VmaInfo]:
     """GetVmaInfo's snapshot through StreamVmaInfo: messages under 1 MiB whose
     bytes, concatenated, are a GetVmaInfoResponse (the field numbers are the
     same), parsed once into the same lazy views."""
-    request = pb.StreamVmaInfoRequest(pid=pid, attr_mask=attr_mask(attrs))
-    return Call("StreamVmaInfo", request, lambda chunks: VmaInfo(joined_reply(chunks)), retryable=True, streamed=True)
+    request = pb.StreamVmaInfoRequest(pid=pid, attr_mask=attr_mask(attrs), access_window_ms=window_ms(window))
+    return Call(
+        "StreamVmaInfo",
+        request,
+        lambda chunks: VmaInfo(joined_reply(chunks)),
+        retryable=True,
+        streamed=True,
+        waits=window or 0.0,
+    )
 
 
 def joined_reply(chunks: list[bytes]) -> pb.GetVmaInfoResponse:
@@ -125,7 +147,12 @@ def list_processes(cgroup_prefix: str | None) -> Call[list[ProcessInfo]]:
     request = pb.ListProcessesRequest(cgroup_prefix=cgroup_prefix or "")
 
     def wrap(reply: Any) -> list[ProcessInfo]:
-        return [ProcessInfo(p) for p in reply.processes if not cgroup_prefix or is_under(p.cgroup, cgroup_prefix)]
+        pressures = reply.cgroup_memory_pressure
+        return [
+            ProcessInfo(p, pressures)
+            for p in reply.processes
+            if not cgroup_prefix or is_under(p.cgroup, cgroup_prefix)
+        ]
 
     return Call("ListProcesses", request, wrap, retryable=True)
 
@@ -177,8 +204,9 @@ def advise_request(
 
 class Attempts:
     """The deadline and retries of one call. The call's deadline is ``timeout``
-    from now, or the client's own ``deadline`` (a per-host budget in a fleet)
-    when that comes first; every attempt and every backoff fits inside it."""
+    from now (plus the time the agent waits on purpose: a sampling window), or
+    the client's own ``deadline`` (a per-host budget in a fleet) when that
+    comes first; every attempt and every backoff fits inside it."""
 
     def __init__(
         self, call: Call[Any], timeout: float, deadline: float | None, policy: RetryPolicy, target: str
@@ -186,7 +214,7 @@ class Attempts:
         self.call = call
         self.target = target
         self.policy = policy if call.retryable else RetryPolicy(attempts=1)
-        self.deadline = time.monotonic() + timeout
+        self.deadline = time.monotonic() + timeout + call.waits
         if deadline is not None:
             self.deadline = min(self.deadline, deadline)
         self.tries = 0

@@ -16,7 +16,15 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from vmctl_api.words import ADVICES, FILTERS, GROUPS, WORD_GROUP
+from vmctl_api.words import (
+    ACCESS_WINDOW_MAX_MS,
+    ACCESS_WINDOW_MIN_MS,
+    ADVICES,
+    ATTR_ACCESS,
+    FILTERS,
+    GROUPS,
+    WORD_GROUP,
+)
 from vmctl_client import arguments
 from vmctl_client.channel import TlsOptions, default_target
 from vmctl_client.defaults import (
@@ -38,6 +46,8 @@ from vmctl_client.targets import (
 )
 
 ATTR_WORDS = sorted({*WORD_GROUP, *GROUPS})  # what --attrs takes: words and groups
+# The words that sample over --window.
+SAMPLING_WORDS = {name for table in (WORD_GROUP, GROUPS) for name, bits in table.items() if bits == ATTR_ACCESS}
 
 OUTPUTS = ("table", "wide", "json", "yaml")
 SHELLS = ("bash", "zsh")
@@ -138,7 +148,17 @@ def _add_maps(sub: argparse._SubParsersAction[argparse.ArgumentParser], output: 
         type=arguments.parse_attrs(ATTR_WORDS),
         metavar="LIST",
         help=f"comma-separated attributes to read besides the layout (default: none): {', '.join(ATTR_WORDS)}."
-        " The table shows sizes; -o wide shows every attribute asked for, -o json all that was read",
+        " The table shows sizes; -o wide shows every attribute asked for, -o json all that was read."
+        " accessed (or access) samples over --window and is not part of all",
+    )
+    maps.add_argument(
+        "--window",
+        type=arguments.positive(float, ACCESS_WINDOW_MAX_MS / 1000),
+        metavar="SECONDS",
+        help=f"with --attrs accessed: sample for SECONDS ({ACCESS_WINDOW_MIN_MS / 1000:g} to"
+        f" {ACCESS_WINDOW_MAX_MS / 1000:g}): the agent clears the process's referenced bits, waits, and reports"
+        " the bytes each VMA touched meanwhile (which also makes the pages look unused to reclaim, as cold"
+        " advice does). Added to --timeout",
     )
 
 
@@ -259,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[output],
         help="processes on the node with a memory rollup",
         description="List the node's processes the agent lets you read: pid, comm, rss, swap, VMA count and cgroup"
-        " (-o wide: uid, parent, start time and container too).",
+        " (-o wide: uid, parent, start time, container, CPU time, major faults and the cgroup's memory pressure"
+        " too: PSI some avg10, in percent, - where the agent has none).",
     )
     ps.add_argument(
         "--cgroup",
@@ -279,6 +300,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- checks across arguments (each one a usage error) ---------------------------
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The sub-parser of ``command``, whose usage a usage error of its arguments shows."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices[command]  # type: ignore[no-any-return]
+
+
+def _check_window(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """`maps`: a window goes with the accessed attribute, and it with a window."""
+    if args.command != "maps":
+        return
+    maps = _command_parser(parser, "maps")
+    sampling = not SAMPLING_WORDS.isdisjoint((args.attrs or "").split(","))
+    if sampling and args.window is None:
+        maps.error("--attrs accessed samples over a window: give --window SECONDS")
+    if args.window is not None and not sampling:
+        maps.error("--window is the sampling window of --attrs accessed: add accessed to --attrs")
+    if args.window is not None and args.window * 1000 < ACCESS_WINDOW_MIN_MS:
+        maps.error(f"--window {args.window:g}: the shortest window is {ACCESS_WINDOW_MIN_MS / 1000:g} s")
 
 
 def _check_target(text: str, where: str, parser: argparse.ArgumentParser) -> str:
@@ -328,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `vmctl maps 1 | head` ends quietly
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_window(args, parser)
     if args.command == "completion":
         from vmctl_client.completion import completion_script
 

@@ -69,16 +69,29 @@ class Client:
             time.sleep(delay)
 
     def get_vma_info(
-        self, pid: int, attrs: Attrs = None, *, stream: bool = False, timeout: float | None = None
+        self,
+        pid: int,
+        attrs: Attrs = None,
+        *,
+        window: float | None = None,
+        stream: bool = False,
+        timeout: float | None = None,
     ) -> VmaInfo:
         """A snapshot of ``pid``'s VMAs with the attributes named in ``attrs``
         (words such as "rss", "pss", "swap", or groups "residency", "accounting").
+
+        ``"accessed"`` samples: the agent clears the process's referenced bits,
+        waits ``window`` seconds (0.1 to 60, required with it), and reports per
+        VMA the bytes touched meanwhile (``Vma.accessed``); the cookie is the
+        one valid after the window. The call's timeout is counted from the
+        window's end.
 
         ``stream=True`` reads it through StreamVmaInfo, in messages under
         1 MiB, for a path that limits message sizes (a proxy); the answer is
         the same. This client's own channel takes messages of any size, so
         the default, one GetVmaInfo reply, reads any process, a little faster."""
-        return self._invoke((calls.stream_vma_info if stream else calls.get_vma_info)(pid, attrs), timeout)
+        call = (calls.stream_vma_info if stream else calls.get_vma_info)(pid, attrs, window)
+        return self._invoke(call, timeout)
 
     def advise_ranges(
         self,

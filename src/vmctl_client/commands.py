@@ -128,7 +128,7 @@ def reclaim_exit_code(report: ReclaimReport) -> int:
 
 COMMANDS: dict[str, Command] = {
     "maps": Command(
-        lambda client, args, _: client.get_vma_info(args.pid, args.attrs),
+        lambda client, args, _: client.get_vma_info(args.pid, args.attrs, window=args.window),
         VmaInfo.to_json,
         lambda info, args, wide: render.maps_table(info, args.attrs, wide),
     ),

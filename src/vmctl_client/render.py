@@ -63,6 +63,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: S
 # word of the group, and -o json all that was read.
 _TABLE_GROUP_WORDS = {
     "residency": ("rss", "swap"),
+    "access": ("rss", "accessed"),
     "accounting": ("rss", "pss", "swap", "anonymous", "referenced"),
     "all": ("rss", "pss", "swap", "anonymous", "referenced"),
 }
@@ -148,17 +149,35 @@ def advise_table(result: AdviceResult) -> str:
     return f"{head}\n{table}"
 
 
+def cpu_seconds(ns: int) -> str:
+    """CPU time as seconds to the kernel's tick (10 ms at USER_HZ 100)."""
+    return f"{ns / 1e9:.2f}s"
+
+
+def pressure_cell(pressure: dict[str, dict[str, float]] | None) -> str:
+    """A cgroup's memory pressure, "some" averaged over 10 s, in percent; "-" when unknown."""
+    return "-" if pressure is None else f"{pressure['some']['avg10']:.2f}"
+
+
 def ps_table(processes: Sequence[ProcessInfo], wide: bool = False) -> str:
     headers = ["PID", "COMM", "RSS", "SWAP", "VMAS", "CGROUP"]
     right = [True, False, True, True, True, False]
     if wide:
-        headers[5:5] = ["UID", "PPID", "START_TIME", "CONTAINER"]
-        right[5:5] = [True, True, True, False]
+        headers[5:5] = ["UID", "PPID", "START_TIME", "CONTAINER", "CPU", "MAJFLT", "CG_PSI10"]
+        right[5:5] = [True, True, True, False, True, True, True]
     rows = []
     for p in processes:
         row = [str(p.pid), p.comm, human_bytes(p.rss), human_bytes(p.swap), str(p.vma_count), p.cgroup]
         if wide:
-            row[5:5] = [str(p.uid), str(p.ppid), str(p.start_time), p.container_id or "-"]
+            row[5:5] = [
+                str(p.uid),
+                str(p.ppid),
+                str(p.start_time),
+                p.container_id or "-",
+                cpu_seconds(p.cpu_time_ns),
+                str(p.major_faults),
+                pressure_cell(p.cgroup_memory_pressure),
+            ]
         rows.append(row)
     return format_table(headers, rows, right)
 
@@ -174,6 +193,7 @@ def node_table(info: NodeInfo) -> str:
     flags = ("pidfd_open", "process_madvise", "procmap_query", "pagemap_scan", "advice_permitted")
     present = [name for name in flags if caps[name]] + [f"advice={a}" for a in caps["advices"]]
     lines.append("capabilities: " + ", ".join(present))
+    lines.append(f"access sampling: {caps['access_sampling'] or 'unavailable'}")
     lines += [f"  probe {name}: {why}" for name, why in caps["probe_errors"].items()]
     return "\n".join(lines)
 

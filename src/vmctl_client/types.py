@@ -15,7 +15,7 @@ checkers and IDEs see it, and reads its message field through a C getter
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Literal, overload
@@ -144,6 +144,8 @@ class Vma:
     mmu_page_size: int = _field("mmu_page_size")
     thp_eligible: bool = _field("thp_eligible")
     vm_flags: str = _field("vm_flags")
+    # access (sampled over a window)
+    accessed: int = _field("accessed")
 
     @property
     def kind(self) -> Kind | Literal["unknown"]:
@@ -357,15 +359,32 @@ class AdviceResult:
         }
 
 
+Pressure = dict[str, dict[str, float]]
+"""Memory PSI: {"some": {"avg10", "avg60", "avg300", "total_us"}, "full": {...}}."""
+
+
+def _pressure(message: pb.MemoryPressure) -> Pressure:
+    return {
+        kind: {"avg10": stall.avg10, "avg60": stall.avg60, "avg300": stall.avg300, "total_us": stall.total_us}
+        for kind in ("some", "full")
+        for stall in [getattr(message, kind)]
+    }
+
+
+_NO_PRESSURE: Mapping[str, pb.MemoryPressure] = {}
+
+
 class ProcessInfo:
-    """One ListProcesses entry: identity, cgroup, and a cheap rollup in bytes
-    (``rss``, ``swap``). Every field of the message reads through as well,
-    under its own name (``rss_bytes``)."""
+    """One ListProcesses entry: identity, cgroup, a cheap rollup in bytes
+    (``rss``, ``swap``), activity (``cpu_time_ns``, ``major_faults``: compare
+    two samples) and its cgroup's ``cgroup_memory_pressure``. Every field of
+    the message reads through as well, under its own name (``rss_bytes``)."""
 
-    __slots__ = ("_m",)
+    __slots__ = ("_m", "_pressures")
 
-    def __init__(self, message: pb.ProcessInfo) -> None:
+    def __init__(self, message: pb.ProcessInfo, pressures: Mapping[str, pb.MemoryPressure] = _NO_PRESSURE) -> None:
         self._m = message
+        self._pressures = pressures  # the reply's, by cgroup: shared by every process of one cgroup
 
     pid: int = _reads("_m.pid")
     start_time: int = _reads("_m.start_time")
@@ -377,6 +396,16 @@ class ProcessInfo:
     rss: int = _reads("_m.rss_bytes")
     swap: int = _reads("_m.swap_bytes")
     vma_count: int = _reads("_m.vma_count")
+    cpu_time_ns: int = _reads("_m.cpu_time_ns")
+    major_faults: int = _reads("_m.major_faults")
+
+    @property
+    def cgroup_memory_pressure(self) -> Pressure | None:
+        """The memory PSI of the process's cgroup, as :attr:`NodeInfo.memory_pressure`
+        gives the host's; None when the agent had none to read (no PSI, no
+        cgroup v2, or an agent older than this field)."""
+        message = self._pressures.get(self._m.cgroup)
+        return None if message is None else _pressure(message)
 
     @property
     def message(self) -> pb.ProcessInfo:
@@ -394,7 +423,7 @@ class ProcessInfo:
         return f"ProcessInfo(pid={self.pid}, comm={self.comm!r}, cgroup={self.cgroup!r})"
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "pid": self.pid,
             "start_time": self.start_time,
             "comm": self.comm,
@@ -405,7 +434,13 @@ class ProcessInfo:
             "rss": self.rss,
             "swap": self.swap,
             "vma_count": self.vma_count,
+            "cpu_time_ns": self.cpu_time_ns,
+            "major_faults": self.major_faults,
         }
+        pressure = self.cgroup_memory_pressure
+        if pressure is not None:
+            data["cgroup_memory_pressure"] = pressure
+        return data
 
 
 class NodeInfo:
@@ -438,15 +473,11 @@ class NodeInfo:
         return [ADVICE_BY_NUMBER.get(a, str(a)) for a in self.reply.capabilities.advices]
 
     @property
-    def memory_pressure(self) -> dict[str, dict[str, float]] | None:
+    def memory_pressure(self) -> Pressure | None:
         """Memory PSI as {"some": {"avg10", "avg60", "avg300", "total_us"}, "full": {...}}, or None."""
         if not self.reply.HasField("memory_pressure"):
             return None
-        return {
-            kind: {"avg10": stall.avg10, "avg60": stall.avg60, "avg300": stall.avg300, "total_us": stall.total_us}
-            for kind in ("some", "full")
-            for stall in [getattr(self.reply.memory_pressure, kind)]
-        }
+        return _pressure(self.reply.memory_pressure)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.reply, name)
@@ -471,6 +502,7 @@ class NodeInfo:
                 "procmap_query": caps.procmap_query,
                 "pagemap_scan": caps.pagemap_scan,
                 "advice_permitted": caps.advice_permitted,
+                "access_sampling": caps.access_sampling,
                 "probe_errors": dict(caps.probe_errors),
             },
         }

@@ -94,6 +94,7 @@ def build_parts(args: argparse.Namespace) -> Parts:
         native_advise_loop=backend.native,
         pagemap_scan=caps.pagemap_scan,
         procmap_query=caps.procmap_query,
+        access_sampling=caps.access_sampling,
     )
     sources = SourceSupport(pagemap_scan=caps.pagemap_scan, procmap_query=caps.procmap_query)
     reader = SnapshotReader(backend.tables, sources)

@@ -14,7 +14,12 @@ from collections.abc import Iterable
 from .deploy_files import require_tool
 
 SANDBOX = pathlib.Path(__file__).resolve().parent / "sandbox_exec.py"
-CAPABILITY_NUMBERS = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19, "CAP_SYS_NICE": 23}  # linux/capability.h
+CAPABILITY_NUMBERS = {  # linux/capability.h
+    "CAP_DAC_OVERRIDE": 1,
+    "CAP_DAC_READ_SEARCH": 2,
+    "CAP_SYS_PTRACE": 19,
+    "CAP_SYS_NICE": 23,
+}
 
 
 def capability_mask(caps: Iterable[str]) -> int:

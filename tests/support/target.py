@@ -10,6 +10,9 @@ stdout. Every region it maps is filled with bytes derived from a seed, so
     {"op": "unmap", "start": A}
     {"op": "verify"}                                   -> {"ok": bool, "bad": [...]}
     {"op": "touch", "start": A}                        -> read every page back in
+    {"op": "heat", "start": A}                         -> a thread reads the region over and over, until cooled
+    {"op": "cool", "start": A}                         -> that thread stops; {"passes": N} it made
+    {"op": "spin"} / {"op": "rest"}                    -> a thread burns CPU / stops; {"spins": N} it made
     {"op": "mlock", "start": A}
     {"op": "many_vmas", "limit": L}                    -> {"vmas": count, "start", "end"}
     {"op": "exec"}                                     -> re-exec this script (a new image)
@@ -23,6 +26,7 @@ import json
 import os
 import random
 import sys
+import threading
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
@@ -38,6 +42,49 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # start -> (size, expected bytes or None for file mappings we only read)
 regions: dict[int, tuple[int, bytes | None]] = {}
+HEAT_PAUSE = 0.01  # seconds between a heated region's passes: every page touched many times a second
+
+
+class Loop(threading.Thread):
+    """Runs ``step`` over and over until stopped; counts the passes."""
+
+    def __init__(self, step, pause: float = 0.0) -> None:
+        super().__init__(daemon=True)
+        self.step, self.pause = step, pause
+        self.passes = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.step()
+            self.passes += 1
+            if self.pause:
+                self.halt.wait(self.pause)
+
+    def stop(self) -> int:
+        self.halt.set()
+        self.join()
+        return self.passes
+
+
+loops: dict[object, Loop] = {}  # a region's start, or "spin"
+
+
+def start_loop(key: object, step, pause: float = 0.0) -> dict:
+    if key in loops:
+        raise ValueError(f"{key!r} is already looping")
+    loops[key] = Loop(step, pause)
+    loops[key].start()
+    return {}
+
+
+def heat(start: int) -> dict:
+    size, _ = regions[start]
+    return start_loop(start, lambda: ctypes.string_at(start, size), HEAT_PAUSE)
+
+
+def spin_once() -> None:
+    sum(range(10_000))
 
 
 def pattern(size: int, seed: int) -> bytes:
@@ -146,6 +193,14 @@ def handle(request: dict) -> dict:
         size, _ = regions[request["start"]]
         ctypes.string_at(request["start"], size)
         return {}
+    if op == "heat":
+        return heat(request["start"])
+    if op == "cool":
+        return {"passes": loops.pop(request["start"]).stop()}
+    if op == "spin":
+        return start_loop("spin", spin_once)
+    if op == "rest":
+        return {"spins": loops.pop("spin").stop()}
     if op == "mlock":
         size, _ = regions[request["start"]]
         if libc.mlock(request["start"], size) != 0:

@@ -26,12 +26,15 @@ from vmctl_server.access.audit import AuditLog, RefusalFolder
 from vmctl_server.access.identity import Caller
 from vmctl_server.access.limits import IdentityLimits
 from vmctl_server.access.policy import ADVISE, READ, Policy, PolicyStore, Rule
-from vmctl_server.core.faults import AgentStopping, LimitExceeded, ProcessChanged, VmctlFault
+from vmctl_server.core.faults import AgentStopping, LimitExceeded, PolicyDenied, ProcessChanged, VmctlFault
 from vmctl_server.core.snapshot import Identity, check_pid
 from vmctl_server.core.targets import Target, read_target
 
 DRAIN_QUIET_SECONDS = 0.5
 DEFAULT_MAX_CALLS = 64
+# Sampling access clears a process's referenced bits, so its pages look unused to
+# reclaim, as after cold advice: the policy asks of a sampler what it asks of cold.
+SAMPLING_ADVICE = "cold"
 
 
 class Ticket:
@@ -157,6 +160,20 @@ class Guard:
         rule = policy.check_target(caller, ADVISE, target, advice)
         policy.check_protected(target)
         return rule
+
+    @staticmethod
+    def check_sample_target(policy: Policy, caller: Caller, target: Target) -> Rule:
+        """Sampling reads the process and ages its pages in the kernel's eyes:
+        the rule that allows ``cold`` advice on it (which takes read too),
+        then protection (a process never advised is never sampled either)."""
+        try:
+            return Guard.check_advice_target(policy, caller, target, SAMPLING_ADVICE)
+        except PolicyDenied as refusal:
+            raise PolicyDenied(
+                "sampling access clears the process's referenced bits, which ages its memory as cold advice does,"
+                f" so it takes leave to read it and advise it cold: {refusal.message}",
+                **refusal.metadata,
+            ) from None
 
     def record_refusal(
         self, method: str, caller: Caller, code: str, fault: VmctlFault, request_id: str, *, fold: bool

@@ -8,6 +8,9 @@ Records, by ``event``:
   record after it (same ``request_id``) is a call the agent did not live to
   finish: its advice may have been applied in part.
 - ``advise``: the outcome of every AdviseRanges, allowed or refused.
+- ``sample``: a sampler (GetVmaInfo with VMA_ATTR_ACCESS) the policy allowed,
+  written *before* it clears the process's referenced bits; if it cannot be
+  written, nothing is cleared (AUDIT_UNAVAILABLE).
 - ``read``: GetVmaInfo, ListProcesses and GetNodeInfo calls refused for who
   the caller is (authentication, policy, limits); reads that succeed are not
   recorded (they change nothing).
@@ -45,6 +48,7 @@ from typing import Any
 
 from vmctl_api.words import CookieOutcome
 from vmctl_server.core import files
+from vmctl_server.core.targets import Target
 
 log = logging.getLogger("vmctl.audit")
 STDOUT = "-"
@@ -182,6 +186,21 @@ class RefusalFolder:
         if fold.repeated:
             record = {**fold.record, "repeated": fold.repeated, "first_time": fold.first_time}
             self.audit.write(record, f"{fold.message} (x{fold.repeated} more)")
+
+
+def sample_record(caller: dict[str, object], request_id: str, target: Target, window_ms: int) -> dict[str, Any]:
+    """The record of a sampler about to clear a process's referenced bits."""
+    return {
+        "event": "sample",
+        **caller,
+        "request_id": request_id,
+        "pid": target.pid,
+        "start_time": target.start_time,
+        "comm": target.comm,
+        "cgroup": target.cgroup,
+        "target_uid": target.uid,
+        "window_ms": window_ms,
+    }
 
 
 @dataclass

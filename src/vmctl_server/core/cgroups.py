@@ -44,7 +44,17 @@ from vmctl_server.core.faults import AccessDenied, ProcessGone
 # Which cgroups a prefix selects is part of the contract, so the rule lives
 # with the client's half of it; everything in the agent that matches a prefix
 # (policy selectors, protection, ListProcesses) uses it from here.
-__all__ = ["RULE", "CgroupView", "cgroup_of", "establish", "is_under", "prefix_problem", "read_cgroup", "view"]
+__all__ = [
+    "RULE",
+    "CgroupView",
+    "cgroup_of",
+    "establish",
+    "is_under",
+    "memory_pressure",
+    "prefix_problem",
+    "read_cgroup",
+    "view",
+]
 
 log = logging.getLogger("vmctl.cgroups")
 
@@ -221,3 +231,33 @@ def read_cgroup(pid: int) -> str:
 def cgroup_of(proc: procfs.ProcessDir) -> str:
     """As :func:`read_cgroup`, through a /proc/PID already open."""
     return view().absolute(proc.cgroup_v2())
+
+
+@functools.cache
+def _hierarchy() -> str | None:
+    """The directory that node paths name cgroups under, for reading their
+    files, or None when the agent cannot reach one.
+
+    On a plain host (or where paths could not be mapped, and are the agent's
+    namespace's) that is the agent's own cgroup2 mount of its namespace root;
+    in a cgroup namespace of its own, pid 1's tree, through /proc/1/root."""
+    if view().root is not None:
+        try:
+            return _node_tree()[0]
+        except Unmappable:
+            return None
+    try:
+        mounts = _cgroup2_mounts(procfs.read_bytes(os.getpid(), "mountinfo"))
+    except (AccessDenied, ProcessGone):
+        return None
+    return next((mount.mount_point for mount in mounts if mount.root == "/"), None)
+
+
+def memory_pressure(path: str) -> procfs.Pressure | None:
+    """The memory PSI of the cgroup at node path ``path`` (its memory.pressure),
+    or None when there is none to read: no PSI or no cgroup v2, the cgroup
+    gone, or a path the agent cannot place (one above its namespace's root)."""
+    directory = _hierarchy()
+    if directory is None or not path.startswith("/") or ".." in path.split("/"):
+        return None
+    return procfs.read_pressure(f"{directory}{path.rstrip('/')}/memory.pressure")

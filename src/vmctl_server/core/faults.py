@@ -103,6 +103,12 @@ class LimitExceeded(VmctlFault):
     reason = "RATE_LIMITED"
 
 
+class SamplerBusy(VmctlFault):
+    """Another sampler held the process until this one's window no longer fitted its deadline."""
+
+    reason = "SAMPLER_BUSY"
+
+
 class AgentStopping(VmctlFault):
     """The agent is shutting down: the call was not started; another agent will answer."""
 

@@ -297,4 +297,5 @@ class Capabilities:
     procmap_query: bool = False
     pagemap_scan: bool = False
     advice_permitted: bool = False
+    access_sampling: str = ""  # how VMA_ATTR_ACCESS samples ("clear_refs"), or "" when it cannot
     probe_errors: dict[str, str] = field(default_factory=dict)

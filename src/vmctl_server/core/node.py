@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from vmctl_server import __version__
@@ -37,6 +37,8 @@ class ProcessSummary:
     vma_count: int
     uid: int
     ppid: int
+    cpu_time_ns: int
+    major_faults: int
 
 
 def _summarize(
@@ -64,6 +66,8 @@ def _summarize(
         vma_count=proc.count_vmas(),
         uid=status.uid,
         ppid=stat.ppid,
+        cpu_time_ns=stat.cpu_time_ns,
+        major_faults=stat.major_faults,
     )
 
 
@@ -84,6 +88,13 @@ def list_processes(cgroup_prefix: str = "", may_read: Callable[[Target], bool] |
         if summary is not None:
             summaries.append(summary)
     return summaries
+
+
+def cgroup_memory_pressure(paths: Iterable[str]) -> dict[str, procfs.Pressure]:
+    """The memory PSI of each cgroup in ``paths`` (node paths), read once each;
+    a cgroup with none to read (:func:`cgroups.memory_pressure`) is left out."""
+    found = {path: cgroups.memory_pressure(path) for path in set(paths)}
+    return {path: pressure for path, pressure in found.items() if pressure is not None}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The one module that reads /proc.
+"""The one module that reads /proc (and writes its one file the agent writes, clear_refs).
 
 Every read expects the process to vanish mid-way (psutil's ``_pslinux.py``
 lesson): ``ENOENT``/``ESRCH`` become :class:`ProcessGone`, ``EACCES``/``EPERM``
@@ -20,6 +20,8 @@ PROC = "/proc"
 PF_KTHREAD = 0x00200000  # include/linux/sched.h: the task is a kernel thread
 AT_RANDOM = 25  # auxv key: address of 16 random bytes the kernel puts on a new stack
 _AUXV_PAIR = struct.Struct("=QQ")
+CLEAR_REFS_ALL = b"1"  # fs/proc/task_mmu.c: clear the referenced bits of every page the process maps
+NS_PER_TICK = 1_000_000_000 // os.sysconf("SC_CLK_TCK")  # /proc/PID/stat counts CPU time in USER_HZ ticks
 
 
 def _gone_or_denied(pid: int, exc: OSError) -> Exception:
@@ -55,6 +57,12 @@ class ProcStat:
     ppid: int
     flags: int
     start_time: int  # clock ticks since boot
+    major_faults: int  # of every thread, since the process started
+    cpu_ticks: int  # user + system time of every thread, in clock ticks
+
+    @property
+    def cpu_time_ns(self) -> int:
+        return self.cpu_ticks * NS_PER_TICK
 
     @property
     def is_kernel_thread(self) -> bool:
@@ -71,7 +79,7 @@ def parse_stat(pid: int, data: bytes) -> ProcStat:
     close_paren = data.rindex(b")")
     comm = data[open_paren + 1 : close_paren].decode("utf-8", "backslashreplace")
     fields = data[close_paren + 2 :].split()
-    # fields[0] is field 3 (state) of proc(5).
+    # fields[0] is field 3 (state) of proc(5): field N is fields[N - 3].
     return ProcStat(
         pid=pid,
         comm=comm,
@@ -79,6 +87,8 @@ def parse_stat(pid: int, data: bytes) -> ProcStat:
         ppid=int(fields[1]),
         flags=int(fields[6]),
         start_time=int(fields[19]),
+        major_faults=int(fields[9]),
+        cpu_ticks=int(fields[11]) + int(fields[12]),
     )
 
 
@@ -261,6 +271,32 @@ class ProcessDir:
     def read(self, name: str) -> bytes:
         return self.read_owned(name)[0]
 
+    def clear_referenced(self) -> None:
+        """Clear the referenced bits of every page this process maps
+        (/proc/PID/clear_refs), so that smaps' Referenced counts only what it
+        touches from now on.
+
+        The file is mode 0200 and belongs to the process's owner, and the
+        kernel checks nothing else, so opening another user's needs
+        CAP_DAC_OVERRIDE (CAP_DAC_READ_SEARCH covers reading only)."""
+        try:
+            fd = os.open("clear_refs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=self._fd)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise AccessDenied(
+                    f"the agent may not clear the referenced bits of process {self.pid}: /proc/{self.pid}/clear_refs"
+                    " is writable by the process's owner alone, and writing another user's needs CAP_DAC_OVERRIDE",
+                    pid=self.pid,
+                    missing="CAP_DAC_OVERRIDE",
+                ) from exc
+            raise _gone_or_denied(self.pid, exc) from exc
+        try:
+            os.write(fd, CLEAR_REFS_ALL)
+        except OSError as exc:
+            raise _gone_or_denied(self.pid, exc) from exc
+        finally:
+            os.close(fd)
+
     def stat(self) -> ProcStat:
         data = self.read("stat")
         if not data:
@@ -319,15 +355,27 @@ def read_meminfo() -> dict[str, int]:
     return values
 
 
-def read_memory_pressure() -> dict[str, dict[str, float]] | None:
-    """/proc/pressure/memory as {"some": {...}, "full": {...}}, or None without PSI."""
-    try:
-        with open(f"{PROC}/pressure/memory") as f:
-            text = f.read()
-    except OSError:
-        return None
-    pressure: dict[str, dict[str, float]] = {}
+Pressure = dict[str, dict[str, float]]  # {"some": {"avg10": ..., "total": ...}, "full": {...}}
+
+
+def parse_pressure(text: str) -> Pressure:
+    """PSI text (/proc/pressure/memory, a cgroup's memory.pressure) by line kind and key."""
+    pressure: Pressure = {}
     for line in text.splitlines():
         kind, *pairs = line.split()
         pressure[kind] = {key: float(value) for key, value in (pair.split("=") for pair in pairs)}
     return pressure
+
+
+def read_pressure(path: str) -> Pressure | None:
+    """The PSI file at ``path``, or None when there is none to read (no PSI, no such cgroup)."""
+    try:
+        with open(path) as f:
+            return parse_pressure(f.read())
+    except OSError:
+        return None
+
+
+def read_memory_pressure() -> Pressure | None:
+    """/proc/pressure/memory as {"some": {...}, "full": {...}}, or None without PSI."""
+    return read_pressure(f"{PROC}/pressure/memory")

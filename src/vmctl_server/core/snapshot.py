@@ -1,9 +1,9 @@
 """Reading one process's address space: identity, layout and attributes.
 
 Reads only the sources the attribute mask needs (maps for the layout,
-PAGEMAP_SCAN for residency, smaps for accounting, PROCMAP_QUERY for build
-ids) and checks the process's identity before and after, so a snapshot never
-mixes two processes or two images.
+PAGEMAP_SCAN for residency, smaps for accounting and access, PROCMAP_QUERY
+for build ids) and checks the process's identity before and after, so a
+snapshot never mixes two processes or two images.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
-from vmctl_api.words import ATTR_ACCOUNTING, ATTR_ALL, ATTR_BUILD_ID, ATTR_LAYOUT, ATTR_RESIDENCY
+from vmctl_api.words import ATTR_ACCESS, ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_KNOWN, ATTR_LAYOUT, ATTR_RESIDENCY
 from vmctl_server.core import procfs
 from vmctl_server.core.cookie import CookieClaims
 from vmctl_server.core.faults import InvalidRequest, ProcessChanged
@@ -31,6 +31,7 @@ class VmaTable(Protocol):
     def layout_records(self) -> bytes: ...
     def fill_residency(self, pagemap_fd: int) -> None: ...
     def fill_build_ids(self, maps_fd: int) -> None: ...
+    def fill_access(self) -> None: ...
     def encode(self, mask: int, prefix: bytes = b"") -> bytes: ...
     def encode_chunks(self, mask: int, max_bytes: int) -> list[bytes]: ...
 
@@ -56,10 +57,26 @@ def check_pid(pid: int) -> None:
         raise InvalidRequest(f"pid {pid} is out of range (1..{PID_MAX_LIMIT - 1})", reason="INVALID_PID", field="pid")
 
 
+def check_attr_mask(attr_mask: int) -> None:
+    if attr_mask & ~ATTR_KNOWN:
+        raise InvalidRequest(
+            f"attr_mask has unknown bits 0x{attr_mask & ~ATTR_KNOWN:x}", reason="UNKNOWN_ATTR", field="attr_mask"
+        )
+
+
 def read_identity(pid: int) -> Identity:
     stat = procfs.read_stat(pid)
     procfs.require_user_process(stat)
     return Identity(pid, stat.start_time, stat.comm, procfs.exec_id(pid))
+
+
+def _check_same(cleared: Identity, now: Identity) -> None:
+    """The process sampled is the one whose bits were cleared: not a new one
+    on the same pid, not a new image."""
+    if now.start_time != cleared.start_time:
+        raise ProcessChanged(f"pid {now.pid} became another process during the sampling window", pid=now.pid)
+    if now.exec_id != cleared.exec_id:
+        raise ProcessChanged(f"process {now.pid} exec'd during the sampling window", pid=now.pid)
 
 
 def claims_for(identity: Identity, digest: bytes) -> CookieClaims:
@@ -91,17 +108,24 @@ class SnapshotReader:
         self.backend = backend
         self.sources = sources
 
-    def take(self, pid: int, attr_mask: int) -> Snapshot:
+    def take(self, pid: int, attr_mask: int, cleared: Identity | None = None) -> Snapshot:
+        """A snapshot with the groups of ``attr_mask``. ATTR_ACCESS takes
+        ``cleared``: the process whose referenced bits were cleared when the
+        sampling window began (:mod:`vmctl_server.core.sampling`), which the
+        snapshot must still be, or PROCESS_CHANGED."""
         check_pid(pid)
-        if attr_mask & ~ATTR_ALL:
+        check_attr_mask(attr_mask)
+        if attr_mask & ATTR_ACCESS and cleared is None:
             raise InvalidRequest(
-                f"attr_mask has unknown bits 0x{attr_mask & ~ATTR_ALL:x}", reason="UNKNOWN_ATTR", field="attr_mask"
+                "VMA_ATTR_ACCESS needs a sampling window", reason="INVALID_WINDOW", field="access_window_ms"
             )
         want = attr_mask | ATTR_LAYOUT
         for _attempt in range(2):
             before = read_identity(pid)
             snapshot = self._read(pid, want, before)
             if read_identity(pid) == before:
+                if cleared is not None:
+                    _check_same(cleared, before)
                 return snapshot
         raise ProcessChanged(f"process {pid} kept exec'ing while it was read", pid=pid)
 
@@ -110,7 +134,9 @@ class SnapshotReader:
         return self.backend.read(pid, "maps").layout_records()
 
     def _read(self, pid: int, want: int, identity: Identity) -> Snapshot:
-        use_smaps = bool(want & ATTR_ACCOUNTING) or (want & ATTR_RESIDENCY and not self.sources.pagemap_scan)
+        use_smaps = bool(want & (ATTR_ACCOUNTING | ATTR_ACCESS)) or (
+            want & ATTR_RESIDENCY and not self.sources.pagemap_scan
+        )
         table = self.backend.read(pid, "smaps" if use_smaps else "maps")
         if want & ATTR_RESIDENCY and not use_smaps:
             fd = procfs.open_fd(pid, "pagemap")
@@ -124,6 +150,8 @@ class SnapshotReader:
                 table.fill_build_ids(fd)
             finally:
                 os.close(fd)
+        if want & ATTR_ACCESS:
+            table.fill_access()
         # Like statx, the answer may hold more than was asked when it came
         # free: smaps carries rss and swap along with the accounting.
         return Snapshot(identity, table, table.layout_records(), ATTR_LAYOUT | table.filled_mask)

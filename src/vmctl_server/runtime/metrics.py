@@ -184,13 +184,16 @@ for _reason in GATEWAY_REFUSAL_REASONS:
 AGENT_INFO.info({"version": __version__})
 
 
-def describe_agent(*, native_tables: bool, native_advise_loop: bool, pagemap_scan: bool, procmap_query: bool) -> None:
+def describe_agent(
+    *, native_tables: bool, native_advise_loop: bool, pagemap_scan: bool, procmap_query: bool, access_sampling: str
+) -> None:
     """Record which paths this agent took at start (they do not change while it runs)."""
     paths = {
         "tables": "native" if native_tables else "python",
         "advise_loop": "native" if native_advise_loop else "python",
         "residency": "pagemap_scan" if pagemap_scan else "smaps",
         "build_id": "procmap_query" if procmap_query else "unavailable",
+        "access_sampling": access_sampling or "unavailable",
     }
     PATH.clear()
     for component, path in paths.items():

@@ -16,6 +16,13 @@ Every VmControl method is served the same way, on the server's event loop
 4. StreamVmaInfo alone then writes its messages from the event loop, and
    holds the slots until the last one is written or the call ends.
 
+A sampling GetVmaInfo or StreamVmaInfo (VMA_ATTR_ACCESS) does its work in
+three steps: the checks and the policy on a worker; then, in the process's
+turn (one sampler per process at a time), the clear on a worker, the window
+on the event loop (no worker waits through it), the snapshot on a worker.
+The slots are held throughout; a caller that goes away (or whose deadline
+passes) ends the call at once, or after the worker step under way.
+
 The wire format does not say whether a method is unary or client-streaming,
 so clients call the methods as the proto declares them (unary, and
 server-streaming for StreamVmaInfo) and notice no difference.
@@ -48,16 +55,18 @@ from google.protobuf.message import DecodeError, Message
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api.words import ADVICE_BY_NUMBER, FILTER_BY_NUMBER
 from vmctl_server.access.admission import Guard, Ticket
-from vmctl_server.access.audit import AdviceAudit
+from vmctl_server.access.audit import AdviceAudit, sample_record
 from vmctl_server.access.identity import Caller, caller_from
 from vmctl_server.access.policy import ADVISE, READ, Policy
 from vmctl_server.core.advice import AdviceRequest, AdviceResult, Advisor, RangeSet
 from vmctl_server.core.cookie import CookieSigner
 from vmctl_server.core.faults import AuditUnavailable, InvalidRequest, RequestTimeout, VmctlFault
 from vmctl_server.core.kernel import Capabilities
-from vmctl_server.core.node import NodeInfo, list_processes, node_info
-from vmctl_server.core.snapshot import Snapshot, SnapshotReader, claims_for
-from vmctl_server.core.targets import Target
+from vmctl_server.core.node import NodeInfo, cgroup_memory_pressure, list_processes, node_info
+from vmctl_server.core.procfs import Pressure
+from vmctl_server.core.sampling import SamplerLocks, check_fits, clear, window_seconds
+from vmctl_server.core.snapshot import Identity, Snapshot, SnapshotReader, check_attr_mask, check_pid, claims_for
+from vmctl_server.core.targets import Target, read_target
 from vmctl_server.runtime import logs, metrics
 from vmctl_server.transport import grpc_status, interceptor
 
@@ -71,8 +80,10 @@ STREAM_MESSAGE_LIMIT = 1 << 20
 _AUDITED_READ_REFUSALS = {"UNAUTHENTICATED", "POLICY_DENIED", "PROTECTED_TARGET"}
 
 MessageType = TypeVar("MessageType", bound=Message)
-Work = Callable[[Caller, Policy, bytes], Any]  # bytes for a reply, list[bytes] for a stream
+Work = Callable[[Caller, Policy, bytes], Any]  # bytes for a reply, list[bytes] for a stream, or a _Sampling
 Context = grpc.aio.ServicerContext[bytes, bytes]  # VmControl's calls: raw bytes in and out, parsed on a worker
+SnapshotRequest = pb.GetVmaInfoRequest | pb.StreamVmaInfoRequest
+HeaderType = type[pb.GetVmaInfoResponse] | type[pb.StreamVmaInfoResponse]
 
 
 class CallActivity(Protocol):
@@ -114,11 +125,25 @@ class Pipeline:
 
 @dataclass(frozen=True)
 class _Running:
-    """An admitted call whose work is on a worker."""
+    """An admitted call whose work is under way (a task: steps on workers, waits on the loop)."""
 
     caller: Caller
     ticket: Ticket
     running: asyncio.Future[Any]  # what the Work returns
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    """A sampling snapshot that passed its checks and the policy: what its
+    window and its snapshot need (see the module docs)."""
+
+    caller: Caller
+    request: SnapshotRequest
+    window: float  # seconds
+    target: Target  # the process the policy judged
+    rule: str
+    header_type: HeaderType
+    answer: Callable[[Snapshot, bytes], Any]  # (snapshot, serialized header) -> the reply
 
 
 class VmControlService:
@@ -137,6 +162,7 @@ class VmControlService:
         self.capabilities = capabilities
         self.guard = guard
         self.pipeline = pipeline
+        self.samplers = SamplerLocks()
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The method handlers, client-streaming on raw bytes (see the module docs)."""
@@ -169,7 +195,7 @@ class VmControlService:
     async def _serve(self, context: Context, method: str, verb: str, work: Work) -> bytes:
         call = await self._start(context, method, verb, work)
         # The slots are held until the work ends, not merely until the caller
-        # goes away: a cancelled call's advice still runs to its end.
+        # goes away: a worker's step (advice) runs to its end whatever happens.
         call.running.add_done_callback(lambda _done: self._call_ended(call.ticket))
         reply: bytes = await self._finish(context, method, verb, call)  # a unary method's Work gives bytes
         return reply
@@ -206,10 +232,7 @@ class VmControlService:
         self._call_started()
         try:
             data = await self._read_request(context)
-            loop = asyncio.get_running_loop()
-            running = loop.run_in_executor(
-                self.pipeline.workers, contextvars.copy_context().run, work, caller, ticket.policy, data
-            )
+            running = asyncio.ensure_future(self._run(context, work, caller, ticket.policy, data))
         except VmctlFault as fault:
             self._call_ended(ticket)
             if verb == ADVISE:  # admitted, so not folded: its identity is rate limited like any call
@@ -224,6 +247,11 @@ class VmControlService:
         """The work's result, or the call aborted with its fault."""
         try:
             return await asyncio.shield(call.running)
+        except asyncio.CancelledError:
+            # The caller went away or its deadline passed: waiting (a sampler's turn or
+            # window) stops now; a step on a worker still runs to its end (_on_worker).
+            call.running.cancel()
+            raise
         except VmctlFault as fault:
             if verb == READ and fault.reason in _AUDITED_READ_REFUSALS:
                 # Folded like refusals on headers: a read changes nothing, and an
@@ -234,6 +262,38 @@ class VmControlService:
         except Exception:
             log.exception("%s failed", method)
             await _abort(context, VmctlFault(f"{method} failed inside the agent; see its log", reason="INTERNAL"))
+
+    async def _run(
+        self, context: Context, work: Work, caller: Caller, policy: Policy, data: bytes
+    ) -> Any:
+        """The call's work: one step on a worker, and a sampler's window and snapshot after it."""
+        result = await self._on_worker(work, caller, policy, data)
+        if isinstance(result, _Sampling):
+            result = await self._sample(context, result)
+        return result
+
+    async def _on_worker(self, step: Callable[..., Any], *args: Any) -> Any:
+        """``step(*args)`` on a worker thread, in this call's context. Cancelled,
+        it still waits for the step to end, so that a call never ends (and gives
+        its slots back) while a worker is still doing its work."""
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(self.pipeline.workers, contextvars.copy_context().run, step, *args)
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            await asyncio.wait([running])
+            raise
+
+    async def _sample(self, context: Context, sampling: _Sampling) -> Any:
+        """Clear, wait the window, read: in the process's turn, and only if the
+        window fits the call's deadline, waiting included (else nothing is cleared)."""
+        time_left = context.time_remaining()
+        check_fits(sampling.window, time_left)
+        wait = None if time_left is None else time_left - sampling.window
+        async with self.samplers.turn(sampling.target.pid, sampling.target.start_time, wait):
+            cleared = await self._on_worker(self._begin_window, sampling)
+            await asyncio.sleep(sampling.window)
+            return await self._on_worker(self._end_window, sampling, cleared)
 
     async def _read_request(self, context: Context) -> bytes:
         timeout = self.pipeline.request_timeout
@@ -264,30 +324,42 @@ class VmControlService:
 
     # ---- the work of each method, on a worker thread --------------------------------
 
-    def get_vma_info(self, caller: Caller, policy: Policy, data: bytes) -> bytes:
+    def get_vma_info(self, caller: Caller, policy: Policy, data: bytes) -> bytes | _Sampling:
         request = _parse(pb.GetVmaInfoRequest, data)
-        snapshot, header = self._snapshot(caller, policy, request, pb.GetVmaInfoResponse)
-        return snapshot.table.encode(snapshot.result_mask, prefix=header)
+        reply: bytes | _Sampling = self._snapshot(caller, policy, request, pb.GetVmaInfoResponse, _whole)
+        return reply
 
-    def stream_vma_info(self, caller: Caller, policy: Policy, data: bytes) -> list[bytes]:
+    def stream_vma_info(self, caller: Caller, policy: Policy, data: bytes) -> list[bytes] | _Sampling:
         """GetVmaInfo's snapshot as StreamVmaInfoResponse messages: the header
         alone, then the VMAs in chunks that keep every message under the limit."""
         request = _parse(pb.StreamVmaInfoRequest, data)
-        snapshot, header = self._snapshot(caller, policy, request, pb.StreamVmaInfoResponse)
-        return [header, *snapshot.table.encode_chunks(snapshot.result_mask, STREAM_MESSAGE_LIMIT - 1)]
+        messages: list[bytes] | _Sampling = self._snapshot(caller, policy, request, pb.StreamVmaInfoResponse, _chunked)
+        return messages
 
     def _snapshot(
         self,
         caller: Caller,
         policy: Policy,
-        request: pb.GetVmaInfoRequest | pb.StreamVmaInfoRequest,
-        header_type: type[pb.GetVmaInfoResponse] | type[pb.StreamVmaInfoResponse],
-    ) -> tuple[Snapshot, bytes]:
-        """The snapshot asked for, checked to be of the process the policy
-        judged, and its serialized header: process, cookie and result mask."""
+        request: SnapshotRequest,
+        header_type: HeaderType,
+        answer: Callable[[Snapshot, bytes], Any],
+    ) -> Any:
+        """The reply: the snapshot asked for, checked to be of the process the
+        policy judged, after its serialized header (process, cookie and result
+        mask); or, for a sampler, what its window needs."""
         interceptor.note(pid=request.pid)
+        check_pid(request.pid)
+        check_attr_mask(request.attr_mask)
+        window = window_seconds(request.attr_mask, request.access_window_ms)
+        if window is not None:
+            sampled = read_target(request.pid)
+            rule = self.guard.check_sample_target(policy, caller, sampled)
+            return _Sampling(caller, request, window, sampled, rule.name, header_type, answer)
         target = self.guard.check_read(policy, caller, request.pid)
         snapshot = self.reader.take(request.pid, request.attr_mask)
+        return answer(snapshot, self._header(target, snapshot, header_type))
+
+    def _header(self, target: Target | None, snapshot: Snapshot, header_type: HeaderType) -> bytes:
         self.guard.same_process(target, snapshot.identity.start_time, snapshot.identity.exec_id)
         identity = snapshot.identity
         header = header_type(
@@ -295,7 +367,25 @@ class VmControlService:
             cookie=self.signer.issue(claims_for(identity, snapshot.digest)),
             result_mask=snapshot.result_mask,
         )
-        return snapshot, header.SerializeToString()
+        return header.SerializeToString()
+
+    def _begin_window(self, sampling: _Sampling) -> Identity:
+        """On record, then the referenced bits cleared: the sampling window begins."""
+        target = sampling.target
+        record = sample_record(
+            sampling.caller.audit_fields(), logs.request_id.get(), target, sampling.request.access_window_ms
+        )
+        if not self.guard.audit.write({**record, "rule": sampling.rule}, f"sample pid {target.pid}"):
+            raise AuditUnavailable(
+                "the audit log cannot be written; no process is sampled until it can", audit_log=self.guard.audit.path
+            )
+        return clear(target.pid, target.start_time, target.exec_id)
+
+    def _end_window(self, sampling: _Sampling, cleared: Identity) -> Any:
+        """The snapshot after the window, of the process whose bits were cleared."""
+        request = sampling.request
+        snapshot = self.reader.take(request.pid, request.attr_mask, cleared=cleared)
+        return sampling.answer(snapshot, self._header(sampling.target, snapshot, sampling.header_type))
 
     def advise_ranges(self, caller: Caller, policy: Policy, data: bytes) -> bytes:
         audit = AdviceAudit(caller.audit_fields(), request_id=logs.request_id.get())
@@ -354,11 +444,23 @@ class VmControlService:
         readable = None if policy.reads_any_process(caller) else functools.partial(policy.may_read, caller)
         processes = list_processes(request.cgroup_prefix, readable)
         reply = pb.ListProcessesResponse(processes=[pb.ProcessInfo(**vars(p)) for p in processes])
+        for path, pressure in cgroup_memory_pressure(p.cgroup for p in processes).items():
+            reply.cgroup_memory_pressure[path].CopyFrom(_memory_pressure(pressure))
         return reply.SerializeToString()
 
     def get_node_info(self, caller: Caller, policy: Policy, data: bytes) -> bytes:
         _parse(pb.GetNodeInfoRequest, data)
         return _node_info_reply(node_info(self.capabilities)).SerializeToString()
+
+
+def _whole(snapshot: Snapshot, header: bytes) -> bytes:
+    """GetVmaInfo's reply: the header, then every VMA."""
+    return snapshot.table.encode(snapshot.result_mask, prefix=header)
+
+
+def _chunked(snapshot: Snapshot, header: bytes) -> list[bytes]:
+    """StreamVmaInfo's messages: the header alone, then VMAs in chunks under the limit."""
+    return [header, *snapshot.table.encode_chunks(snapshot.result_mask, STREAM_MESSAGE_LIMIT - 1)]
 
 
 def _describe(audit: AdviceAudit, message: pb.AdviseRangesRequest, ranges: RangeSet, max_ranges: int) -> None:
@@ -398,18 +500,26 @@ def _node_info_reply(info: NodeInfo) -> pb.GetNodeInfoResponse:
             pagemap_scan=caps.pagemap_scan,
             advice_permitted=caps.advice_permitted,
             probe_errors=caps.probe_errors,
+            access_sampling=caps.access_sampling,
         ),
     )
     if info.memory_pressure is not None:
-        for kind in ("some", "full"):
-            values = info.memory_pressure.get(kind)
-            if values:
-                getattr(response.memory_pressure, kind).CopyFrom(
-                    pb.PressureStall(
-                        avg10=values.get("avg10", 0.0),
-                        avg60=values.get("avg60", 0.0),
-                        avg300=values.get("avg300", 0.0),
-                        total_us=int(values.get("total", 0)),
-                    )
-                )
+        response.memory_pressure.CopyFrom(_memory_pressure(info.memory_pressure))
     return response
+
+
+def _memory_pressure(pressure: Pressure) -> pb.MemoryPressure:
+    """PSI lines as the MemoryPressure message: a line the kernel did not write stays unset."""
+    message = pb.MemoryPressure()
+    for kind in ("some", "full"):
+        values = pressure.get(kind)
+        if values:
+            getattr(message, kind).CopyFrom(
+                pb.PressureStall(
+                    avg10=values.get("avg10", 0.0),
+                    avg60=values.get("avg60", 0.0),
+                    avg300=values.get("avg300", 0.0),
+                    total_us=int(values.get("total", 0)),
+                )
+            )
+    return message

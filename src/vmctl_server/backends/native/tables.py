@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from vmctl_api.words import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
+from vmctl_api.words import ATTR_ACCESS, ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY
 from vmctl_server.core import kernel, procfs
 from vmctl_server.core.layout import LAYOUT_RECORD
 
@@ -99,6 +99,13 @@ class NativeVmaTable:
         if rc < 0:
             raise kernel._ioctl_error("PROCMAP_QUERY", -rc)
         self.filled_mask |= ATTR_BUILD_ID
+
+    def fill_access(self) -> None:
+        """accessed_bytes per VMA: the C encoder writes each VMA's Referenced
+        as accessed_bytes once the mask it is given has ATTR_ACCESS."""
+        if not self.filled_mask & ATTR_ACCOUNTING:
+            raise ValueError("accessed bytes come from smaps' Referenced: this table was read from maps")
+        self.filled_mask |= ATTR_ACCESS
 
     def encode(self, mask: int, prefix: bytes = b"") -> bytes:
         """``prefix``, then the wire bytes of ``repeated Vma vmas = 4`` for the

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from vmctl_api import vmctl_pb2 as pb
-from vmctl_api.words import ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY, KIND_FILE
+from vmctl_api.words import ATTR_ACCESS, ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY, KIND_FILE
 from vmctl_server.core import kernel, procfs
 from vmctl_server.core.layout import KERNEL_HALF, LAYOUT_RECORD, perm_flags, vma_kind
 
@@ -145,6 +145,15 @@ class PyVmaTable:
                 r["build_id"] = kernel.procmap_query_build_id(maps_fd, r["start"])
         self.filled_mask |= ATTR_BUILD_ID
 
+    def fill_access(self) -> None:
+        """accessed_bytes per VMA: smaps' Referenced, for a table read after the
+        process's referenced bits were cleared (the caller vouches for that)."""
+        if not self.filled_mask & ATTR_ACCOUNTING:
+            raise ValueError("accessed bytes come from smaps' Referenced: this table was read from maps")
+        for r in self.rows:
+            r["accessed_bytes"] = r.get("referenced_bytes", 0)
+        self.filled_mask |= ATTR_ACCESS
+
     def encode(self, mask: int, prefix: bytes = b"") -> bytes:
         """``prefix``, then the wire bytes of ``repeated Vma vmas = 4`` for the
         groups in ``mask``."""
@@ -184,6 +193,8 @@ class PyVmaTable:
             fields += ACCOUNTING_FIELDS
         if mask & ATTR_BUILD_ID:
             fields.append("build_id")
+        if mask & ATTR_ACCESS:
+            fields.append("accessed_bytes")
         for r in self.rows:
             yield {f: r[f] for f in fields if f in r}
 

@@ -20,6 +20,7 @@
 #define ATTR_BUILD_ID 2u
 #define ATTR_RESIDENCY 4u
 #define ATTR_ACCOUNTING 8u
+#define ATTR_ACCESS 16u
 
 /* vmctl_server.core.layout: LAYOUT_RECORD ("<QQQQIIII") */
 #define LAYOUT_RECORD_SIZE 48

@@ -78,6 +78,7 @@ enum {
 	F_MMU_PAGE_SIZE = 31,
 	F_THP_ELIGIBLE = 32,
 	F_VM_FLAGS = 33,
+	F_ACCESSED = 34, /* Referenced again, read after a clear_refs (ATTR_ACCESS) */
 	F_RAW_PATH = 40,
 };
 #define ACCT_VALUES 19 /* fields 12..14 and 16..31 */
@@ -925,6 +926,8 @@ static char *put_vma(const struct vmctl_table *t, size_t i, uint32_t mask, char 
 		p = put_uint(p, F_THP_ELIGIBLE, a->thp_eligible);
 		p = put_bytes(p, F_VM_FLAGS, t->text + a->vm_flags_off, a->vm_flags_len);
 	}
+	if (a && (mask & ATTR_ACCESS))
+		p = put_uint(p, F_ACCESSED, a->value[acct_index(F_REFERENCED)]);
 	/* raw_path only when path had to be escaped */
 	if (!v->path_utf8)
 		p = put_bytes(p, F_RAW_PATH, path, v->path_len);
