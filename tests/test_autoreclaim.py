@@ -81,19 +81,23 @@ def test_idle_processes_are_paged_out_and_the_busy_one_keeps_its_memory(agent, s
         target.verify()
 
 
-def test_a_dry_run_decides_the_same_and_moves_nothing(agent, spawn_target, zram_swap):
+def test_a_dry_run_on_two_agents_decides_on_each_and_moves_nothing(agent, agent_py, spawn_target, zram_swap):
     idle = spawn_target()
     start, _ = idle.map_anon(8 * MiB, seed=44)
     name = unique_name("dry")
     with cgroup(name) as path:
         join(path, idle)
         run = vmctl(
-            "--target", agent.address, "autoreclaim", "--cgroup", f"/{name}", "--idle-seconds", "0.5",
-            "--interval", "0.25", "--duration", "1.5", "--dry-run", "-o", "json",
+            "--target", agent.address, "--target", agent_py.address, "autoreclaim", "--cgroup", f"/{name}",
+            "--idle-seconds", "0.5", "--interval", "0.25", "--duration", "1.5", "--dry-run", "-o", "json",
         )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    (pageout,) = [e for e in events(run.stdout) if e["event"] == "pageout"]
-    assert pageout["dry_run"] is True and pageout["pid"] == idle.pid and pageout["vmas"] >= 1
+    lines = events(run.stdout)
+    pageouts = {e["target"]: e for e in lines if e["event"] == "pageout"}
+    assert sorted(pageouts) == sorted([agent.address, agent_py.address])  # one loop per agent
+    assert [e["target"] for e in lines if e["event"] == "summary"] == [agent.address, agent_py.address]
+    for pageout in pageouts.values():
+        assert pageout["dry_run"] is True and pageout["pid"] == idle.pid and pageout["vmas"] >= 1
     assert swapped_kb(idle, start) == 0 and idle.smaps_region(start)["Rss"] == 8 * 1024
     idle.verify()
 
