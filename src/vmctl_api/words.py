@@ -174,8 +174,7 @@ REASONS: Final[dict[str, Reason]] = {
     "UNKNOWN_ATTR": Reason("INVALID_ARGUMENT", "attr_mask has bits no VmaAttr names"),
     "INVALID_WINDOW": Reason(
         "INVALID_ARGUMENT",
-        "access_window_ms must be 100 to 60000 with VMA_ATTR_ACCESS (and unset without it),"
-        " within the call's deadline",
+        "access_window_ms must be 100 to 60000 with VMA_ATTR_ACCESS (and unset without it), within the call's deadline",
     ),
     "UNKNOWN_ADVICE": Reason("INVALID_ARGUMENT", "the advice is none this agent knows"),
     "UNKNOWN_FILTER": Reason("INVALID_ARGUMENT", "the filter is none this agent knows"),

@@ -149,9 +149,7 @@ def list_processes(cgroup_prefix: str | None) -> Call[list[ProcessInfo]]:
     def wrap(reply: Any) -> list[ProcessInfo]:
         pressures = reply.cgroup_memory_pressure
         return [
-            ProcessInfo(p, pressures)
-            for p in reply.processes
-            if not cgroup_prefix or is_under(p.cgroup, cgroup_prefix)
+            ProcessInfo(p, pressures) for p in reply.processes if not cgroup_prefix or is_under(p.cgroup, cgroup_prefix)
         ]
 
     return Call("ListProcesses", request, wrap, retryable=True)

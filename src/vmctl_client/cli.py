@@ -239,6 +239,114 @@ def _add_reclaim(sub: argparse._SubParsersAction[argparse.ArgumentParser], outpu
     reclaim.add_argument("--dry-run", action="store_true", help="report what would be advised, change nothing")
 
 
+def _add_autoreclaim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    loop = sub.add_parser(
+        "autoreclaim",
+        help="the reclaim loop: page out idle processes, back off under pressure (runs until stopped)",
+        description="Every --interval seconds, list the processes of the --cgroup prefixes. One whose CPU time grew"
+        " by less than --idle-cpu percent over the last --idle-seconds is idle: its anonymous memory is paged out,"
+        " once per idle period. One that is busy keeps its memory; with --cold-unaccessed, what it did not touch in"
+        " a --window sample is advised cold. No pageout starts while the host's memory PSI (some, avg10) is above"
+        " --max-pressure; a process that faults back more than --refault-percent of what was paged out within"
+        " --backoff seconds is left alone for --backoff seconds. Stops after --duration seconds, or on SIGTERM or"
+        " SIGINT (0, the default), then prints a summary. -o json: one JSON object per line, per action, then the"
+        " summary. With several targets, one loop per agent, each line naming its target.",
+    )
+    loop.add_argument(
+        "--cgroup",
+        type=arguments.parse_cgroup,
+        action="append",
+        required=True,
+        metavar="PREFIX",
+        help="processes in cgroup v2 PREFIX or below it (/app: not /app-evil); repeat for several",
+    )
+    loop.add_argument(
+        "--idle-seconds",
+        type=arguments.positive(float, arguments.SECONDS_LIMIT),
+        default=30.0,
+        metavar="S",
+        help="how long a process must stay idle before its memory is paged out (default %(default)g)",
+    )
+    loop.add_argument(
+        "--idle-cpu",
+        type=arguments.percent,
+        default=1.0,
+        metavar="PCT",
+        help="idle means below this much CPU over --idle-seconds: Redis's timer alone uses some (default %(default)g)",
+    )
+    loop.add_argument(
+        "--interval",
+        type=arguments.positive(float, arguments.SECONDS_LIMIT),
+        default=5.0,
+        metavar="S",
+        help="seconds between steps (default %(default)g)",
+    )
+    loop.add_argument(
+        "--duration",
+        type=arguments.seconds_or_zero,
+        default=0.0,
+        metavar="S",
+        help="stop after this many seconds (default 0: run until SIGTERM or SIGINT)",
+    )
+    loop.add_argument(
+        "--max-pressure",
+        type=arguments.percent,
+        default=10.0,
+        metavar="PCT",
+        help="no new pageout while host memory PSI some avg10 is above this (default %(default)g)",
+    )
+    loop.add_argument(
+        "--cold-unaccessed",
+        action="store_true",
+        help="advise cold the anonymous VMAs a busy process did not touch in a --window sample (at most once per"
+        " --idle-seconds per process; sampling clears its referenced bits)",
+    )
+    loop.add_argument(
+        "--window",
+        type=arguments.positive(float, ACCESS_WINDOW_MAX_MS / 1000),
+        default=1.0,
+        metavar="S",
+        help="the sampling window of --cold-unaccessed (default %(default)g)",
+    )
+    loop.add_argument(
+        "--refault-percent",
+        type=arguments.percent,
+        default=10.0,
+        metavar="PCT",
+        help="back off from a process that faults back more than this share of what was paged out"
+        " (default %(default)g)",
+    )
+    loop.add_argument(
+        "--backoff",
+        type=arguments.seconds_or_zero,
+        default=300.0,
+        metavar="S",
+        help="how long refaults count after a pageout, and how long a process is then left alone; also after an"
+        " error (default %(default)g)",
+    )
+    loop.add_argument(
+        "--min-rss",
+        type=arguments.parse_size,
+        default="1M",  # argparse reads a string default through the type
+        metavar="BYTES",
+        help="only VMAs with at least this much resident (default %(default)s)",
+    )
+    loop.add_argument("--dry-run", action="store_true", help="decide and report, advise nothing")
+    loop.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json"),
+        default=argparse.SUPPRESS,
+        help="table: a line per action for people (the default); json: a JSON object per line",
+    )
+    loop.add_argument(
+        "--metrics-listen",
+        type=arguments.listen_address,
+        metavar="HOST:PORT",
+        help="serve the loop's Prometheus metrics at http://HOST:PORT/metrics (needs prometheus-client)",
+    )
+
+
 def _add_completion(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     completion = sub.add_parser(
         "completion",
@@ -295,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The node's kernel, memory, swap and memory pressure, and which system calls, ioctls and advices"
         " its kernel supports.",
     )
+    _add_autoreclaim(sub)
     _add_completion(sub)
     return parser
 
@@ -308,8 +417,19 @@ def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.A
     return subparsers.choices[command]  # type: ignore[no-any-return]
 
 
+def _check_autoreclaim(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """`autoreclaim` prints a line per action: a table or JSON lines, and its window must be one the agent takes."""
+    loop = _command_parser(parser, "autoreclaim")
+    if getattr(args, "output", "table") not in ("table", "json"):
+        loop.error(f"-o {args.output}: autoreclaim prints a line per action, as a table or as JSON (-o json)")
+    if args.window * 1000 < ACCESS_WINDOW_MIN_MS:
+        loop.error(f"--window {args.window:g}: the shortest window is {ACCESS_WINDOW_MIN_MS / 1000:g} s")
+
+
 def _check_window(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """`maps`: a window goes with the accessed attribute, and it with a window."""
+    if args.command == "autoreclaim":
+        _check_autoreclaim(args, parser)
     if args.command != "maps":
         return
     maps = _command_parser(parser, "maps")
@@ -378,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     targets, is_fleet = _targets(args, parser)
     tls = _tls(args, parser, targets)
 
+    if args.command == "autoreclaim":
+        from vmctl_client import loop_command
+
+        return loop_command.run(args, targets, tls, getattr(args, "output", "table"))
     from vmctl_client import commands  # gRPC and rich, only now that there is work to do
 
     return commands.run(args, targets, is_fleet, tls, getattr(args, "output", "table"))

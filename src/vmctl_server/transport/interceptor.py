@@ -168,9 +168,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    def _one_request(
-        self, behavior: Behavior, deserializer: Callable[[bytes], Any] | None, streams: bool
-    ) -> Behavior:
+    def _one_request(self, behavior: Behavior, deserializer: Callable[[bytes], Any] | None, streams: bool) -> Behavior:
         """A single-request behavior served from a request stream, its one message read with a deadline."""
         timeout = self.request_timeout
 

@@ -200,9 +200,7 @@ class VmControlService:
         reply: bytes = await self._finish(context, method, verb, call)  # a unary method's Work gives bytes
         return reply
 
-    async def _serve_stream(
-        self, context: Context, method: str, verb: str, work: Work
-    ) -> AsyncIterator[bytes]:
+    async def _serve_stream(self, context: Context, method: str, verb: str, work: Work) -> AsyncIterator[bytes]:
         """As :meth:`_serve`, then every message the work made, written from
         the event loop; the slots are held until the last is written (or the
         call ends) and, as ever, until the work ends."""
@@ -218,9 +216,7 @@ class VmControlService:
             else:  # the caller went away while the worker still reads
                 call.running.add_done_callback(lambda _done: self._call_ended(call.ticket))
 
-    async def _start(
-        self, context: Context, method: str, verb: str, work: Work
-    ) -> _Running:
+    async def _start(self, context: Context, method: str, verb: str, work: Work) -> _Running:
         """Admit the caller, read its request, and hand the work to a worker;
         the caller's slots are released here only when this refuses it."""
         caller = caller_of(context)
@@ -263,9 +259,7 @@ class VmControlService:
             log.exception("%s failed", method)
             await _abort(context, VmctlFault(f"{method} failed inside the agent; see its log", reason="INTERNAL"))
 
-    async def _run(
-        self, context: Context, work: Work, caller: Caller, policy: Policy, data: bytes
-    ) -> Any:
+    async def _run(self, context: Context, work: Work, caller: Caller, policy: Policy, data: bytes) -> Any:
         """The call's work: one step on a worker, and a sampler's window and snapshot after it."""
         result = await self._on_worker(work, caller, policy, data)
         if isinstance(result, _Sampling):

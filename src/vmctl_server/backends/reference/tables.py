@@ -198,6 +198,7 @@ class PyVmaTable:
         for r in self.rows:
             yield {f: r[f] for f in fields if f in r}
 
+
 def _attribute_runs(rows: list[dict[str, Any]], runs: list[tuple[int, int, int]]) -> None:
     """Add each (start, end, categories) page run to the VMAs it overlaps."""
     i = 0
