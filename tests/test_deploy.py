@@ -24,6 +24,7 @@ import pytest
 import tomllib
 from support.agent_workout import Rig, exercise_operations, exercise_tls
 from support.deploy_files import (
+    AGENT,
     DEPLOY,
     DOCKERFILE,
     KUSTOMIZE_BASE,
@@ -34,12 +35,17 @@ from support.deploy_files import (
     only,
     render,
     require_tool,
+    sidecar_container,
     unit_settings,
 )
 from support.privileges import setpriv_prefix
 
+from vmctl_client.cli import build_parser as vmctl_parser
 from vmctl_server import config as agent_cli
-from vmctl_server.access.policy import parse_policy
+from vmctl_server.access.identity import Caller
+from vmctl_server.access.policy import ADVISE, READ, Policy, parse_policy
+from vmctl_server.core.faults import PolicyDenied
+from vmctl_server.core.targets import Target
 
 # kubectl here is 1.32; also the newest schemas kubernetes-validate bundles (it works offline from them).
 SCHEMA_VERSIONS = ("1.32.0", kubernetes_validate.utils.latest_version())
@@ -96,8 +102,8 @@ NAMESPACED_KINDS = {
 
 
 @pytest.mark.unprivileged
-def test_the_overlays_are_the_documented_two():
-    assert OVERLAY_IDS == ["cluster-mtls", "node-local"]
+def test_the_overlays_are_the_documented_three():
+    assert OVERLAY_IDS == ["autoreclaim", "cluster-mtls", "node-local"]
 
 
 # ---- Kubernetes ------------------------------------------------------------------
@@ -363,6 +369,11 @@ def test_the_network_policy_admits_only_what_must_reach_each_port(overlay):
     expected = {ports["metrics"]: [{"vmctl.dev/monitoring": "true"}]}
     if "grpc" in ports:
         expected[ports["grpc"]] = [{"vmctl.dev/controller": "true"}]
+    sidecar = sidecar_container(docs)
+    if sidecar is not None:  # the reclaim loop's metrics, to monitoring like the agent's; it has no other port
+        (loop_metrics,) = sidecar["ports"]
+        assert loop_metrics["name"] == "loop-metrics"
+        expected[loop_metrics["containerPort"]] = [{"vmctl.dev/monitoring": "true"}]
     assert admitted_ports(policy) == expected
     assert ports["health"] not in admitted_ports(policy)
 
@@ -437,16 +448,161 @@ def test_the_agent_serves_the_overlays_listen_addresses_over_ipv4_and_ipv6(start
     exercise_tls(rig, target)  # mutual TLS over 127.0.0.1 and ::1
 
 
+def _policy_of(docs: tuple[dict, ...]) -> Policy:
+    config_map = next(d for d in docs if d["metadata"]["name"].startswith("vmctl-policy-"))
+    return parse_policy(config_map["data"]["policy.yaml"], "policy.yaml")
+
+
 @pytest.mark.unprivileged
-def test_policy_configmap_is_a_policy_the_agent_accepts():
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
+def test_policy_configmap_is_a_policy_the_agent_accepts(overlay):
     """The ConfigMap's file, through the agent's own policy parser (the one --policy uses)."""
-    config_map = next(d for d in render(OVERLAYS[0]) if d["metadata"]["name"].startswith("vmctl-policy-"))
-    policy = parse_policy(config_map["data"]["policy.yaml"], "policy.yaml")
+    docs = render(overlay)
+    policy = _policy_of(docs)
     assert policy.require_cookie is True
-    assert {rule.name for rule in policy.rules} == {"node-root", "reclaimer", "observer"}
-    args = _agent_args(render(OVERLAYS[0]))
-    mount = next(m for m in agent_container(render(OVERLAYS[0]))["volumeMounts"] if m["name"] == "policy")
+    expected = {"node-root", "reclaimer", "observer"} | ({"autoreclaim"} if sidecar_container(docs) else set())
+    assert {rule.name for rule in policy.rules} == expected
+    args = _agent_args(docs)
+    mount = next(m for m in agent_container(docs)["volumeMounts"] if m["name"] == "policy")
     assert args.policy == f"{mount['mountPath']}/policy.yaml"
+
+
+# ---- the autoreclaim overlay: the reclaim loop beside the agent -------------------------------------
+
+AUTORECLAIM = next(p for p in OVERLAYS if p.name == "autoreclaim")
+SIDECAR_UID = 65532
+
+
+def _sidecar_args(docs: tuple[dict, ...]) -> argparse.Namespace:
+    """The sidecar's command, parsed by vmctl's own parser: an unknown or malformed flag exits here."""
+    sidecar = sidecar_container(docs)
+    assert sidecar is not None
+    assert sidecar["command"] == ["vmctl"], "the client's console script, from the agent's image"
+    return vmctl_parser().parse_args(sidecar["args"])
+
+
+@pytest.mark.unprivileged
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
+def test_only_the_autoreclaim_overlay_runs_a_container_beside_the_agent(overlay):
+    docs = render(overlay)
+    containers = only(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    expected = [AGENT, "autoreclaim"] if overlay == AUTORECLAIM else [AGENT]
+    assert [c["name"] for c in containers] == expected
+
+
+@pytest.mark.unprivileged
+def test_the_reclaim_sidecar_holds_no_privilege():
+    docs = render(AUTORECLAIM)
+    sidecar = sidecar_container(docs)
+    assert sidecar is not None and sidecar["image"] == agent_container(docs)["image"]
+    security = sidecar["securityContext"]
+    assert security["runAsUser"] == SIDECAR_UID and security["runAsNonRoot"] is True
+    assert security["runAsGroup"] != 0
+    assert security["capabilities"] == {"drop": ["ALL"]}, "no capability added"
+    assert security["privileged"] is False and security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert security["appArmorProfile"] == {"type": "RuntimeDefault"}
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= sidecar["resources"][kind].keys()
+    assert not any(p.get("hostPort") for p in sidecar.get("ports", []))
+    # Its only host path is the agent's socket directory, read-only (connecting to a socket needs no write
+    # access to the filesystem it is on); everything else it may write is a small emptyDir.
+    pod = only(docs, "DaemonSet")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for mount in sidecar["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if "hostPath" in volume:
+            assert volume["hostPath"]["path"] == "/run/vmctl" and mount["readOnly"] is True
+        else:
+            assert "emptyDir" in volume and volume["emptyDir"].get("sizeLimit"), mount
+
+
+@pytest.mark.unprivileged
+def test_the_reclaim_sidecar_runs_autoreclaim_against_the_agents_socket():
+    docs = render(AUTORECLAIM)
+    args, agent_args = _sidecar_args(docs), _agent_args(docs)
+    assert args.command == "autoreclaim"
+    (socket_path,) = [a.unix_path for a in agent_args.listen if a.unix_path]
+    assert args.target == [f"unix://{socket_path}"]
+    assert args.output == "json" and not args.dry_run
+    assert args.cgroup and all(c.startswith("/kubepods") for c in args.cgroup), "pods only"
+    sidecar = sidecar_container(docs)
+    assert sidecar is not None
+    mounted = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    agent_mounts = {m["mountPath"]: m["name"] for m in agent_container(docs)["volumeMounts"]}
+    directory = posixpath.dirname(socket_path)
+    assert mounted[directory] == agent_mounts[directory], "the same volume as the agent's socket"
+    assert args.metrics_listen == ("::", sidecar["ports"][0]["containerPort"])
+
+
+@pytest.mark.unprivileged
+def test_the_agents_socket_admits_the_sidecars_group_and_no_one_else():
+    """A unix socket takes its creator's group: the agent's primary group is the sidecar's, and the
+    socket mode lets that group (and root) connect, not others."""
+    docs = render(AUTORECLAIM)
+    agent_args = _agent_args(docs)
+    sidecar = sidecar_container(docs)
+    assert sidecar is not None
+    assert agent_args.socket_mode == 0o660
+    assert agent_container(docs)["securityContext"]["runAsGroup"] == sidecar["securityContext"]["runAsGroup"]
+    assert agent_container(docs)["securityContext"].get("runAsUser", 0) == 0, "still root, for its capabilities"
+    for other in OVERLAYS:
+        if other != AUTORECLAIM:
+            assert _agent_args(render(other)).socket_mode == 0o600
+
+
+def _rules_naming(policy: Policy, identities: set[str]) -> list:
+    return [rule for rule in policy.rules if rule.identities & identities]
+
+
+@pytest.mark.unprivileged
+def test_the_policy_grants_the_sidecar_exactly_what_the_loop_needs():
+    """read (ListProcesses, GetNodeInfo, GetVmaInfo) and advise with pageout (and cold only with
+    --cold-unaccessed) on exactly the cgroups the loop is given; no other rule names its uid or group;
+    every other rule is the base policy's, unchanged."""
+    docs = render(AUTORECLAIM)
+    args = _sidecar_args(docs)
+    sidecar = sidecar_container(docs)
+    assert sidecar is not None
+    gid = sidecar["securityContext"]["runAsGroup"]
+    policy = _policy_of(docs)
+    (rule,) = _rules_naming(policy, {f"uid:{SIDECAR_UID}", f"gid:{gid}"})
+    assert rule.identities == {f"uid:{SIDECAR_UID}"}, "the uid alone: the group is the agent's too"
+    assert rule.verbs == {READ, ADVISE}
+    assert rule.advices == ({"pageout", "cold"} if args.cold_unaccessed else {"pageout"})
+    assert rule.targets is not None and set(rule.targets.cgroup_prefixes) == set(args.cgroup)
+    assert not rule.targets.uids and not rule.targets.comm
+    base = parse_policy((KUSTOMIZE_BASE / "policy.yaml").read_text(), "base/policy.yaml")
+    assert [r for r in policy.rules if r is not rule] == list(base.rules)
+    assert (policy.require_cookie, policy.protected_pids, policy.protected_comm, policy.protected_cgroup_prefixes) == (
+        base.require_cookie,
+        base.protected_pids,
+        base.protected_comm,
+        base.protected_cgroup_prefixes,
+    )
+
+    # And as the agent decides, for the sidecar's identity on the socket:
+    caller = Caller(f"uid:{SIDECAR_UID}", "unix", uid=SIDECAR_UID, gid=gid, pid=4242)
+
+    def target(cgroup: str) -> Target:
+        return Target(pid=4343, uid=1000, comm="redis-server", cgroup=cgroup, start_time=1, owner=1000)
+
+    policy.check_verb(caller, READ)
+    policy.check_verb(caller, ADVISE)
+    for prefix in args.cgroup:
+        pod = target(f"{prefix}/pod1234/cri-containerd-abcd")
+        assert policy.check_target(caller, ADVISE, pod, "pageout") is rule
+        assert policy.check_target(caller, READ, pod) is rule
+        for advice in ("willneed", "collapse", *(() if args.cold_unaccessed else ("cold",))):
+            with pytest.raises(PolicyDenied):
+                policy.check_target(caller, ADVISE, pod, advice)
+    for elsewhere in ("/kubepods.slice/kubepods-burstable.slice/pod1", "/kubepods/burstable/pod1",
+                      "/system.slice/kubelet.service", "/kubepods-evil"):  # fmt: skip
+        for verb in (READ, ADVISE):
+            with pytest.raises(PolicyDenied):
+                policy.check_target(caller, verb, target(elsewhere), "pageout" if verb == ADVISE else None)
+    assert not policy.reads_any_process(caller)
 
 
 # ---- container image -------------------------------------------------------------

@@ -47,10 +47,21 @@ def only(docs: tuple[dict, ...], kind: str) -> dict:
     return found[0]
 
 
+AGENT = "agent"
+SIDECAR = "autoreclaim"  # the one container an overlay may run beside the agent (overlays/autoreclaim)
+
+
 def agent_container(docs: tuple[dict, ...]) -> dict:
     containers = only(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
-    assert len(containers) == 1, "the DaemonSet runs the agent alone"
+    names = [c["name"] for c in containers]
+    assert names in ([AGENT], [AGENT, SIDECAR]), f"the DaemonSet runs the agent, and at most the reclaim loop: {names}"
     return containers[0]
+
+
+def sidecar_container(docs: tuple[dict, ...]) -> dict | None:
+    """The reclaim loop's container, where the overlay has one."""
+    containers = only(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    return next((c for c in containers if c["name"] == SIDECAR), None)
 
 
 def daemonset_capabilities() -> set[str]:
