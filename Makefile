@@ -4,6 +4,7 @@
 #   make test-unprivileged  the tests that need no root (parsers, policy, cookie, limits, views), as any user
 #   make proto  regenerate the Python stubs from proto/
 #   make bench  (see bench/README.md)
+#   make bench-reclaim  reclaim controllers on Redis workloads (root; installs redis-server and redis-tools)
 #   make dist   the sdist and a manylinux abi3 wheel in dist/
 
 PYTHON ?= python3
@@ -16,7 +17,7 @@ AGENT_ARGS  ?=
 BENCH_ARGS  ?=
 INSTALL_INPUTS := pyproject.toml setup.py $(wildcard src/vmctl_server/backends/native/csrc/*)
 
-.PHONY: setup run test test-unprivileged lint proto bench dist clean
+.PHONY: setup run test test-unprivileged lint proto bench bench-reclaim dist clean
 
 # $(1): what to install, editable. The dev tools include the agent's extra, so one venv serves both.
 # The agent here needs its C extension: VMCTL_NATIVE=required fails a build that cannot make it.
@@ -55,6 +56,16 @@ proto: $(STAMP)
 # A few minutes, as root; BENCH_ARGS="--reps 25 --big-reps 11" for tighter medians.
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# About 6 minutes, as root: no controller, blunt reclaim and vmctl autoreclaim, each on a fresh busy Redis,
+# idle Redis instances and idle Python heaps; BENCH_ARGS="--quick" for one short round (bench/README.md).
+# Debian's redis-server and redis-tools (redis-benchmark) come from apt when missing.
+bench-reclaim: $(STAMP)
+	@missing=; for tool in redis-server redis-cli redis-benchmark; do command -v $$tool >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server redis-tools; \
+	fi
+	$(PY) bench/reclaim.py $(BENCH_ARGS)
 
 # What an index takes: python -m build makes the sdist and, from it, the wheel; abi3audit checks
 # that the extension uses the stable ABI alone (the wheel says cp310-abi3); auditwheel gives the

@@ -129,6 +129,16 @@ def cpu_and_faults(pid: int) -> tuple[float, int]:
     return (int(fields[11]) + int(fields[12])) / TICKS, int(fields[9])
 
 
+def swap_in_use(device: str | None) -> int | None:
+    """Bytes used on our swap device per /proc/swaps, or None when it is no longer swap (someone
+    else's swapoff would fault everything on it back in, and the run would measure that)."""
+    for line in pathlib.Path("/proc/swaps").read_text().splitlines()[1:]:
+        fields = line.split()
+        if device is not None and fields and fields[0] == device:
+            return int(fields[3]) * 1024
+    return None
+
+
 def loadavg() -> list[float]:
     return [float(x) for x in pathlib.Path("/proc/loadavg").read_text().split()[:3]]
 
@@ -240,9 +250,9 @@ class Redis:
         """Every key redis-benchmark -r KEYS will touch (key:%012d), each holding the value its SETs
         write (Redis 7's redis-benchmark writes one fixed pseudo-random payload, learnt here from one
         SET): the load then rewrites what is there, and DEBUG DIGEST stays the same."""
+        one_set = ["-t", "set", "-n", "1", "-c", "1", "-r", "1", "-d", str(VALUE_SIZE), "--csv"]
         subprocess.run(
-            ["redis-benchmark", "-p", str(self.port), "-t", "set", "-n", "1", "-c", "1", "-r", "1"]
-            + ["-d", str(VALUE_SIZE), "--csv"],
+            ["redis-benchmark", "-p", str(self.port), *one_set],
             capture_output=True,
             check=True,
             timeout=60,
@@ -539,6 +549,7 @@ def run_once(ctx: Context, controller: str, round_index: int, run_index: int) ->
         busy_cpu1, busy_faults1 = cpu_and_faults(w.busy.pid)
         busy_end = rollup(w.busy.pid)
         zram = zram_stats(ctx.zram)
+        swap_used = swap_in_use(ctx.zram)
 
         # Nothing lost: every Redis digest and every heap checksum as before (reading faults it all back in).
         data = {r.name: {"before": digests[r.name], "after": r.digest()} for r in [w.busy, *w.idle_redis]}
@@ -593,9 +604,12 @@ def run_once(ctx: Context, controller: str, round_index: int, run_index: int) ->
         "controller_cpu_seconds": round(proc.cpu_seconds, 3) if proc else 0.0,
         "controller_exit": proc.returncode if proc else None,
         "controller_events": counts,
+        "controller_event_log": (proc.events[:300] if proc else []),
         "controller_summary": summary_event,
         "controller_other_output": proc.other_lines[:20] if proc else [],
         "zram": zram,
+        "swap_device_used": swap_used,
+        "swap_device_intact": swap_used is not None,
         "data_ok": data_ok,
         "data": data,
     }
@@ -718,7 +732,16 @@ def goals(args: argparse.Namespace, runs: list[dict[str, Any]], rows: dict[str, 
                     "limits": limits,
                 }
             )
-    lost = [f"{r['controller']} round {r['round']}" for r in runs if not r["data_ok"]]
+    broken = [f"{r['controller']} round {r['round'] + 1}" for r in runs if not r["swap_device_intact"]]
+    if broken:
+        out.append(
+            {
+                "goal": "the bench's own swap device stayed swap through every run",
+                "verdict": "NOT met",
+                "limits": [f"gone (someone else's swapoff?) by the end of: {', '.join(broken)}: rerun"],
+            }
+        )
+    lost = [f"{r['controller']} round {r['round'] + 1}" for r in runs if not r["data_ok"]]
     out.append(
         {
             "goal": "nothing lost (Redis DEBUG DIGEST and heap checksums equal before and after, every run)",
@@ -842,6 +865,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f" busy {result['busy']['throughput']:,.0f} ops/s, p99 {result['busy']['p99_ms']:.3f} ms,"
                 f" data {'ok' if result['data_ok'] else 'CHANGED'} ({time.monotonic() - began:.0f} s)"
             )
+            if not result["swap_device_intact"]:
+                progress(f"WARNING: {swap} is no longer swap (swapoff by someone else?): this run is not valid")
     rows = summarize(args, runs)
     judged = goals(args, runs, rows)
     text = table(args, rows)
