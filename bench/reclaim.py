@@ -643,10 +643,18 @@ def mib(v: float) -> str:
     return f"{v / (1 << 20):.0f} MiB"
 
 
+def cpu_per_request(run: dict[str, Any]) -> float:
+    """The busy Redis's CPU time per request served, in microseconds: what faulting its memory back
+    costs it shows here, and other load on the machine much less than in throughput."""
+    busy = run["busy"]
+    return busy["cpu_seconds"] / busy["requests"] * 1e6 if busy["requests"] else math.nan
+
+
 def summarize(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, Any]:
     by: dict[str, list[dict[str, Any]]] = {c: [r for r in runs if r["controller"] == c] for c in args.controllers}
     base_tput = {r["round"]: r["busy"]["throughput"] for r in by.get("none", [])}
     base_p99 = {r["round"]: r["busy"]["p99_ms"] for r in by.get("none", [])}
+    base_cpu = {r["round"]: cpu_per_request(r) for r in by.get("none", [])}
     rows = {}
     for c, rs in by.items():
         if not rs:
@@ -670,6 +678,10 @@ def summarize(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str,
             "busy_major_faults": med([r["busy"]["major_faults"] for r in rs]),
             "busy_swap_after": med([r["busy"]["swap_after"] for r in rs]),
             "busy_cpu_seconds": med([r["busy"]["cpu_seconds"] for r in rs]),
+            "busy_cpu_us_per_request": med([cpu_per_request(r) for r in rs]),
+            "busy_cpu_per_request_ratio": med(
+                [cpu_per_request(r) / base_cpu[r["round"]] for r in rs if base_cpu.get(r["round"])]
+            ),
             "agent_cpu_seconds": med([r["agent_cpu_seconds"] for r in rs]),
             "controller_cpu_seconds": med([r["controller_cpu_seconds"] for r in rs]),
             "zram_mem_used": med([r["zram"].get("mem_used_total", 0) for r in rs]),
@@ -719,10 +731,19 @@ def goals(args: argparse.Namespace, runs: list[dict[str, Any]], rows: dict[str, 
                     f" in a {args.duration:g} s run = {share:.1%} of {cores} cores, taken from Redis and"
                     " redis-benchmark"
                 )
-                limits.append(
-                    f"busy Redis: {a['busy_major_faults']:.0f} major faults, {mib(a['busy_swap_after'])} in swap"
-                    " at the end (its own memory paged out and faulted back)"
-                )
+                if a["busy_major_faults"] or a["busy_swap_after"]:
+                    limits.append(
+                        f"busy Redis: {a['busy_major_faults']:.0f} major faults, {mib(a['busy_swap_after'])} in swap"
+                        " at the end: its own memory was paged out and faulted back"
+                    )
+                else:
+                    limits.append("busy Redis: no major faults, nothing in swap: its memory was left alone")
+                if j["verdict"] == "unresolved":
+                    ratios_text = ", ".join(f"{r:.1%}" for r in ratios)
+                    limits.append(
+                        f"the rounds disagree (ratios {ratios_text}) by more than the median's distance from"
+                        f" {THROUGHPUT_GOAL:.0%}: other load on the machine (see the load average); run more --rounds"
+                    )
             beside = rows.get("blunt", {}).get("throughput_ratio")
             out.append(
                 {
@@ -755,7 +776,7 @@ def goals(args: argparse.Namespace, runs: list[dict[str, Any]], rows: dict[str, 
 def table(args: argparse.Namespace, rows: dict[str, Any]) -> str:
     head = (
         "controller", "idle paged out", "to 90%", "busy ops/s", "vs none", "p99 ms", "vs none",
-        "busy majflt", "agent CPU", "ctrl CPU", "data",
+        "Redis CPU/req", "vs none", "busy majflt", "agent CPU", "ctrl CPU", "data",
     )  # fmt: skip
     lines = [head]
     for c, r in rows.items():
@@ -769,6 +790,9 @@ def table(args: argparse.Namespace, rows: dict[str, Any]) -> str:
                 "-" if c == "none" or not math.isfinite(ratio) else f"{ratio:.1%}",
                 f"{r['p99_ms']:.3f}",
                 "-" if c == "none" or not math.isfinite(r["p99_ratio"]) else f"{r['p99_ratio']:.2f}x",
+                f"{r['busy_cpu_us_per_request']:.1f} us",
+                "-" if c == "none" or not math.isfinite(r["busy_cpu_per_request_ratio"])
+                else f"{r['busy_cpu_per_request_ratio']:.2f}x",
                 f"{r['busy_major_faults']:,.0f}",
                 f"{r['agent_cpu_seconds']:.2f} s",
                 f"{r['controller_cpu_seconds']:.2f} s",
@@ -792,7 +816,8 @@ def goal_lines(judged: list[dict[str, Any]]) -> list[str]:
             spread = "n/a (1 round)" if len(g["values"]) < 2 else f"{g['spread']:.3g}"
             detail = f" (median {g['median']:.3g}, spread {spread}, margin {g['margin']:.3g})"
         lines.append(f"  [{g['verdict']}] {g['goal']}{detail}")
-        lines += [f"      limited by: {why}" for why in g["limits"]]
+        label = "why" if g["verdict"] == "unresolved" else "limited by"
+        lines += [f"      {label}: {why}" for why in g["limits"]]
     return lines
 
 

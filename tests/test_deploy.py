@@ -7,6 +7,7 @@ the privileges these files grant.)"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import fnmatch
 import json
@@ -18,11 +19,13 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 
 import kubernetes_validate
 import pytest
 import tomllib
 from support.agent_workout import Rig, exercise_operations, exercise_tls
+from support.cgroup2 import CGROUP2, _emptied_and_removed
 from support.deploy_files import (
     AGENT,
     DEPLOY,
@@ -38,7 +41,10 @@ from support.deploy_files import (
     sidecar_container,
     unit_settings,
 )
+from support.peers import public_directory
 from support.privileges import setpriv_prefix
+from support.vmctl_cli import VMCTL
+from support.waiting import wait_for
 
 from vmctl_client.cli import build_parser as vmctl_parser
 from vmctl_server import config as agent_cli
@@ -471,6 +477,7 @@ def test_policy_configmap_is_a_policy_the_agent_accepts(overlay):
 
 AUTORECLAIM = next(p for p in OVERLAYS if p.name == "autoreclaim")
 SIDECAR_UID = 65532
+MiB = 1 << 20
 
 
 def _sidecar_args(docs: tuple[dict, ...]) -> argparse.Namespace:
@@ -603,6 +610,84 @@ def test_the_policy_grants_the_sidecar_exactly_what_the_loop_needs():
             with pytest.raises(PolicyDenied):
                 policy.check_target(caller, verb, target(elsewhere), "pageout" if verb == ADVISE else None)
     assert not policy.reads_any_process(caller)
+
+
+def _as_user(uid: int, gid: int) -> list[str]:
+    """What the container runtime does for the sidecar: that uid and group, no capabilities."""
+    setpriv = require_tool("setpriv", "util-linux")
+    return [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--inh-caps=-all", "--no-new-privs", "--"]
+
+
+@pytest.mark.skipif(CGROUP2 is None, reason="no cgroup v2 hierarchy is mounted")
+def test_the_sidecar_as_deployed_pages_out_an_idle_pod_through_the_agent_as_deployed(
+    start_agent, spawn_target, zram_swap, tmp_path
+):
+    """The overlay's pieces together, for real: the agent with the overlay's policy, socket mode and
+    group; the sidecar's own command (only its pace made quick, and no metrics port) as its uid and
+    group. An idle process in a best-effort pod's cgroup is paged out; the same uid without the group
+    cannot reach the socket, and another uid in the group may not even list processes."""
+    docs = render(AUTORECLAIM)
+    sidecar = sidecar_container(docs)
+    assert sidecar is not None
+    uid, gid = sidecar["securityContext"]["runAsUser"], sidecar["securityContext"]["runAsGroup"]
+    agent_args = _agent_args(docs)
+    policy_path = tmp_path / "policy.yaml"
+    config_map = next(d for d in docs if d["metadata"]["name"].startswith("vmctl-policy-"))
+    policy_path.write_text(config_map["data"]["policy.yaml"])
+    loop_args = _sidecar_args(docs)
+    pod_cgroup = f"{loop_args.cgroup[-1]}/pod-vmctl-test-{os.getpid()}"
+    idle = spawn_target()
+    start, _ = idle.map_anon(16 * MiB, seed=77)
+    in_group = [require_tool("setpriv", "util-linux"), f"--regid={gid}", "--clear-groups", "--"]  # uid 0 still
+    with public_directory() as sockets, _cgroup_path(pod_cgroup) as pod:
+        mode = f"--socket-mode={agent_args.socket_mode:o}"
+        agent = start_agent("--policy", str(policy_path), mode, socket_dir=sockets, prefix=in_group)
+        assert (agent.socket_path.stat().st_gid, agent.socket_path.stat().st_mode & 0o777) == (gid, 0o660)
+        (pod / "cgroup.procs").write_text(str(idle.pid))
+        command = [a.replace("unix:///run/vmctl/agent.sock", agent.address) for a in sidecar["args"]]
+        command = [a for a in command if not a.startswith("--metrics-listen")]
+        assert agent.address in command[0]
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        quick = ["--idle-seconds", "1", "--interval", "0.5", "--duration", "4"]
+        run = subprocess.run(
+            [*_as_user(uid, gid), *VMCTL, *command, *quick], capture_output=True, text=True, timeout=120, env=env
+        )
+        assert run.returncode == 0, run.stderr
+        lines = [json.loads(line) for line in run.stdout.splitlines()]
+        pageouts = [e for e in lines if e["event"] == "pageout"]
+        assert [e["pid"] for e in pageouts] == [idle.pid], lines
+        assert lines[-1]["event"] == "summary" and lines[-1]["errors"] == 0, lines[-1]
+        assert idle.smaps_region(start)["Swap"] >= 15 * 1024
+        ps = ["--target", agent.address, "ps", "-o", "json"]
+        outside_group = subprocess.run(
+            [*_as_user(uid, 65534), *VMCTL, *ps], capture_output=True, text=True, timeout=60, env=env
+        )
+        assert outside_group.returncode == 1, outside_group
+        assert "may not connect to the agent's socket" in json.loads(outside_group.stdout)["error"]["message"]
+        other_uid = subprocess.run(
+            [*_as_user(uid + 1, gid), *VMCTL, *ps], capture_output=True, text=True, timeout=60, env=env
+        )
+        assert other_uid.returncode == 1, other_uid
+        assert json.loads(other_uid.stdout)["error"]["reason"] == "POLICY_DENIED"
+    idle.verify()
+
+
+@contextlib.contextmanager
+def _cgroup_path(path: str) -> Iterator[pathlib.Path]:
+    """The cgroup v2 directory ``path`` and any missing parents; those made here are removed after."""
+    assert CGROUP2 is not None
+    made: list[pathlib.Path] = []
+    current = CGROUP2
+    try:
+        for part in path.strip("/").split("/"):
+            current = current / part
+            if not current.exists():
+                current.mkdir()
+                made.append(current)
+        yield current
+    finally:
+        for directory in reversed(made):
+            wait_for(lambda d=directory: _emptied_and_removed(d), f"cgroup {directory} to be removed")
 
 
 # ---- container image -------------------------------------------------------------
