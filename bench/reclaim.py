@@ -32,6 +32,7 @@ from typing import Any
 
 import harness  # first: it puts tests/ on the path, for support.*
 from support.cgroup2 import CGROUP2
+from support.processes import status_kb
 from support.waiting import wait_for
 from support.zram import zram_swap_device
 
@@ -527,9 +528,15 @@ def run_once(ctx: Context, controller: str, round_index: int, run_index: int) ->
         samples: list[dict[str, Any]] = []
         stop_sampling = threading.Event()
 
+        controller_hwm = 0
+
         def sample() -> None:
+            nonlocal controller_hwm
             while not stop_sampling.is_set():
                 t = time.monotonic() - t0
+                if proc is not None:  # its peak RSS since exec (wait4's ru_maxrss counts the bench's, from fork)
+                    with contextlib.suppress(OSError, ValueError):
+                        controller_hwm = max(controller_hwm, status_kb(proc.proc.pid, "VmHWM") * 1024)
                 now = {name: rollup(pid) for name, pid in idle_pids.items()}
                 samples.append({"t": round(t, 3), "idle": now, "busy": rollup(w.busy.pid)})
                 stop_sampling.wait(SAMPLE_EVERY)
@@ -550,6 +557,7 @@ def run_once(ctx: Context, controller: str, round_index: int, run_index: int) ->
         busy_end = rollup(w.busy.pid)
         zram = zram_stats(ctx.zram)
         swap_used = swap_in_use(ctx.zram)
+        agent_rss = status_kb(ctx.agent_pid, "VmRSS") * 1024
 
         # Nothing lost: every Redis digest and every heap checksum as before (reading faults it all back in).
         data = {r.name: {"before": digests[r.name], "after": r.digest()} for r in [w.busy, *w.idle_redis]}
@@ -568,6 +576,20 @@ def run_once(ctx: Context, controller: str, round_index: int, run_index: int) ->
     acted = [e for e in (proc.events if proc else []) if e.get("event") in ("pageout", "cold")]
     first_idle_action = next((e["_t"] for e in acted if e.get("pid") in idle_pid_set or "pid" not in e), None)
     busy_actions = [e for e in acted if e.get("pid") == w.busy.pid]
+    # The first pass: blunt's loop times each pass itself; autoreclaim's actions are timed by arrival.
+    first_pass: dict[str, Any] = {}
+    if controller == "blunt" and acted:
+        e = acted[0]
+        moved = e["rss_before"] - e["rss_after"]
+        first_pass = {"seconds": e.get("seconds"), "bytes": moved, "processes": e.get("processes")}
+    elif acted:
+        idle_acts = [e for e in acted if e.get("pid") in idle_pid_set]
+        if idle_acts:
+            first_pass = {
+                "seconds": round(idle_acts[-1]["_t"] - idle_acts[0]["_t"], 3),
+                "bytes": sum(e["rss_before"] - e["rss_after"] for e in idle_acts),
+                "processes": len(idle_acts),
+            }
     counts: dict[str, int] = {}
     for e in proc.events if proc else []:
         counts[str(e.get("event"))] = counts.get(str(e.get("event")), 0) + 1
@@ -602,6 +624,9 @@ def run_once(ctx: Context, controller: str, round_index: int, run_index: int) ->
         },
         "agent_cpu_seconds": round(agent_cpu1 - agent_cpu0, 3),
         "controller_cpu_seconds": round(proc.cpu_seconds, 3) if proc else 0.0,
+        "controller_max_rss": controller_hwm,
+        "agent_rss_after": agent_rss,
+        "first_pass": first_pass,
         "controller_exit": proc.returncode if proc else None,
         "controller_events": counts,
         "controller_event_log": (proc.events[:300] if proc else []),
@@ -685,6 +710,11 @@ def summarize(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str,
             "agent_cpu_seconds": med([r["agent_cpu_seconds"] for r in rs]),
             "controller_cpu_seconds": med([r["controller_cpu_seconds"] for r in rs]),
             "zram_mem_used": med([r["zram"].get("mem_used_total", 0) for r in rs]),
+            "zram_compr_data": med([r["zram"].get("compr_data_size", 0) for r in rs]),
+            "controller_max_rss": med([r["controller_max_rss"] for r in rs]),
+            "agent_rss_after": med([r["agent_rss_after"] for r in rs]),
+            "first_pass_seconds": med([r["first_pass"].get("seconds") for r in rs]),
+            "first_pass_bytes": med([r["first_pass"].get("bytes") for r in rs]),
             "zram_orig_data": med([r["zram"].get("orig_data_size", 0) for r in rs]),
             "data_ok": all(r["data_ok"] for r in rs),
         }
@@ -808,6 +838,38 @@ def table(args: argparse.Namespace, rows: dict[str, Any]) -> str:
     )
 
 
+def costs_table(rows: dict[str, Any]) -> str:
+    """Where the time and memory go, per controller (medians)."""
+    head = ("controller", "agent CPU", "ctrl CPU", "ctrl max RSS", "agent RSS", "first pass", "in zram",
+            "zram holds it in")  # fmt: skip
+    lines = [head]
+    for c, r in rows.items():
+        if c == "none":
+            continue
+        seconds, moved = r["first_pass_seconds"], r["first_pass_bytes"]
+        first = "-" if not math.isfinite(seconds) else f"{mib(moved)} in {seconds:.2f} s"
+        lines.append(
+            (
+                c,
+                f"{r['agent_cpu_seconds']:.2f} s",
+                f"{r['controller_cpu_seconds']:.2f} s",
+                mib(r["controller_max_rss"]),
+                mib(r["agent_rss_after"]),
+                first,
+                mib(r["zram_orig_data"]),
+                mib(r["zram_mem_used"]),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    )
+
+
 def goal_lines(judged: list[dict[str, Any]]) -> list[str]:
     lines = []
     for g in judged:
@@ -905,6 +967,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(header)
     print()
     print(text)
+    costs = costs_table(rows)
+    if costs.count("\n"):
+        print()
+        print(f"where the time and memory go (each {args.duration:g} s run; zram at the end of it):")
+        print(costs)
     print()
     print("goals:")
     print("\n".join(goal_lines(judged)))
@@ -912,6 +979,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine | {"load_average_end": load},
         "settings": settings,
         "table": text,
+        "costs": costs,
         "summary": rows,
         "goals": judged,
         "runs": runs,
