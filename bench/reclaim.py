@@ -17,6 +17,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -535,7 +536,7 @@ def run_once(ctx: Context, controller: str, round_index: int, run_index: int) ->
             while not stop_sampling.is_set():
                 t = time.monotonic() - t0
                 if proc is not None:  # its peak RSS since exec (wait4's ru_maxrss counts the bench's, from fork)
-                    with contextlib.suppress(OSError, ValueError):
+                    with contextlib.suppress(OSError, ValueError, KeyError):  # KeyError: exited, a zombie
                         controller_hwm = max(controller_hwm, status_kb(proc.proc.pid, "VmHWM") * 1024)
                 now = {name: rollup(pid) for name, pid in idle_pids.items()}
                 samples.append({"t": round(t, 3), "idle": now, "busy": rollup(w.busy.pid)})
@@ -984,9 +985,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         "goals": judged,
         "runs": runs,
     }
-    args.json.write_text(json.dumps(_finite(results), indent=2) + "\n")
+    args.json.write_text(dumps(results))
     print(f"\nwrote {args.json}")
     return 0
+
+
+CHUNK_COLUMNS = ["t", "seconds", "requests", "SET rps", "GET rps", "SET p99 ms", "GET p99 ms"]
+
+
+def compact(results: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark chunks as rows of CHUNK_COLUMNS, so the file stays readable."""
+    for run in results["runs"]:
+        busy = run["busy"]
+        if busy.get("chunk_detail") and isinstance(busy["chunk_detail"][0], dict):
+            busy["chunk_columns"] = CHUNK_COLUMNS
+            busy["chunk_detail"] = [
+                [c["t"], c["seconds"], c["requests"]]
+                + [c["tests"].get(test, {}).get(key) for key in ("rps", "p99_latency_ms") for test in ("SET", "GET")]
+                for c in busy["chunk_detail"]
+            ]
+    return results
+
+
+def dumps(results: dict[str, Any]) -> str:
+    """Indented JSON with every innermost list (a chunk, a curve point) on one line. JSON strings
+    hold no raw newline, so taking out newlines and indents changes only the layout."""
+    text = json.dumps(_finite(compact(results)), indent=2)
+    one_line = re.compile(r"\[[^\[\]{}]*\]")
+    return one_line.sub(lambda m: re.sub(r"\n\s*", " ", m.group(0)).replace("[ ", "[").replace(" ]", "]"), text) + "\n"
 
 
 def _finite(value: Any) -> Any:

@@ -4,6 +4,7 @@ its command line, its judging and parsing, and that its cgroup helper leaves not
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -107,3 +108,19 @@ def test_the_cgroup_tree_is_removed_with_a_member_still_alive():
     finally:
         member.kill()
         member.wait()
+
+
+@pytest.mark.unprivileged
+def test_the_results_file_is_json_with_chunks_as_rows():
+    tests = {"SET": {"rps": 1.5, "p99_latency_ms": 0.3}, "GET": {"rps": 2.5, "p99_latency_ms": 0.2}}
+    results = {
+        "settings": {"note": "a [bracketed], {braced}\nline"},
+        "runs": [{"busy": {"chunk_detail": [{"t": 0.0, "seconds": 1.0, "requests": 2, "tests": tests}]},
+                  "idle": {"seconds_to_90": math.inf, "curve": [[0.5, 0.0], [1.0, 0.95]]}}],
+    }  # fmt: skip
+    text = reclaim.dumps(results)
+    parsed = json.loads(text)
+    assert parsed["settings"]["note"] == "a [bracketed], {braced}\nline"
+    assert parsed["runs"][0]["busy"]["chunk_detail"] == [[0.0, 1.0, 2, 1.5, 2.5, 0.3, 0.2]]
+    assert parsed["runs"][0]["idle"] == {"seconds_to_90": None, "curve": [[0.5, 0.0], [1.0, 0.95]]}
+    assert "[0.0, 1.0, 2, 1.5, 2.5, 0.3, 0.2]" in text
