@@ -258,13 +258,13 @@ class _Call:
             raise
         finally:
             elapsed = time.perf_counter() - started
-            in_flight.dec()
             code = context.code() or outcome
             if not isinstance(code, grpc.StatusCode):
                 code = _status_code(code)
             reason = facts.get("reason", "") if code != grpc.StatusCode.OK else ""
             metrics.HANDLED.labels(*self.labels, code.name).inc()
             metrics.HANDLING.labels(*self.labels, code.name).observe(elapsed)
+            in_flight.dec()  # after the call is counted: a scrape that sees it gone sees it handled
             if reason:
                 metrics.REFUSALS.labels(self.service, self.method, reason).inc()
             self._log(peer, code, reason, facts.get("pid"), elapsed)
