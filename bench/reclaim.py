@@ -530,6 +530,7 @@ def run_once(ctx: Context, controller: str, round_index: int, run_index: int) ->
         stop_sampling = threading.Event()
 
         controller_hwm = 0
+        sampler_errors: list[str] = []
 
         def sample() -> None:
             nonlocal controller_hwm
@@ -538,8 +539,12 @@ def run_once(ctx: Context, controller: str, round_index: int, run_index: int) ->
                 if proc is not None:  # its peak RSS since exec (wait4's ru_maxrss counts the bench's, from fork)
                     with contextlib.suppress(OSError, ValueError, KeyError):  # KeyError: exited, a zombie
                         controller_hwm = max(controller_hwm, status_kb(proc.proc.pid, "VmHWM") * 1024)
-                now = {name: rollup(pid) for name, pid in idle_pids.items()}
-                samples.append({"t": round(t, 3), "idle": now, "busy": rollup(w.busy.pid)})
+                try:
+                    now = {name: rollup(pid) for name, pid in idle_pids.items()}
+                    samples.append({"t": round(t, 3), "idle": now, "busy": rollup(w.busy.pid)})
+                except Exception as exc:  # a workload gone: the run is not valid, and says so
+                    sampler_errors.append(f"at {t:.1f} s: {exc!r}")
+                    return
                 stop_sampling.wait(SAMPLE_EVERY)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -636,6 +641,7 @@ def run_once(ctx: Context, controller: str, round_index: int, run_index: int) ->
         "zram": zram,
         "swap_device_used": swap_used,
         "swap_device_intact": swap_used is not None,
+        "sampler_errors": sampler_errors,
         "data_ok": data_ok,
         "data": data,
     }
@@ -784,6 +790,17 @@ def goals(args: argparse.Namespace, runs: list[dict[str, Any]], rows: dict[str, 
                     "limits": limits,
                 }
             )
+    unsampled = [
+        f"{r['controller']} round {r['round'] + 1}: {r['sampler_errors'][0]}" for r in runs if r["sampler_errors"]
+    ]
+    if unsampled:
+        out.append(
+            {
+                "goal": "every workload sampled to the end of every run",
+                "verdict": "NOT met",
+                "limits": [f"sampling stopped in {', '.join(unsampled)}: rerun"],
+            }
+        )
     broken = [f"{r['controller']} round {r['round'] + 1}" for r in runs if not r["swap_device_intact"]]
     if broken:
         out.append(
