@@ -619,6 +619,7 @@ def run_once(ctx: Context, controller: str, round_index: int, run_index: int) ->
             "curve": [[t, round(f, 4)] for t, f in curve],
         },
         "busy": load.summary()
+        | split_at_first_action(load.chunks, acted[0]["_t"] if acted else None)
         | {
             "rss_before": busy_base["rss"],
             "rss_after": busy_end["rss"],
@@ -647,6 +648,22 @@ def run_once(ctx: Context, controller: str, round_index: int, run_index: int) ->
     }
 
 
+def split_at_first_action(chunks: list[dict[str, Any]], first: float | None) -> dict[str, Any]:
+    """The busy Redis's throughput in the chunks that ended before the controller's first action and in
+    those that began after it: a comparison within one run, which other load on the machine (that
+    comes and goes between runs) disturbs much less than one between runs."""
+
+    def rate(part: list[dict[str, Any]]) -> float | None:
+        seconds = sum(c["seconds"] for c in part)
+        return sum(c["requests"] for c in part) / seconds if seconds else None
+
+    if first is None:
+        return {"throughput_before_first_action": None, "throughput_after_first_action": None}
+    before = [c for c in chunks if c["t"] + c["seconds"] <= first]
+    after = [c for c in chunks if c["t"] >= first]
+    return {"throughput_before_first_action": rate(before), "throughput_after_first_action": rate(after)}
+
+
 # ---- judging and the table -------------------------------------------------------------------------
 
 
@@ -663,7 +680,7 @@ def judge(values: list[float], goal: float, higher_is_better: bool) -> dict[str,
 
 
 def med(values: list[float]) -> float:
-    clean = [v for v in values if v is not None]
+    clean = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return statistics.median(clean) if clean else math.nan
 
 
@@ -680,6 +697,12 @@ def cpu_per_request(run: dict[str, Any]) -> float:
     costs it shows here, and other load on the machine much less than in throughput."""
     busy = run["busy"]
     return busy["cpu_seconds"] / busy["requests"] * 1e6 if busy["requests"] else math.nan
+
+
+def within_run_ratio(run: dict[str, Any]) -> float:
+    """Throughput after the controller's first action over throughput before it, in one run."""
+    before, after = run["busy"].get("throughput_before_first_action"), run["busy"].get("throughput_after_first_action")
+    return after / before if before and after else math.nan
 
 
 def summarize(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -703,6 +726,7 @@ def summarize(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str,
             "first_action_seconds": med([r["idle"]["first_action_seconds"] for r in rs]),
             "throughput": med([r["busy"]["throughput"] for r in rs]),
             "throughput_ratio": med(ratios),
+            "within_run_ratio": med([within_run_ratio(r) for r in rs]),
             "throughput_ratios": ratios,
             "p99_ms": med([r["busy"]["p99_ms"] for r in rs]),
             "p99_ratio": med(p99_ratios),
@@ -768,6 +792,11 @@ def goals(args: argparse.Namespace, runs: list[dict[str, Any]], rows: dict[str, 
                     f" in a {args.duration:g} s run = {share:.1%} of {cores} cores, taken from Redis and"
                     " redis-benchmark"
                 )
+                if math.isfinite(a["within_run_ratio"]):
+                    limits.append(
+                        f"within its own runs the busy Redis served {a['within_run_ratio']:.1%} after autoreclaim's"
+                        " first pageout of what it served before it (the same run, the same neighbours)"
+                    )
                 if a["busy_major_faults"] or a["busy_swap_after"]:
                     limits.append(
                         f"busy Redis: {a['busy_major_faults']:.0f} major faults, {mib(a['busy_swap_after'])} in swap"
