@@ -57,9 +57,9 @@ def _backend(no_native: bool) -> backends.Backend:
     """The C back-end, or the pure-Python one only when asked for: an agent
     several times slower than it should be must not start unnoticed."""
     if no_native:
-        return backends.reference()
+        return backends.select_reference()
     try:
-        return backends.native()
+        return backends.select_native()
     except ImportError as exc:
         raise RuntimeError(
             f"the C extension is not installed or does not load ({exc}). vmctl installs without it where it"
