@@ -44,9 +44,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from vmctl_api.words import CookieOutcome
+from vmctl_api.words import CookieOutcome, ScopeCheck
 from vmctl_server.core import files
 from vmctl_server.core.targets import Target
 
@@ -221,7 +221,7 @@ class AdviceAudit:
     advised_bytes: int = 0
     syscalls: int = 0
     scope: str = "whole"  # as asked (words.SCOPES)
-    scope_check: str = ""  # how the layout was checked (words.SCOPE_CHECKS), once it was
+    scope_check: ScopeCheck | Literal[""] = ""  # how the layout is checked (words.SCOPE_CHECKS), once known
     changed_ranges: int = 0  # left out as RANGE_CHANGED
 
     def summary(self, status: str) -> str:

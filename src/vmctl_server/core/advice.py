@@ -177,6 +177,12 @@ class ScopeOutcome:
 
 
 @dataclass(frozen=True)
+class SnapshotLookup:
+    scope: ScopeOutcome  # before the check: changed_ranges 0
+    seen: bytes | None = None  # the layout records of the cookie's snapshot, for SCOPE_RANGES
+
+
+@dataclass(frozen=True)
 class ScopedPlan:
     plan: Plan
     scope: ScopeOutcome
@@ -482,20 +488,30 @@ class Advisor:
             raise
         return OpenedTarget(pidfd, identity)
 
-    def plan_in_scope(self, checked: CheckedRequest, target: OpenedTarget) -> ScopedPlan:
-        """The plan, in the scope asked for: SCOPE_RANGES with the cookie's
-        snapshot at hand plans against what it saw and leaves out the ranges
-        that changed since (:meth:`still_good`); otherwise :meth:`plan`."""
+    def scope(self, checked: CheckedRequest) -> SnapshotLookup:
+        """The scope a request will be checked in: SCOPE_RANGES only with a
+        cookie whose snapshot the cache still has (else it falls back)."""
         request, claims = checked.request, checked.claims
         asked = SCOPE_RANGES if request.scope == SCOPE_RANGES else SCOPE_WHOLE
         seen = self.snapshots.get(claims) if asked == SCOPE_RANGES and claims is not None else None
-        if seen is None:
-            fallback = asked == SCOPE_RANGES and claims is not None
-            return ScopedPlan(self.plan(checked, target), ScopeOutcome(asked, SCOPE_WHOLE, fallback=fallback))
-        plan = request.ranges.plan(seen, request.filter)  # RANGE_UNMAPPED: not in what the caller saw
-        changed = self.still_good(checked, target, seen)
+        if seen is not None:
+            return SnapshotLookup(ScopeOutcome(asked, SCOPE_RANGES), seen)
+        return SnapshotLookup(ScopeOutcome(asked, SCOPE_WHOLE, fallback=asked == SCOPE_RANGES and claims is not None))
+
+    def plan_in_scope(
+        self, checked: CheckedRequest, target: OpenedTarget, lookup: SnapshotLookup | None = None
+    ) -> ScopedPlan:
+        """The plan, in the scope :meth:`scope` found: SCOPE_RANGES plans
+        against what the cookie's snapshot saw and leaves out the ranges that
+        changed since (:meth:`still_good`); SCOPE_WHOLE is :meth:`plan`."""
+        lookup = lookup or self.scope(checked)
+        if lookup.seen is None:
+            return ScopedPlan(self.plan(checked, target), lookup.scope)
+        request = checked.request
+        plan = request.ranges.plan(lookup.seen, request.filter)  # RANGE_UNMAPPED: not in what the caller saw
+        changed = self.still_good(checked, target, lookup.seen)
         count = plan.exclude(changed)
-        return ScopedPlan(plan, ScopeOutcome(asked, SCOPE_RANGES, changed_ranges=count))
+        return ScopedPlan(plan, ScopeOutcome(lookup.scope.asked, SCOPE_RANGES, changed_ranges=count))
 
     def still_good(self, checked: CheckedRequest, target: OpenedTarget, seen: bytes) -> bytes:
         """SCOPE_RANGES's check, a step of its own: one byte per range, 1

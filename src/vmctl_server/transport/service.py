@@ -53,7 +53,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from vmctl_api import vmctl_pb2 as pb
-from vmctl_api.words import ADVICE_BY_NUMBER, FILTER_BY_NUMBER, SCOPE_BY_NUMBER
+from vmctl_api.words import ADVICE_BY_NUMBER, FILTER_BY_NUMBER, SCOPE_BY_NUMBER, ScopeCheck
 from vmctl_server.access.admission import Guard, Ticket
 from vmctl_server.access.audit import AdviceAudit, sample_record
 from vmctl_server.access.identity import Caller, caller_from
@@ -430,8 +430,11 @@ class VmControlService:
             facts = self.guard.advice_target(target.identity)
             audit.target = _target_fields(facts)
             audit.rule = self.guard.check_advice_target(policy, caller, facts, checked.advice).name
-            planned = self.advisor.plan_in_scope(checked, target)
-            _describe_scope(audit, planned.scope, cookie_checked=checked.claims is not None)
+            lookup = self.advisor.scope(checked)
+            if checked.claims is not None:  # a layout check is made, in this scope
+                audit.scope_check = _scope_check(lookup.scope)
+            planned = self.advisor.plan_in_scope(checked, target, lookup)
+            audit.changed_ranges = planned.scope.changed_ranges
             if not request.dry_run and not self.guard.audit.write(audit.intent(), audit.summary("applying")):
                 raise AuditUnavailable(
                     "the audit log cannot be written; no advice is applied until it can",
@@ -446,6 +449,8 @@ class VmControlService:
             record["cookie"], audit.advice, audit.requested_bytes, audit.advised_bytes, audit.syscalls,
             applied=code == "OK" and not audit.dry_run,
         )  # fmt: skip
+        if audit.scope_check:
+            metrics.record_scope(audit.scope_check, audit.changed_ranges)
 
     def list_processes(self, caller: Caller, policy: Policy, data: bytes) -> bytes:
         request = _parse(pb.ListProcessesRequest, data)
@@ -484,13 +489,9 @@ def _describe(audit: AdviceAudit, message: pb.AdviseRangesRequest, ranges: Range
     audit.scope = SCOPE_BY_NUMBER.get(message.scope, "whole")
 
 
-def _describe_scope(audit: AdviceAudit, scope: ScopeOutcome, *, cookie_checked: bool) -> None:
-    """How the layout was checked, for the intent record and the outcome's; counted once here."""
-    audit.scope_check = "ranges" if scope.checked else "fallback" if scope.fallback else "whole"
-    audit.changed_ranges = scope.changed_ranges
-    if cookie_checked:
-        metrics.record_scope("ranges" if scope.checked else "fallback" if scope.fallback else "whole",
-                             scope.changed_ranges)  # fmt: skip
+def _scope_check(scope: ScopeOutcome) -> ScopeCheck:
+    """How the layout is checked, in the audit log's and the metrics' words."""
+    return "ranges" if scope.checked else "fallback" if scope.fallback else "whole"
 
 
 def _target_fields(target: Target) -> dict[str, object]:
