@@ -18,12 +18,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.scrape import Scrape, logged_port
 
+from vmctl_server.backends import select_native, select_reference
 from vmctl_server.backends.native.ranges import NativeRanges
 from vmctl_server.backends.native.tables import NativeVmaTable
 from vmctl_server.backends.reference.ranges import PyRanges
 from vmctl_server.core import procfs
-from vmctl_server.core.cookie import CookieClaims
+from vmctl_server.core.advice import SCOPE_RANGES, AdviceRequest, Advisor
+from vmctl_server.core.cookie import CookieClaims, CookieSigner
 from vmctl_server.core.layout import KIND_ANONYMOUS, KIND_FILE, KIND_SPECIAL, LAYOUT_RECORD
+from vmctl_server.core.snapshot import SnapshotReader, SourceSupport, claims_for
 from vmctl_server.core.snapshot_cache import ENTRY_OVERHEAD, SnapshotCache, entry_cost
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -223,6 +226,33 @@ def test_procmap_query_sees_every_vma_as_the_maps_parser_does(target, tmp_path) 
             assert len(set(answers.values())) == 1, answers
             expected = bytes(row != seen for row, seen in zip(rows, snapshot_rows, strict=False) if row[0] < 1 << 63)
             assert answers["native query"] == expected
+
+
+@pytest.mark.parametrize("procmap_query", [True, False], ids=["procmap_query", "maps"])
+@pytest.mark.parametrize("backend", [select_native, select_reference], ids=["native", "python"])
+def test_the_advisor_s_scoped_step_with_and_without_procmap_query(target, procmap_query, backend) -> None:
+    """The core alone (no gRPC): the snapshot a read left in the cache, the ranges checked
+    against it with PROCMAP_QUERY or, where the kernel lacks it, against the maps text."""
+    chosen = backend()
+    reader = SnapshotReader(chosen.tables, SourceSupport(procmap_query=procmap_query))
+    signer, cache = CookieSigner.with_random_key(), SnapshotCache()
+    advisor = Advisor(signer, reader, chosen.ranges, frozenset({1}), snapshots=cache)
+    gone, kept = target.map_anon(4 * PAGE, seed=1), target.map_anon(4 * PAGE, seed=2)
+    snapshot = reader.take(target.pid, 0)
+    snapshot_claims = claims_for(snapshot.identity, snapshot.digest)
+    cache.put(snapshot_claims, snapshot.layout_records)
+    target.call("unmap", start=gone[0])
+    request = AdviceRequest(
+        target.pid, chosen.ranges.from_pairs([gone, kept]), 1, signer.issue(snapshot_claims), 0, True, SCOPE_RANGES
+    )
+    checked = advisor.check(request, require_cookie=True)
+    with advisor.open(checked) as opened:
+        planned = advisor.plan_in_scope(checked, opened)
+        result = advisor.apply(checked, opened, planned.plan, planned.scope)
+    assert (planned.scope.applied, planned.scope.changed_ranges) == (SCOPE_RANGES, 1)
+    assert [(o.changed, o.advised_bytes) for o in result.plan.outcomes()] == [(True, 0), (False, 4 * PAGE)]
+    assert result.plan.pieces() == [(1, *kept)]
+    target.verify()
 
 
 # ---- the agent's series, and the back-end selectors -------------------------------------------
