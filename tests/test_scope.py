@@ -15,8 +15,10 @@ from collections.abc import Iterator
 
 import pytest
 from support.audit_lines import audit_records
-from support.processes import LineProcess, smaps_region
+from support.pidns import PidNamespace
+from support.processes import LineProcess, smaps_region, start_ticks, ticks_since_boot
 from support.vmctl_cli import vmctl
+from support.waiting import wait_for
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api import words
@@ -179,6 +181,29 @@ def test_identity_is_checked_under_ranges_scope(client, scope_target, spawn_targ
     scope_target._read()  # the new image says hello
     with pytest.raises(ProcessChangedError):
         client.advise_ranges(scope_target.pid, [(start, end)], "cold", cookie=info.cookie, scope="ranges")
+
+
+def test_a_reused_pid_is_refused_under_ranges_scope(zram_swap) -> None:
+    """The same pid, another process (made exact with ns_last_pid): the old cookie's snapshot is
+    cached, and the new process has memory of the same kind where it saw it; still refused."""
+    with PidNamespace() as ns:
+        agent = ns.start_agent()
+        pid = 31337
+        with agent.client() as client:
+            first = ns.spawn_target(pid=pid)
+            first_started = start_ticks(first.host_pid)
+            old = client.get_vma_info(pid)
+            old_stack = next(v for v in old.vmas if v.path == "[stack]")
+            ns.exit_target(first)
+            wait_for(lambda: ticks_since_boot() > first_started, "the clock to tick past the first start time")
+            second = ns.spawn_target(pid=pid)
+            start, end = second.map_anon(4 << 20, seed=9)
+            with pytest.raises(ProcessChangedError) as caught:
+                client.advise_ranges(pid, [(start, end), old_stack], "pageout", cookie=old.cookie, scope="ranges")
+            assert caught.value.reason == "PROCESS_CHANGED"
+            region = second.smaps_region(start)
+            assert region["Rss"] == 4 * 1024 and region["Swap"] == 0, "the new process was advised"
+            second.verify()
 
 
 # ---- without the snapshot: the whole layout ----------------------------------------------
