@@ -332,10 +332,9 @@ def same_memory(was: SeenVma, now: SeenVma) -> bool:
         return False
     if was.kind != KIND_FILE:
         return True
-    return (
-        (was.dev_major, was.dev_minor, was.inode) == (now.dev_major, now.dev_minor, now.inode)
-        and (was.offset - was.start) % (1 << 64) == (now.offset - now.start) % (1 << 64)
-    )
+    return (was.dev_major, was.dev_minor, was.inode) == (now.dev_major, now.dev_minor, now.inode) and (
+        was.offset - was.start
+    ) % (1 << 64) == (now.offset - now.start) % (1 << 64)
 
 
 def ranges_changed(

@@ -184,9 +184,7 @@ class _SnapshotCacheCollector(Collector):
             return []
         stats = cache.stats()
         return [
-            GaugeMetricFamily(
-                "vmctl_snapshot_cache_entries", "Snapshots kept for SCOPE_RANGES", value=stats.entries
-            ),
+            GaugeMetricFamily("vmctl_snapshot_cache_entries", "Snapshots kept for SCOPE_RANGES", value=stats.entries),
             GaugeMetricFamily(
                 "vmctl_snapshot_cache_bytes",
                 "Bytes the kept snapshots count (--snapshot-cache-bytes)",
