@@ -251,6 +251,7 @@ class AutoReclaimer:
             min_rss=self.settings.min_rss,
             dry_run=self.settings.dry_run,
             start_time=start_time,
+            scope="ranges",  # a busy allocator elsewhere in the process does not stop it
         )
         watched.paged_out = True
         freed = max(outcome.rss_before - outcome.rss_after, 0)
@@ -267,6 +268,7 @@ class AutoReclaimer:
             "vmas": outcome.vmas_chosen,
             "advised_bytes": outcome.advised_bytes,
             "attempts": outcome.attempts,
+            "changed_ranges": outcome.changed_ranges,
             "rss_before": outcome.rss_before,
             "rss_after": outcome.rss_after,
             "swap_before": outcome.swap_before,
@@ -309,11 +311,18 @@ class AutoReclaimer:
         if not untouched:
             return
         try:
+            # Scope ranges: the process is busy, its layout may well move between the sample and the advice.
             result = self.client.advise_ranges(
-                pid, untouched, "cold", cookie=info.cookie, filter="anonymous", dry_run=self.settings.dry_run
+                pid,
+                untouched,
+                "cold",
+                cookie=info.cookie,
+                filter="anonymous",
+                dry_run=self.settings.dry_run,
+                scope="ranges",
             )
         except StaleCookieError:
-            return  # the layout moved during the sample: the next one will tell
+            return  # the process changed, or its snapshot was evicted and the whole layout moved: next time
         cold_bytes = sum(v.rss for v in untouched)
         self.summary.cold_advices += 1
         self.summary.cold_bytes += cold_bytes
@@ -324,6 +333,7 @@ class AutoReclaimer:
             "ranges": [[v.start, v.end] for v in untouched],
             "cold_bytes": cold_bytes,
             "advised_bytes": result.advised_bytes,
+            "changed_ranges": result.changed_ranges,
         }
         self._act(self._action(COLD, key, watched, details))
 

@@ -5,8 +5,8 @@
 This module reads and checks the arguments, and nothing it imports loads
 gRPC: ``--help``, ``--version``, ``completion`` and usage errors (exit 2, one
 line saying why) are done before :mod:`vmctl_client.commands` is imported to
-do the work. Exit status: 0 done, 1 error, 2 usage, 3 stale cookie or changed
-process; with several targets, the worst across them.
+do the work. Exit status: 0 done, 1 error, 2 usage, 3 stale cookie, changed
+process or (advise) changed ranges; with several targets, the worst across them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from vmctl_api.words import (
     ATTR_ACCESS,
     FILTERS,
     GROUPS,
+    SCOPES,
     WORD_GROUP,
 )
 from vmctl_client import arguments
@@ -30,6 +31,7 @@ from vmctl_client.channel import TlsOptions, default_target
 from vmctl_client.defaults import (
     DEFAULT_CONCURRENCY,
     DEFAULT_HOST_DEADLINE,
+    DEFAULT_RECLAIM_SCOPE,
     DEFAULT_RETRIES,
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
@@ -170,7 +172,10 @@ def _add_advise(sub: argparse._SubParsersAction[argparse.ArgumentParser], output
         description="Apply process_madvise advice to ranges of PID. Without --cookie, a fresh cookie is read first."
         f" Ranges are START-END, end exclusive, page aligned; addresses are {arguments.ADDRESS_RULE}. A range the"
         " kernel"
-        " refuses is reported in the result and makes the exit status 1.",
+        " refuses is reported in the result and makes the exit status 1; a range --scope ranges left out as"
+        " changed (RANGE_CHANGED) makes it 3, like a stale cookie. --all takes its ranges from a fresh snapshot:"
+        " with --cookie, that snapshot must be the layout the cookie names, else the cookie is stale (exit 3,"
+        " nothing advised). Reports the process's rss and swap before and after.",
     )
     advise.add_argument("pid", type=arguments.parse_pid, help="the process")
     advise.add_argument("--advice", required=True, choices=sorted(ADVICES), help="the advice to apply (required)")
@@ -193,6 +198,14 @@ def _add_advise(sub: argparse._SubParsersAction[argparse.ArgumentParser], output
         "--cookie",
         type=arguments.parse_cookie,
         help="cookie (base64) from `vmctl maps`; refused if the layout changed since (default: read a fresh one)",
+    )
+    advise.add_argument(
+        "--scope",
+        choices=sorted(SCOPES),
+        default="whole",
+        help="whole: refused if anything in the layout changed since the cookie; ranges: each range must still lie"
+        " in memory of the kind (and file) the cookie saw there, one that does not is left out (RANGE_CHANGED)"
+        " and the others advised (default %(default)s)",
     )
     advise.add_argument("--dry-run", action="store_true", help="report what would be advised, change nothing")
 
@@ -235,6 +248,13 @@ def _add_reclaim(sub: argparse._SubParsersAction[argparse.ArgumentParser], outpu
         default=DEFAULT_RETRIES,
         metavar="N",
         help="re-reads after LAYOUT_CHANGED (default %(default)d)",
+    )
+    reclaim.add_argument(
+        "--scope",
+        choices=sorted(SCOPES),
+        default=DEFAULT_RECLAIM_SCOPE,
+        help="ranges: a chosen VMA replaced since the snapshot is left out and the rest advised; whole: any"
+        " change in the layout refuses the advice and reclaim reads again (default %(default)s)",
     )
     reclaim.add_argument("--dry-run", action="store_true", help="report what would be advised, change nothing")
 
@@ -370,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmctl",
         description="Read process address spaces and apply memory advice through vmctl agents.",
-        epilog="Exit status: 0 done, 1 error, 2 usage, 3 stale cookie or changed process (with several targets, the"
-        f" worst). Target: --target / --targets-file, else ${TARGET_ENV}, else {DEFAULT_TARGET}."
+        epilog="Exit status: 0 done, 1 error, 2 usage, 3 stale cookie, changed process or (advise) changed ranges"
+        f" (with several targets, the worst). Target: --target / --targets-file, else ${TARGET_ENV}, else"
+        f" {DEFAULT_TARGET}."
         f" Addresses are {arguments.ADDRESS_RULE}.",
         parents=[output],
     )

@@ -277,6 +277,52 @@ def procmap_query_build_id(maps_fd: int, address: int) -> bytes:
     return found
 
 
+VMA_NAME_MAX = 4352  # a VMA's name as PROCMAP_QUERY writes it: a path (PATH_MAX) or a short [name]
+
+
+@dataclass(frozen=True)
+class QueriedVma:
+    """What PROCMAP_QUERY says of the VMA covering an address. ``path`` is
+    None when the name did not fit (a path longer than any buffer)."""
+
+    start: int
+    end: int
+    offset: int
+    inode: int
+    dev_major: int
+    dev_minor: int
+    path: bytes | None
+
+
+def procmap_query_vma(maps_fd: int, address: int) -> QueriedVma | None:
+    """The VMA covering ``address`` (None when nothing does), with its name."""
+    name = ffi.new("char[]", VMA_NAME_MAX)
+    query = cast(_ProcmapQuery, ffi.new("struct procmap_query *"))
+    named = True
+    while True:
+        ffi.buffer(query)[:] = bytes(ffi.sizeof("struct procmap_query"))
+        query.size = ffi.sizeof("struct procmap_query")
+        query.query_addr = address
+        if named:
+            query.vma_name_addr = int(ffi.cast("uintptr_t", name))
+            query.vma_name_size = VMA_NAME_MAX
+        if _libc.ioctl(maps_fd, ffi.cast("unsigned long", PROCMAP_QUERY), query) == 0:
+            break
+        err = ffi.errno
+        if err == errno_mod.ENOENT:
+            return None
+        if err == errno_mod.ENAMETOOLONG and named:
+            named = False
+            continue
+        if err == errno_mod.EINTR:
+            continue
+        raise _ioctl_error("PROCMAP_QUERY", err)
+    path = (ffi.buffer(name, query.vma_name_size - 1)[:] if query.vma_name_size else b"") if named else None
+    return QueriedVma(
+        query.vma_start, query.vma_end, query.vma_offset, query.inode, query.dev_major, query.dev_minor, path
+    )
+
+
 def _ioctl_error(name: str, err: int) -> Exception:
     if err in (errno_mod.ENOTTY, errno_mod.EOPNOTSUPP):
         return KernelUnsupported(f"this kernel has no {name} ioctl")

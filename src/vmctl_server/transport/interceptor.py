@@ -262,9 +262,10 @@ class _Call:
             if not isinstance(code, grpc.StatusCode):
                 code = _status_code(code)
             reason = facts.get("reason", "") if code != grpc.StatusCode.OK else ""
-            metrics.HANDLED.labels(*self.labels, code.name).inc()
+            # In this order, so that any scrape sees a call whole: timed before counted, counted before gone.
             metrics.HANDLING.labels(*self.labels, code.name).observe(elapsed)
-            in_flight.dec()  # after the call is counted: a scrape that sees it gone sees it handled
+            metrics.HANDLED.labels(*self.labels, code.name).inc()
+            in_flight.dec()
             if reason:
                 metrics.REFUSALS.labels(self.service, self.method, reason).inc()
             self._log(peer, code, reason, facts.get("pid"), elapsed)
