@@ -81,6 +81,27 @@ class NativeVmaTable:
             raise procfs._gone_or_denied(pid, OSError(-rc, f"reading /proc/{pid}/{source}: {os.strerror(-rc)}"))
         return cls(ffi.gc(out[0], lib.vmctl_table_free), ATTR_RESIDENCY | ATTR_ACCOUNTING if smaps else 0)
 
+    @classmethod
+    def query(cls, pid: int, tail: bytes) -> NativeVmaTable:
+        """The layout of /proc/PID/maps from a PROCMAP_QUERY loop in C, then
+        ``tail`` (maps lines: the gate VMA) parsed: the table :meth:`read`
+        makes of the maps text, at the kernel's cost without the text. OSError
+        when the ioctl fails (the caller reads the maps text instead)."""
+        fd = procfs.open_fd(pid, "maps")
+        try:
+            out = ffi.new("struct vmctl_table **")
+            bad_line = ffi.new("size_t *")
+            rc = lib.vmctl_table_query(fd, tail, len(tail), out, bad_line)
+        finally:
+            os.close(fd)
+        if rc < 0:
+            if bad_line[0]:
+                raise ValueError(f"the gate VMA's maps text is malformed at line {bad_line[0]}")
+            if rc == -errno.ENOMEM:
+                raise MemoryError("no memory for the VMA table")
+            raise procfs._gone_or_denied(pid, OSError(-rc, f"PROCMAP_QUERY on /proc/{pid}/maps: {os.strerror(-rc)}"))
+        return cls(ffi.gc(out[0], lib.vmctl_table_free), 0)
+
     def layout_records(self) -> bytes:
         out = ffi.new("char[]", self._len * LAYOUT_RECORD.size)
         lib.vmctl_table_layout(self._table, out)

@@ -9,13 +9,23 @@ itself, which is what makes it a trustworthy reference for the C encoder.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api.words import ATTR_ACCESS, ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY, KIND_FILE
 from vmctl_server.core import kernel, procfs
-from vmctl_server.core.layout import KERNEL_HALF, LAYOUT_RECORD, perm_flags, vma_kind
+from vmctl_server.core.layout import (
+    KERNEL_HALF,
+    LAYOUT_RECORD,
+    PERM_EXEC,
+    PERM_READ,
+    PERM_SHARED,
+    PERM_WRITE,
+    perm_flags,
+    vma_kind,
+)
 
 # smaps keys reported in kB, by the Vma field that carries them in bytes.
 SMAPS_KB_FIELDS = {
@@ -121,6 +131,22 @@ class PyVmaTable:
         data = procfs.read_bytes(pid, source)
         return cls.from_smaps(data) if source == "smaps" else cls.from_maps(data)
 
+    @classmethod
+    def query(cls, pid: int, tail: bytes) -> PyVmaTable:
+        """The layout of /proc/PID/maps from PROCMAP_QUERY, one ioctl per VMA,
+        then ``tail`` (maps lines: the gate VMA): the rows :meth:`read` makes
+        of the maps text. OSError when the ioctl fails."""
+        fd = procfs.open_fd(pid, "maps")
+        try:
+            try:
+                queried = kernel.procmap_query_layout(fd)
+            except OSError as exc:
+                raise procfs._gone_or_denied(pid, exc) from exc
+        finally:
+            os.close(fd)
+        rows = [_queried_row(q) for q in queried]
+        return cls(rows + cls.from_maps(tail).rows, 0)
+
     def layout_records(self) -> bytes:
         pack = LAYOUT_RECORD.pack
         return b"".join(
@@ -197,6 +223,23 @@ class PyVmaTable:
             fields.append("accessed_bytes")
         for r in self.rows:
             yield {f: r[f] for f in fields if f in r}
+
+def _queried_row(q: kernel.QueriedVma) -> dict[str, Any]:
+    """A PROCMAP_QUERY answer as the row parse_header makes of its maps line:
+    the name as seq_path prints it, a newline as \\012."""
+    perms = "".join(
+        (
+            "r" if q.flags & PERM_READ else "-",
+            "w" if q.flags & PERM_WRITE else "-",
+            "x" if q.flags & PERM_EXEC else "-",
+            "s" if q.flags & PERM_SHARED else "p",
+        )
+    )
+    return parse_header(
+        b"%x-%x %s %08x %02x:%02x %d %s"
+        % (q.start, q.end, perms.encode(), q.offset, q.dev_major, q.dev_minor, q.inode, q.name.replace(b"\n", b"\\012"))
+    )
+
 
 def _attribute_runs(rows: list[dict[str, Any]], runs: list[tuple[int, int, int]]) -> None:
     """Add each (start, end, categories) page run to the VMAs it overlaps."""

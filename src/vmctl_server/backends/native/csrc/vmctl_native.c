@@ -1026,3 +1026,115 @@ void vmctl_free(void *buffer)
 {
 	free(buffer);
 }
+
+/* ------------------------------------------------------- layout by query */
+
+#define PROCMAP_QUERY_COVERING_OR_NEXT_VMA 0x10u
+#define QUERY_NAME_MAX 4096u /* PATH_MAX: what d_path may need */
+
+/* The name as /proc/PID/maps prints it: seq_path escapes "\n" as "\012". */
+static int append_name(struct vmctl_table *t, const char *name, size_t n, size_t *off)
+{
+	const char *nl = memchr(name, '\n', n);
+	int err;
+
+	if (!nl)
+		return text_append(t, name, n, off);
+	*off = t->text_len;
+	while (n) {
+		size_t run = nl ? (size_t)(nl - name) : n, ignored;
+
+		if ((err = text_append(t, name, run, &ignored)))
+			return err;
+		name += run;
+		n -= run;
+		if (!nl)
+			break;
+		if ((err = text_append(t, "\\012", 4, &ignored)))
+			return err;
+		name++;
+		n--;
+		nl = memchr(name, '\n', n);
+	}
+	return 0;
+}
+
+int vmctl_table_query(int maps_fd, const char *tail, size_t tail_len, struct vmctl_table **out, size_t *bad_line)
+{
+	struct vmctl_table *t = table_new(64u << 10, 1024, false);
+	char *name = malloc(QUERY_NAME_MAX);
+	uint64_t addr = 0;
+	size_t line = 0, used;
+	int err = 0;
+
+	if (!t || !name) {
+		free(name);
+		table_free(t);
+		return -ENOMEM;
+	}
+	for (;;) {
+		struct procmap_query q;
+		struct vmctl_vma *v;
+
+		memset(&q, 0, sizeof(q));
+		q.size = sizeof(q);
+		q.query_flags = PROCMAP_QUERY_COVERING_OR_NEXT_VMA;
+		q.query_addr = addr;
+		q.vma_name_addr = (uint64_t)(uintptr_t)name;
+		q.vma_name_size = QUERY_NAME_MAX;
+		if (ioctl(maps_fd, PROCMAP_QUERY, &q) < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno != ENOENT) /* ENOENT: no VMA at or above addr, the end */
+				err = -errno;
+			break;
+		}
+		if (q.vma_end <= q.vma_start || q.vma_start < addr) {
+			err = -EIO; /* never from a kernel that works: no loop, no table */
+			break;
+		}
+		if (t->len == t->cap && (err = table_grow(t)))
+			break;
+		v = &t->vmas[t->len];
+		v->start = q.vma_start;
+		v->end = q.vma_end;
+		v->offset = q.vma_offset;
+		v->inode = q.inode;
+		v->dev_major = q.dev_major;
+		v->dev_minor = q.dev_minor;
+		/* PROCMAP_QUERY_VMA_READABLE .. _SHARED are PERM_READ .. PERM_SHARED */
+		v->perm_flags = (uint8_t)(q.vma_flags & (PERM_READ | PERM_WRITE | PERM_EXEC | PERM_SHARED));
+		v->perms[0] = v->perm_flags & PERM_READ ? 'r' : '-';
+		v->perms[1] = v->perm_flags & PERM_WRITE ? 'w' : '-';
+		v->perms[2] = v->perm_flags & PERM_EXEC ? 'x' : '-';
+		v->perms[3] = v->perm_flags & PERM_SHARED ? 's' : 'p';
+		/* vma_name_size counts the terminating NUL; 0 for no name */
+		v->path_len = 0;
+		v->path_off = t->text_len;
+		if (q.vma_name_size > 1) {
+			size_t n = strnlen(name, q.vma_name_size - 1), skip = 0;
+
+			while (skip < n && name[skip] == ' ') /* as parse_header strips the padding */
+				skip++;
+			if ((err = append_name(t, name + skip, n - skip, &v->path_off)))
+				break;
+			v->path_len = t->text_len - v->path_off;
+		}
+		v->path_utf8 = utf8_valid((const uint8_t *)t->text + v->path_off, v->path_len);
+		v->kind = vma_kind(v, t->text + v->path_off);
+		v->rss = v->swap = 0;
+		v->build_id_len = 0;
+		v->build_id_off = 0;
+		t->len++;
+		addr = q.vma_end;
+	}
+	free(name);
+	if (err) {
+		table_free(t);
+		*bad_line = 0;
+		return err;
+	}
+	if (tail_len)
+		err = parse_lines(t, false, tail, tail + tail_len, true, &used, &line);
+	return finish(t, err, line, out, bad_line);
+}
