@@ -442,7 +442,7 @@ class VmControlService:
         request = _parse(pb.ListProcessesRequest, data)
         # Only what the caller may read, judged on the facts the policy sees.
         readable = None if policy.reads_any_process(caller) else functools.partial(policy.may_read, caller)
-        processes = list_processes(request.cgroup_prefix, readable)
+        processes = list_processes(request.cgroup_prefix, readable, vma_count=request.with_vma_count)
         reply = pb.ListProcessesResponse(processes=[pb.ProcessInfo(**vars(p)) for p in processes])
         for path, pressure in cgroup_memory_pressure(p.cgroup for p in processes).items():
             reply.cgroup_memory_pressure[path].CopyFrom(_memory_pressure(pressure))
