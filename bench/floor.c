@@ -7,7 +7,8 @@
  * CLOCK_MONOTONIC around the work alone (the pipe is not counted) and
  * answers "NANOSECONDS VALUE":
  *
- *   maps PID          read /proc/PID/maps to its end (value: bytes)
+ *   read PID NAME     read /proc/PID/NAME (maps, smaps) to its end into a
+ *                     buffer allocated beforehand (value: bytes)
  *   query PID NAMES   a PROCMAP_QUERY loop over every VMA, opening
  *                     /proc/PID/maps first; NAMES 1 asks each VMA's name
  *                     into a PATH_MAX buffer, 0 none (value: VMAs)
@@ -15,6 +16,8 @@
  *                     header's numbers and every "Key: N kB" value into a
  *                     per-VMA array of 24 counters, VmFlags and THPeligible
  *                     kept as text/flag (value: VMAs)
+ *   query1 PID ADDR   open /proc/PID/maps, one PROCMAP_QUERY for the VMA
+ *                     covering ADDR (hex), no name (value: its end, or -errno)
  *   madvise PID START END ADVICE
  *                     pidfd_open, one process_madvise of one iovec, close
  *                     (value: bytes advised, or -errno)
@@ -101,6 +104,25 @@ static long query(int pid, int names)
 		count++;
 		addr = q.vma_end;
 	}
+}
+
+static long query_one(int pid, uint64_t addr)
+{
+	struct procmap_query q;
+	char path[64];
+	long value;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/%d/maps", pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	memset(&q, 0, sizeof(q));
+	q.size = sizeof(q);
+	q.query_addr = addr;
+	value = ioctl(fd, PROCMAP_QUERY, &q) < 0 ? -errno : (long)q.vma_end;
+	close(fd);
+	return value;
 }
 
 static uint64_t number(const char **pp, const char *e, int base)
@@ -219,7 +241,7 @@ int main(void)
 		return 1;
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	while (fgets(line, sizeof(line), stdin)) {
-		char cmd[16];
+		char cmd[16], name[16];
 		int pid = 0, names = 0, advice = 0;
 		unsigned long long start = 0, end = 0;
 		uint64_t began;
@@ -230,10 +252,13 @@ int main(void)
 			continue;
 		}
 		began = now_ns();
-		if (!strcmp(cmd, "maps")) {
-			snprintf(path, sizeof(path), "/proc/%d/maps", pid);
+		if (!strcmp(cmd, "read") && sscanf(line, "%*s %*d %15s", name) == 1) {
+			snprintf(path, sizeof(path), "/proc/%d/%s", pid, name);
 			began = now_ns();
 			value = read_all(path);
+		} else if (!strcmp(cmd, "query1") && sscanf(line, "%*s %*d %llx", &start) == 1) {
+			began = now_ns();
+			value = query_one(pid, start);
 		} else if (!strcmp(cmd, "query") && sscanf(line, "%*s %*d %d", &names) == 1) {
 			began = now_ns();
 			value = query(pid, names);
