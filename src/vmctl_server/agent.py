@@ -26,7 +26,7 @@ try:
     from vmctl_server.core.advice import Advisor
     from vmctl_server.core.cookie import CookieSigner
     from vmctl_server.core.snapshot import SnapshotReader, SourceSupport
-    from vmctl_server.runtime import kernel_probe, logs, malloc_trim, metrics
+    from vmctl_server.runtime import kernel_probe, logs, malloc_trim, meters
     from vmctl_server.transport import listeners, servers
     from vmctl_server.transport.service import SERVICE_NAME, Pipeline, VmControlService
     from vmctl_server.transport.unixgate import UnixGateway, claim_unix_path
@@ -89,7 +89,9 @@ def build_parts(args: argparse.Namespace) -> Parts:
     caps = kernel_probe.probe()
     if not caps.advice_permitted:
         log.warning("remote advice will fail: %s", "; ".join(f"{k}: {v}" for k, v in caps.probe_errors.items()))
-    metrics.describe_agent(
+    if args.metrics_listen:
+        meters.enable()  # prometheus-client is loaded only when metrics are served
+    meters.describe_agent(
         native_tables=backend.native,
         native_advise_loop=backend.native,
         pagemap_scan=caps.pagemap_scan,

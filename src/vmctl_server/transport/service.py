@@ -67,7 +67,8 @@ from vmctl_server.core.procfs import Pressure
 from vmctl_server.core.sampling import SamplerLocks, check_fits, clear, window_seconds
 from vmctl_server.core.snapshot import Identity, Snapshot, SnapshotReader, check_attr_mask, check_pid, claims_for
 from vmctl_server.core.targets import Target, read_target
-from vmctl_server.runtime import logs, metrics
+from vmctl_server.runtime import logs
+from vmctl_server.runtime import meters as metrics  # the real series only when served
 from vmctl_server.transport import grpc_status, interceptor
 
 log = logging.getLogger(__name__)
