@@ -576,6 +576,48 @@ static int parse_line(struct vmctl_table *t, bool smaps, const char *p, const ch
 }
 
 /*
+ * The common smaps line, "Key:<spaces>DIGITS kB\n" (a key smaps_field counts
+ * in kB, or one it does not know and skips), taken in one pass: no memchr for the newline or the colon,
+ * no strip. Returns the start of the next line, or NULL for any other line
+ * (a header, THPeligible, VmFlags, anything unusual, a value too large),
+ * which parse_line then takes as before: the answer is the same
+ * either way, this is only quicker for the lines that are most of smaps.
+ */
+static const char *fast_kb_line(struct vmctl_table *t, const char *p, const char *end)
+{
+	const char *q = p, *limit = end - p > 16 ? p + 16 : end;
+	uint64_t kb = 0;
+	int field;
+
+	if (p == end || is_lower_hex(*p))
+		return NULL;
+	while (q < limit && *q != ':' && *q != '\n')
+		q++;
+	if (q == limit || *q != ':')
+		return NULL;
+	field = smaps_field(p, (size_t)(q - p));
+	if (field == F_THP_ELIGIBLE || field == F_VM_FLAGS)
+		return NULL;
+	q = skip_spaces(q + 1, end);
+	if (q == end || (unsigned)(*q - '0') > 9)
+		return NULL;
+	for (; q < end && (unsigned)(*q - '0') <= 9; q++)
+		if (__builtin_mul_overflow(kb, 10, &kb) || __builtin_add_overflow(kb, (unsigned)(*q - '0'), &kb))
+			return NULL;
+	if (kb > UINT64_MAX / 1024 || end - q < 4 || memcmp(q, " kB\n", 4) != 0)
+		return NULL;
+	if (t->len && field != F_UNKNOWN) { /* an unknown key's line is skipped, as parse_line skips it */
+		if (field == F_RSS)
+			t->vmas[t->len - 1].rss = kb * 1024;
+		else if (field == F_SWAP)
+			t->vmas[t->len - 1].swap = kb * 1024;
+		else
+			t->acct[t->len - 1].value[acct_index(field)] = kb * 1024;
+	}
+	return q + 4;
+}
+
+/*
  * Every line that ends in [p, end) with a newline, and, when final, the
  * unterminated rest as the last line. *used is how far the lines went;
  * *line counts them, so it names the bad one on -EINVAL.
@@ -587,8 +629,14 @@ static int parse_lines(struct vmctl_table *t, bool smaps, const char *p, const c
 	int err = 0;
 
 	for (;;) {
-		const char *eol = memchr(p, '\n', (size_t)(end - p));
+		const char *eol, *next;
 
+		if (smaps && (next = fast_kb_line(t, p, end))) {
+			++*line;
+			p = next;
+			continue;
+		}
+		eol = memchr(p, '\n', (size_t)(end - p));
 		if (!eol) {
 			if (final && p < end) {
 				++*line;
