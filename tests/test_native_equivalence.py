@@ -1110,6 +1110,20 @@ def test_layout_from_procmap_query_equals_the_maps_text(target: Target) -> None:
     assert b"\\012" in target.read("maps")  # the newline case is really there
 
 
+def test_layout_records_without_file_names_equal_the_maps_text(target: Target) -> None:
+    """The cookie check's loop (names=False: file VMAs not asked their paths, the others asked
+    again for their kind) gives the same layout records, and such a table encodes nothing."""
+    tail = query_tail()
+    text = NativeVmaTable.read(target.pid, "maps").layout_records()
+    for backend in (NativeVmaTable, PyVmaTable):
+        records_only = backend.query(target.pid, tail, names=False)
+        assert records_only.layout_records() == text
+        with pytest.raises(ValueError, match="layout records alone"):
+            records_only.encode(0)
+        with pytest.raises(ValueError, match="layout records alone"):
+            records_only.encode_chunks(0, 1 << 20)
+
+
 def test_the_cookie_digest_does_not_depend_on_the_source(target: Target) -> None:
     """A snapshot's layout digest (what the cookie signs) and its reply are the same whether
     the layout came from PROCMAP_QUERY or from the maps text, on either back-end, and the

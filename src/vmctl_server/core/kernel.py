@@ -295,21 +295,24 @@ class QueriedVma:
     name: bytes
 
 
-def procmap_query_layout(maps_fd: int) -> list[QueriedVma]:
+def procmap_query_layout(maps_fd: int, names: bool = True) -> list[QueriedVma]:
     """Every VMA of ``maps_fd``'s process with its name, one PROCMAP_QUERY each
     (the loop vmctl_table_query makes in C). OSError with the ioctl's errno
-    when it fails (ENOTTY: no PROCMAP_QUERY; ENAMETOOLONG: a name beyond PATH_MAX)."""
+    when it fails (ENOTTY: no PROCMAP_QUERY; ENAMETOOLONG: a name beyond PATH_MAX).
+    With ``names`` False a file VMA's name is not asked (b""), and a VMA
+    without a file is asked again with it (vmctl_table_query_layout's loop)."""
     name = ffi.new("char[]", QUERY_NAME_MAX)
     query = cast(_ProcmapQuery, ffi.new("struct procmap_query *"))
     request = ffi.cast("unsigned long", PROCMAP_QUERY)
     found: list[QueriedVma] = []
     address = 0
+    with_name = names
     while True:
         query.size = ffi.sizeof("struct procmap_query")
         query.query_flags = PROCMAP_QUERY_COVERING_OR_NEXT_VMA
         query.query_addr = address
-        query.vma_name_addr = int(ffi.cast("uintptr_t", name))
-        query.vma_name_size = QUERY_NAME_MAX
+        query.vma_name_addr = int(ffi.cast("uintptr_t", name)) if with_name else 0
+        query.vma_name_size = QUERY_NAME_MAX if with_name else 0
         query.build_id_addr = query.build_id_size = 0
         if _libc.ioctl(maps_fd, request, query) < 0:
             err = ffi.errno
@@ -318,10 +321,14 @@ def procmap_query_layout(maps_fd: int) -> list[QueriedVma]:
             if err == errno_mod.ENOENT:  # no VMA at or above address: the end
                 return found
             raise OSError(err, f"PROCMAP_QUERY: {os.strerror(err)}")
+        if not with_name and not (query.inode or query.dev_major or query.dev_minor):
+            with_name = True  # no file: the name gives the kind; ask again
+            continue
         if query.vma_end <= query.vma_start or query.vma_start < address:
             raise OSError(errno_mod.EIO, "PROCMAP_QUERY went backwards")
-        size = query.vma_name_size  # counts the terminating NUL; 0 for no name
+        size = query.vma_name_size if with_name else 0  # counts the terminating NUL; 0 for no name
         text: bytes = ffi.string(name, size - 1) if size > 1 else b""  # type: ignore[assignment]
+        with_name = names
         found.append(
             QueriedVma(
                 query.vma_start,

@@ -43,9 +43,10 @@ class TableBackend(Protocol):
         """/proc/PID/``source`` ("maps" or "smaps") as a table."""
         ...
 
-    def query(self, pid: int, tail: bytes) -> VmaTable:
+    def query(self, pid: int, tail: bytes, *, names: bool = True) -> VmaTable:
         """The table ``read(pid, "maps")`` gives, from PROCMAP_QUERY, then
-        ``tail`` (maps lines) parsed; OSError when the ioctl fails."""
+        ``tail`` (maps lines) parsed; OSError when the ioctl fails. With
+        ``names`` False, its layout records alone (no file paths asked)."""
         ...
 
 
@@ -186,15 +187,17 @@ class SnapshotReader:
 
     def read_layout(self, pid: int) -> bytes:
         """Packed layout records only: the cheapest read, for the cookie check."""
-        return self.read_maps(pid).layout_records()
+        return self.read_maps(pid, names=False).layout_records()
 
-    def read_maps(self, pid: int) -> VmaTable:
+    def read_maps(self, pid: int, names: bool = True) -> VmaTable:
         """The layout as a table: from PROCMAP_QUERY where :class:`LayoutQuery`
-        allows it, else (and whenever the loop fails) from the maps text."""
+        allows it, else (and whenever the loop fails) from the maps text. With
+        ``names`` False only its layout records are wanted: the loop does not
+        ask file VMAs their paths (the kernel's d_path, about a third of its cost)."""
         tail = self.layout_query.tail_for(pid)
         if tail is not None:
             try:
-                return self.backend.query(pid, tail)
+                return self.backend.query(pid, tail, names=names)
             except OSError:
                 pass
         return self.backend.read(pid, "maps")

@@ -94,6 +94,7 @@ class PyVmaTable:
     native = False
 
     def __init__(self, rows: list[dict[str, Any]], filled_mask: int) -> None:
+        self._layout_only = False  # from query(names=False): no paths to encode
         self.rows = rows
         self.filled_mask = filled_mask
 
@@ -132,20 +133,28 @@ class PyVmaTable:
         return cls.from_smaps(data) if source == "smaps" else cls.from_maps(data)
 
     @classmethod
-    def query(cls, pid: int, tail: bytes) -> PyVmaTable:
+    def query(cls, pid: int, tail: bytes, *, names: bool = True) -> PyVmaTable:
         """The layout of /proc/PID/maps from PROCMAP_QUERY, one ioctl per VMA,
         then ``tail`` (maps lines: the gate VMA): the rows :meth:`read` makes
-        of the maps text. OSError when the ioctl fails."""
+        of the maps text. OSError when the ioctl fails. With ``names`` False,
+        for :meth:`layout_records` alone: file VMAs' paths are not asked
+        (left empty) and it encodes nothing."""
         fd = procfs.open_fd(pid, "maps")
         try:
             try:
-                queried = kernel.procmap_query_layout(fd)
+                queried = kernel.procmap_query_layout(fd, names=names)
             except OSError as exc:
                 raise procfs._gone_or_denied(pid, exc) from exc
         finally:
             os.close(fd)
         rows = [_queried_row(q) for q in queried]
-        return cls(rows + cls.from_maps(tail).rows, 0)
+        table = cls(rows + cls.from_maps(tail).rows, 0)
+        table._layout_only = not names
+        return table
+
+    def _check_paths(self) -> None:
+        if self._layout_only:
+            raise ValueError("this table holds the layout records alone (query with names=False): no paths")
 
     def layout_records(self) -> bytes:
         pack = LAYOUT_RECORD.pack
@@ -183,6 +192,7 @@ class PyVmaTable:
     def encode(self, mask: int, prefix: bytes = b"") -> bytes:
         """``prefix``, then the wire bytes of ``repeated Vma vmas = 4`` for the
         groups in ``mask``."""
+        self._check_paths()
         response = pb.GetVmaInfoResponse()
         add = response.vmas.add
         for values in self._values(mask):
@@ -193,6 +203,7 @@ class PyVmaTable:
         """The wire bytes of ``vmas`` for the groups in ``mask``, cut at VMA
         boundaries into chunks of at most ``max_bytes``, each holding as many
         VMAs as fit: every VMA serialized on its own, then gathered."""
+        self._check_paths()
         chunks: list[bytes] = []
         pending: list[bytes] = []
         pending_size = 0

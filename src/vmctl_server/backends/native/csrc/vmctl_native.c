@@ -1107,12 +1107,41 @@ static int append_name(struct vmctl_table *t, const char *name, size_t n, size_t
 	return 0;
 }
 
-int vmctl_table_query(int maps_fd, const char *tail, size_t tail_len, struct vmctl_table **out, size_t *bad_line)
+/* One PROCMAP_QUERY: the VMA covering addr or the next one, with its name when name is not NULL. */
+static int query_vma(int maps_fd, uint64_t addr, char *name, struct procmap_query *q)
+{
+	for (;;) {
+		memset(q, 0, sizeof(*q));
+		q->size = sizeof(*q);
+		q->query_flags = PROCMAP_QUERY_COVERING_OR_NEXT_VMA;
+		q->query_addr = addr;
+		if (name) {
+			q->vma_name_addr = (uint64_t)(uintptr_t)name;
+			q->vma_name_size = QUERY_NAME_MAX;
+		}
+		if (ioctl(maps_fd, PROCMAP_QUERY, q) == 0)
+			return 0;
+		if (errno != EINTR)
+			return -errno;
+	}
+}
+
+/*
+ * vmctl_table_query and vmctl_table_query_layout: with all_names false, a
+ * file VMA is asked without its name (d_path, most of what a name costs;
+ * its kind is KIND_FILE whatever the name), and a VMA without a file with
+ * it, which its kind depends on. Which one comes next is guessed from the
+ * one before (VMAs come in runs: a library's segments, heap regions); a
+ * wrong guess costs a file VMA its name or a VMA without one a second ioctl.
+ */
+static int table_query(int maps_fd, bool all_names, const char *tail, size_t tail_len, struct vmctl_table **out,
+		       size_t *bad_line)
 {
 	struct vmctl_table *t = table_new(64u << 10, 1024, false);
 	char *name = malloc(QUERY_NAME_MAX);
 	uint64_t addr = 0;
 	size_t line = 0, used;
+	bool want_name = true;
 	int err = 0;
 
 	if (!t || !name) {
@@ -1123,18 +1152,16 @@ int vmctl_table_query(int maps_fd, const char *tail, size_t tail_len, struct vmc
 	for (;;) {
 		struct procmap_query q;
 		struct vmctl_vma *v;
+		bool no_file;
 
-		memset(&q, 0, sizeof(q));
-		q.size = sizeof(q);
-		q.query_flags = PROCMAP_QUERY_COVERING_OR_NEXT_VMA;
-		q.query_addr = addr;
-		q.vma_name_addr = (uint64_t)(uintptr_t)name;
-		q.vma_name_size = QUERY_NAME_MAX;
-		if (ioctl(maps_fd, PROCMAP_QUERY, &q) < 0) {
-			if (errno == EINTR)
-				continue;
-			if (errno != ENOENT) /* ENOENT: no VMA at or above addr, the end */
-				err = -errno;
+		err = query_vma(maps_fd, addr, want_name ? name : NULL, &q);
+		no_file = !err && !q.inode && !q.dev_major && !q.dev_minor;
+		if (no_file && !want_name)
+			err = query_vma(maps_fd, addr, name, &q); /* no file: the name gives the kind */
+		want_name = all_names || no_file;
+		if (err) {
+			if (err == -ENOENT) /* no VMA at or above addr: the end */
+				err = 0;
 			break;
 		}
 		if (q.vma_end <= q.vma_start || q.vma_start < addr) {
@@ -1185,4 +1212,15 @@ int vmctl_table_query(int maps_fd, const char *tail, size_t tail_len, struct vmc
 	if (tail_len)
 		err = parse_lines(t, false, tail, tail + tail_len, true, &used, &line);
 	return finish(t, err, line, out, bad_line);
+}
+
+int vmctl_table_query(int maps_fd, const char *tail, size_t tail_len, struct vmctl_table **out, size_t *bad_line)
+{
+	return table_query(maps_fd, true, tail, tail_len, out, bad_line);
+}
+
+int vmctl_table_query_layout(int maps_fd, const char *tail, size_t tail_len, struct vmctl_table **out,
+			     size_t *bad_line)
+{
+	return table_query(maps_fd, false, tail, tail_len, out, bad_line);
 }

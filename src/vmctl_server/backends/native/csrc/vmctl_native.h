@@ -104,6 +104,13 @@ void vmctl_table_free(struct vmctl_table *table);
  * the maps text instead; -EINVAL with *bad_line for a malformed tail; -ENOMEM.
  */
 int vmctl_table_query(int maps_fd, const char *tail, size_t tail_len, struct vmctl_table **out, size_t *bad_line);
+/*
+ * The same table for its layout records alone (vmctl_table_layout): a file
+ * VMA's name is not asked (its path is left empty), so the kernel does not
+ * print paths; only VMAs without a file are asked their names, for their kind.
+ */
+int vmctl_table_query_layout(int maps_fd, const char *tail, size_t tail_len, struct vmctl_table **out,
+			     size_t *bad_line);
 size_t vmctl_table_len(const struct vmctl_table *table);
 
 /* Packed layout records, 48 bytes per VMA (layout.LAYOUT_RECORD), into out. */
