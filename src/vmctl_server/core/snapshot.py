@@ -1,9 +1,10 @@
 """Reading one process's address space: identity, layout and attributes.
 
-Reads only the sources the attribute mask needs (maps for the layout,
-PAGEMAP_SCAN for residency, smaps for accounting and access, PROCMAP_QUERY
-for build ids) and checks the process's identity before and after, so a
-snapshot never mixes two processes or two images.
+Reads only the sources the attribute mask needs (the layout from a
+PROCMAP_QUERY loop where the kernel has it, else the maps text: see
+LayoutQuery; PAGEMAP_SCAN for residency, smaps for accounting and access,
+PROCMAP_QUERY for build ids) and checks the process's identity before and
+after, so a snapshot never mixes two processes or two images.
 """
 
 from __future__ import annotations
