@@ -386,7 +386,7 @@ class LayoutMovingClient(Client):
 def test_reclaim_reads_again_when_the_layout_moves(agent, target):
     start, end = target.map_anon(32 * PAGE, seed=21)
     with LayoutMovingClient(agent.address, target, moves=2) as c:
-        outcome = reclaim_process(c, target.pid, advice="cold", retries=3)
+        outcome = reclaim_process(c, target.pid, advice="cold", retries=3, scope="whole")
     assert outcome.attempts == 3 and outcome.status == "done"
     assert outcome.advised_bytes >= end - start and outcome.syscalls == 1
     assert any(r.start <= start and end <= r.end for r in outcome.ranges)
@@ -397,7 +397,7 @@ def test_reclaim_reads_again_when_the_layout_moves(agent, target):
 def test_reclaim_gives_up_after_its_retries(agent, target):
     target.map_anon(8 * PAGE, seed=22)
     with LayoutMovingClient(agent.address, target, moves=100) as c, pytest.raises(StaleCookieError) as caught:
-        reclaim_process(c, target.pid, advice="cold", retries=2)
+        reclaim_process(c, target.pid, advice="cold", retries=2, scope="whole")
     assert caught.value.reason == "LAYOUT_CHANGED"
     assert c.moves == 100 - 3  # three snapshots: the first and two retries
 

@@ -93,7 +93,12 @@ def test_series_carry_the_grpc_ecosystems_names_for_every_service(metered_agent,
     """go-grpc-prometheus's names and labels, grpc_type as each proto declares
     it; health and reflection are counted beside VmControl; no _created series."""
     agent, port = metered_agent
-    before = Scrape(port)  # the fixture's own health checks, while it waited for the agent
+
+    def quiet() -> Scrape | None:  # the fixture's own health checks, while it waited for the agent, all counted
+        m = Scrape(port)
+        return m if m.total("grpc_server_started_total") == m.total("grpc_server_handled_total") else None
+
+    before = wait_for(quiet, what="the fixture's calls counted as handled")
     with grpc.insecure_channel(agent.address) as channel:
         stub = vmctl_pb2_grpc.VmControlStub(channel)
         stub.GetVmaInfo(pb.GetVmaInfoRequest(pid=target.pid))

@@ -52,6 +52,7 @@ def test_range_results_read_through_to_the_reply(client, target):
         "advised_bytes": PAGE,
         "skipped_bytes": 0,
         "error": None,
+        "reason": None,
     }
     # Views of the same values are equal, whichever reply they come from.
     again = client.advise_ranges(target.pid, pages[:3], "cold", cookie=info.cookie)

@@ -36,6 +36,12 @@ class Filter(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FILTER_UNSPECIFIED: _ClassVar[Filter]
     FILTER_ANONYMOUS: _ClassVar[Filter]
     FILTER_FILE: _ClassVar[Filter]
+
+class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCOPE_UNSPECIFIED: _ClassVar[Scope]
+    SCOPE_WHOLE: _ClassVar[Scope]
+    SCOPE_RANGES: _ClassVar[Scope]
 VMA_ATTR_UNSPECIFIED: VmaAttr
 VMA_ATTR_LAYOUT: VmaAttr
 VMA_ATTR_BUILD_ID: VmaAttr
@@ -54,6 +60,9 @@ ADVICE_COLLAPSE: Advice
 FILTER_UNSPECIFIED: Filter
 FILTER_ANONYMOUS: Filter
 FILTER_FILE: Filter
+SCOPE_UNSPECIFIED: Scope
+SCOPE_WHOLE: Scope
+SCOPE_RANGES: Scope
 
 class Process(_message.Message):
     __slots__ = ("pid", "start_time", "comm")
@@ -192,52 +201,62 @@ class AddressRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class AdviseRangesRequest(_message.Message):
-    __slots__ = ("pid", "ranges", "advice", "cookie", "filter", "dry_run")
+    __slots__ = ("pid", "ranges", "advice", "cookie", "filter", "dry_run", "scope")
     PID_FIELD_NUMBER: _ClassVar[int]
     RANGES_FIELD_NUMBER: _ClassVar[int]
     ADVICE_FIELD_NUMBER: _ClassVar[int]
     COOKIE_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
     pid: int
     ranges: _containers.RepeatedCompositeFieldContainer[AddressRange]
     advice: Advice
     cookie: bytes
     filter: Filter
     dry_run: bool
-    def __init__(self, pid: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[AddressRange, _Mapping]]] = ..., advice: _Optional[_Union[Advice, str]] = ..., cookie: _Optional[bytes] = ..., filter: _Optional[_Union[Filter, str]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    scope: Scope
+    def __init__(self, pid: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[AddressRange, _Mapping]]] = ..., advice: _Optional[_Union[Advice, str]] = ..., cookie: _Optional[bytes] = ..., filter: _Optional[_Union[Filter, str]] = ..., dry_run: _Optional[bool] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
 
 class RangeResult(_message.Message):
-    __slots__ = ("start", "end", "advised_bytes", "skipped_bytes", "error", "error_number")
+    __slots__ = ("start", "end", "advised_bytes", "skipped_bytes", "error", "error_number", "reason")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     ADVISED_BYTES_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
     advised_bytes: int
     skipped_bytes: int
     error: str
     error_number: int
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., advised_bytes: _Optional[int] = ..., skipped_bytes: _Optional[int] = ..., error: _Optional[str] = ..., error_number: _Optional[int] = ...) -> None: ...
+    reason: str
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., advised_bytes: _Optional[int] = ..., skipped_bytes: _Optional[int] = ..., error: _Optional[str] = ..., error_number: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AdviseRangesResponse(_message.Message):
-    __slots__ = ("requested_bytes", "advised_bytes", "syscalls", "ranges", "process", "dry_run")
+    __slots__ = ("requested_bytes", "advised_bytes", "syscalls", "ranges", "process", "dry_run", "scope", "changed_ranges", "scope_fallback")
     REQUESTED_BYTES_FIELD_NUMBER: _ClassVar[int]
     ADVISED_BYTES_FIELD_NUMBER: _ClassVar[int]
     SYSCALLS_FIELD_NUMBER: _ClassVar[int]
     RANGES_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_RANGES_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FALLBACK_FIELD_NUMBER: _ClassVar[int]
     requested_bytes: int
     advised_bytes: int
     syscalls: int
     ranges: _containers.RepeatedCompositeFieldContainer[RangeResult]
     process: Process
     dry_run: bool
-    def __init__(self, requested_bytes: _Optional[int] = ..., advised_bytes: _Optional[int] = ..., syscalls: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[RangeResult, _Mapping]]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    scope: Scope
+    changed_ranges: int
+    scope_fallback: bool
+    def __init__(self, requested_bytes: _Optional[int] = ..., advised_bytes: _Optional[int] = ..., syscalls: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[RangeResult, _Mapping]]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., dry_run: _Optional[bool] = ..., scope: _Optional[_Union[Scope, str]] = ..., changed_ranges: _Optional[int] = ..., scope_fallback: _Optional[bool] = ...) -> None: ...
 
 class ListProcessesRequest(_message.Message):
     __slots__ = ("cgroup_prefix", "with_vma_count")

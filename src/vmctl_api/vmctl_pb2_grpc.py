@@ -126,7 +126,9 @@ class VmControlServicer:
         """process_madvise(2) over address ranges, checked against a cookie. Every
         check (fields, ranges, the cookie's signature, the process's identity,
         the layout, the policy) passes before the first system call, or nothing
-        is advised.
+        is advised. With SCOPE_RANGES the layout is checked range by range, and
+        a range that changed is reported RANGE_CHANGED and not advised while
+        the others are (see Scope).
 
         Retry: not safe blindly. When the outcome is unknown (DEADLINE_EXCEEDED,
         CANCELLED, a lost connection, UNAVAILABLE without reason AGENT_STOPPING)
@@ -138,7 +140,9 @@ class VmControlServicer:
         after any other refusal carrying an ErrorInfo (INVALID_ARGUMENT,
         FAILED_PRECONDITION, NOT_FOUND, PERMISSION_DENIED, UNAUTHENTICATED),
         though it only helps once the cause is gone: after LAYOUT_CHANGED or
-        PROCESS_CHANGED, read again for a new cookie first.
+        PROCESS_CHANGED, read again for a new cookie first. An OK reply whose
+        changed_ranges is not 0 advised the other ranges: read again before
+        advising the changed ones, as after LAYOUT_CHANGED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -132,6 +132,26 @@ FILTERS: Final[dict[Filter, FilterKinds]] = {
 }
 FILTER_BY_NUMBER: Final[dict[int, Filter]] = {kinds.number: name for name, kinds in FILTERS.items()}
 
+# ---- scopes (vmctl.v1.Scope): how much of the cookie's layout must still hold -------
+
+Scope = Literal["whole", "ranges"]
+SCOPES: Final[dict[Scope, int]] = {"whole": 1, "ranges": 2}  # SCOPE_UNSPECIFIED (0) is "whole"
+SCOPE_BY_NUMBER: Final[dict[int, Scope]] = {0: "whole", **{number: name for name, number in SCOPES.items()}}
+# How an AdviseRanges call's layout was checked: the audit log's and the metrics' words.
+ScopeCheck = Literal["whole", "ranges", "fallback"]
+SCOPE_CHECKS: Final[dict[ScopeCheck, str]] = {
+    "whole": "the whole layout against the cookie (SCOPE_WHOLE)",
+    "ranges": "each range against what the cookie's snapshot saw there (SCOPE_RANGES)",
+    "fallback": "SCOPE_RANGES asked, the snapshot no longer cached: the whole layout instead",
+}
+
+# Why AdviseRanges left one range unadvised in an OK reply (RangeResult.reason): not
+# refusals of the call, so not in REASONS.
+RANGE_RESULT_REASONS: Final[dict[str, str]] = {
+    "RANGE_CHANGED": "the range no longer lies in memory of the kind the cookie's snapshot saw there;"
+    " not advised: read again",
+}
+
 # ---- what became of an AdviseRanges call's cookie: audit log and metrics alike ------
 
 CookieOutcome = Literal["valid", "absent", "missing", "invalid", "process_changed", "layout_changed", "unchecked"]
@@ -174,8 +194,7 @@ REASONS: Final[dict[str, Reason]] = {
     "UNKNOWN_ATTR": Reason("INVALID_ARGUMENT", "attr_mask has bits no VmaAttr names"),
     "INVALID_WINDOW": Reason(
         "INVALID_ARGUMENT",
-        "access_window_ms must be 100 to 60000 with VMA_ATTR_ACCESS (and unset without it),"
-        " within the call's deadline",
+        "access_window_ms must be 100 to 60000 with VMA_ATTR_ACCESS (and unset without it), within the call's deadline",
     ),
     "UNKNOWN_ADVICE": Reason("INVALID_ARGUMENT", "the advice is none this agent knows"),
     "UNKNOWN_FILTER": Reason("INVALID_ARGUMENT", "the filter is none this agent knows"),

@@ -10,7 +10,7 @@ from typing import TypeVar
 import grpc
 
 from vmctl_api import vmctl_pb2_grpc as pb_grpc
-from vmctl_api.words import Advice, Filter
+from vmctl_api.words import Advice, Filter, Scope
 from vmctl_client import calls
 from vmctl_client.calls import READ_RETRY, Attempts, Attrs, Call, RangeLike, RetryPolicy
 from vmctl_client.channel import DEFAULT_TIMEOUT, TlsOptions, default_target, open_channel
@@ -85,10 +85,11 @@ class AsyncClient:
         cookie: bytes | str | None = None,
         filter: Filter | int | None = None,
         dry_run: bool = False,
+        scope: Scope | int = "whole",
         timeout: float | None = None,
     ) -> AdviceResult:
         """See :meth:`Client.advise_ranges`; never retried."""
-        return await self._invoke(calls.advise_ranges(pid, ranges, advice, cookie, filter, dry_run), timeout)
+        return await self._invoke(calls.advise_ranges(pid, ranges, advice, cookie, filter, dry_run, scope), timeout)
 
     async def list_processes(
         self, cgroup_prefix: str | None = None, *, vma_count: bool = False, timeout: float | None = None

@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 
+from vmctl_api.addresses import AddressError, split_host_port
 from vmctl_api.cgroup_paths import prefix_problem
 
 ADDRESS_RULE = "hex with 0x (0x7f12a000, as `vmctl maps` prints them) or decimal digits"
@@ -131,6 +132,29 @@ def positive(kind: type[int] | type[float], most: float = math.inf) -> Callable[
         return value
 
     return parse
+
+
+def seconds_or_zero(text: str) -> float:
+    """Seconds, zero or more (``--duration 0``: no end)."""
+    if not _DECIMAL_FRACTION.match(text.strip()) or float(text) > SECONDS_LIMIT:
+        raise _usage(f"{text!r}: must be a number of seconds from 0 to {SECONDS_LIMIT}")
+    return float(text)
+
+
+def percent(text: str) -> float:
+    """A percentage from 0 to 100, without the % sign (or with it)."""
+    number = text.strip().removesuffix("%")
+    if not _DECIMAL_FRACTION.match(number) or float(number) > 100:
+        raise _usage(f"{text!r}: must be a percentage from 0 to 100")
+    return float(number)
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """HOST:PORT to listen on (port 0: any free one), read as the agent reads its listen flags."""
+    try:
+        return split_host_port(text, lowest_port=0)
+    except AddressError as exc:
+        raise _usage(str(exc)) from None
 
 
 def count(text: str) -> int:

@@ -18,7 +18,7 @@ import grpc
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api.cgroup_paths import is_under
-from vmctl_api.words import Advice, Attr, Filter
+from vmctl_api.words import SCOPES, Advice, Attr, Filter, Scope
 from vmctl_client.errors import VmctlError
 from vmctl_client.types import (
     ADVICE_NAMES,
@@ -31,6 +31,7 @@ from vmctl_client.types import (
 )
 
 T = TypeVar("T")
+SCOPE_NAMES: dict[str, int] = {name: number for name, number in SCOPES.items()}
 
 
 class Span(Protocol):
@@ -135,8 +136,10 @@ def advise_ranges(
     cookie: bytes | str | None,
     filter: Filter | int | None,
     dry_run: bool,
+    scope: Scope | int | None = None,
 ) -> Call[AdviceResult]:
-    return Call("AdviseRanges", advise_request(pid, ranges, advice, cookie, filter, dry_run), AdviceResult, False)
+    request = advise_request(pid, ranges, advice, cookie, filter, dry_run, scope)
+    return Call("AdviseRanges", request, AdviceResult, False)
 
 
 def list_processes(cgroup_prefix: str | None, vma_count: bool = False) -> Call[list[ProcessInfo]]:
@@ -150,9 +153,7 @@ def list_processes(cgroup_prefix: str | None, vma_count: bool = False) -> Call[l
     def wrap(reply: Any) -> list[ProcessInfo]:
         pressures = reply.cgroup_memory_pressure
         return [
-            ProcessInfo(p, pressures)
-            for p in reply.processes
-            if not cgroup_prefix or is_under(p.cgroup, cgroup_prefix)
+            ProcessInfo(p, pressures) for p in reply.processes if not cgroup_prefix or is_under(p.cgroup, cgroup_prefix)
         ]
 
     return Call("ListProcesses", request, wrap, retryable=True)
@@ -178,10 +179,11 @@ def advise_request(
     cookie: bytes | str | None,
     filter: Filter | int | None,
     dry_run: bool,
+    scope: Scope | int | None = None,
 ) -> pb.AdviseRangesRequest:
-    """The AdviseRangesRequest for friendly arguments: names for advice and
-    filter (or the proto's numbers, sent as they are), the cookie as bytes or
-    base64, ranges as tuples or Vmas."""
+    """The AdviseRangesRequest for friendly arguments: names for advice,
+    filter and scope (or the proto's numbers, sent as they are), the cookie as
+    bytes or base64, ranges as tuples or Vmas."""
     if isinstance(cookie, str):
         cookie = base64.b64decode(cookie, validate=True)
     request = pb.AdviseRangesRequest(
@@ -191,6 +193,7 @@ def advise_request(
         cookie=cookie or b"",
         filter=cast(pb.Filter, _enum("none" if filter is None else filter, FILTER_NAMES, "filter")),
         dry_run=dry_run,
+        scope=cast(pb.Scope, _enum("whole" if scope is None else scope, SCOPE_NAMES, "scope")),
     )
     add = request.ranges.add
     for item in ranges:

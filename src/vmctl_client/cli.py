@@ -5,8 +5,8 @@
 This module reads and checks the arguments, and nothing it imports loads
 gRPC: ``--help``, ``--version``, ``completion`` and usage errors (exit 2, one
 line saying why) are done before :mod:`vmctl_client.commands` is imported to
-do the work. Exit status: 0 done, 1 error, 2 usage, 3 stale cookie or changed
-process; with several targets, the worst across them.
+do the work. Exit status: 0 done, 1 error, 2 usage, 3 stale cookie, changed
+process or (advise) changed ranges; with several targets, the worst across them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from vmctl_api.words import (
     ATTR_ACCESS,
     FILTERS,
     GROUPS,
+    SCOPES,
     WORD_GROUP,
 )
 from vmctl_client import arguments
@@ -30,6 +31,7 @@ from vmctl_client.channel import TlsOptions, default_target
 from vmctl_client.defaults import (
     DEFAULT_CONCURRENCY,
     DEFAULT_HOST_DEADLINE,
+    DEFAULT_RECLAIM_SCOPE,
     DEFAULT_RETRIES,
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
@@ -170,7 +172,10 @@ def _add_advise(sub: argparse._SubParsersAction[argparse.ArgumentParser], output
         description="Apply process_madvise advice to ranges of PID. Without --cookie, a fresh cookie is read first."
         f" Ranges are START-END, end exclusive, page aligned; addresses are {arguments.ADDRESS_RULE}. A range the"
         " kernel"
-        " refuses is reported in the result and makes the exit status 1.",
+        " refuses is reported in the result and makes the exit status 1; a range --scope ranges left out as"
+        " changed (RANGE_CHANGED) makes it 3, like a stale cookie. --all takes its ranges from a fresh snapshot:"
+        " with --cookie, that snapshot must be the layout the cookie names, else the cookie is stale (exit 3,"
+        " nothing advised). Reports the process's rss and swap before and after.",
     )
     advise.add_argument("pid", type=arguments.parse_pid, help="the process")
     advise.add_argument("--advice", required=True, choices=sorted(ADVICES), help="the advice to apply (required)")
@@ -193,6 +198,14 @@ def _add_advise(sub: argparse._SubParsersAction[argparse.ArgumentParser], output
         "--cookie",
         type=arguments.parse_cookie,
         help="cookie (base64) from `vmctl maps`; refused if the layout changed since (default: read a fresh one)",
+    )
+    advise.add_argument(
+        "--scope",
+        choices=sorted(SCOPES),
+        default="whole",
+        help="whole: refused if anything in the layout changed since the cookie; ranges: each range must still lie"
+        " in memory of the kind (and file) the cookie saw there, one that does not is left out (RANGE_CHANGED)"
+        " and the others advised (default %(default)s)",
     )
     advise.add_argument("--dry-run", action="store_true", help="report what would be advised, change nothing")
 
@@ -236,7 +249,122 @@ def _add_reclaim(sub: argparse._SubParsersAction[argparse.ArgumentParser], outpu
         metavar="N",
         help="re-reads after LAYOUT_CHANGED (default %(default)d)",
     )
+    reclaim.add_argument(
+        "--scope",
+        choices=sorted(SCOPES),
+        default=DEFAULT_RECLAIM_SCOPE,
+        help="ranges: a chosen VMA replaced since the snapshot is left out and the rest advised; whole: any"
+        " change in the layout refuses the advice and reclaim reads again (default %(default)s)",
+    )
     reclaim.add_argument("--dry-run", action="store_true", help="report what would be advised, change nothing")
+
+
+def _add_autoreclaim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    loop = sub.add_parser(
+        "autoreclaim",
+        help="the reclaim loop: page out idle processes, back off under pressure (runs until stopped)",
+        description="Every --interval seconds, list the processes of the --cgroup prefixes. One whose CPU time grew"
+        " by less than --idle-cpu percent over the last --idle-seconds is idle: its anonymous memory is paged out,"
+        " once per idle period. One that is busy keeps its memory; with --cold-unaccessed, what it did not touch in"
+        " a --window sample is advised cold. No pageout starts while the host's memory PSI (some, avg10) is above"
+        " --max-pressure; a process that faults back more than --refault-percent of what was paged out within"
+        " --backoff seconds is left alone for --backoff seconds. Stops after --duration seconds, or on SIGTERM or"
+        " SIGINT (0, the default), then prints a summary. -o json: one JSON object per line, per action, then the"
+        " summary. With several targets, one loop per agent, each line naming its target.",
+    )
+    loop.add_argument(
+        "--cgroup",
+        type=arguments.parse_cgroup,
+        action="append",
+        required=True,
+        metavar="PREFIX",
+        help="processes in cgroup v2 PREFIX or below it (/app: not /app-evil); repeat for several",
+    )
+    loop.add_argument(
+        "--idle-seconds",
+        type=arguments.positive(float, arguments.SECONDS_LIMIT),
+        default=30.0,
+        metavar="S",
+        help="how long a process must stay idle before its memory is paged out (default %(default)g)",
+    )
+    loop.add_argument(
+        "--idle-cpu",
+        type=arguments.percent,
+        default=1.0,
+        metavar="PCT",
+        help="idle means below this much CPU over --idle-seconds: Redis's timer alone uses some (default %(default)g)",
+    )
+    loop.add_argument(
+        "--interval",
+        type=arguments.positive(float, arguments.SECONDS_LIMIT),
+        default=5.0,
+        metavar="S",
+        help="seconds between steps (default %(default)g)",
+    )
+    loop.add_argument(
+        "--duration",
+        type=arguments.seconds_or_zero,
+        default=0.0,
+        metavar="S",
+        help="stop after this many seconds (default 0: run until SIGTERM or SIGINT)",
+    )
+    loop.add_argument(
+        "--max-pressure",
+        type=arguments.percent,
+        default=10.0,
+        metavar="PCT",
+        help="no new pageout while host memory PSI some avg10 is above this (default %(default)g)",
+    )
+    loop.add_argument(
+        "--cold-unaccessed",
+        action="store_true",
+        help="advise cold the anonymous VMAs a busy process did not touch in a --window sample (at most once per"
+        " --idle-seconds per process; sampling clears its referenced bits)",
+    )
+    loop.add_argument(
+        "--window",
+        type=arguments.positive(float, ACCESS_WINDOW_MAX_MS / 1000),
+        default=1.0,
+        metavar="S",
+        help="the sampling window of --cold-unaccessed (default %(default)g)",
+    )
+    loop.add_argument(
+        "--refault-percent",
+        type=arguments.percent,
+        default=10.0,
+        metavar="PCT",
+        help="back off from a process that faults back more than this share of what was paged out"
+        " (default %(default)g)",
+    )
+    loop.add_argument(
+        "--backoff",
+        type=arguments.seconds_or_zero,
+        default=300.0,
+        metavar="S",
+        help="how long refaults count after a pageout, and how long a process is then left alone; also after an"
+        " error (default %(default)g)",
+    )
+    loop.add_argument(
+        "--min-rss",
+        type=arguments.parse_size,
+        default="1M",  # argparse reads a string default through the type
+        metavar="BYTES",
+        help="only VMAs with at least this much resident (default %(default)s)",
+    )
+    loop.add_argument("--dry-run", action="store_true", help="decide and report, advise nothing")
+    loop.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json"),
+        default=argparse.SUPPRESS,
+        help="table: a line per action for people (the default); json: a JSON object per line",
+    )
+    loop.add_argument(
+        "--metrics-listen",
+        type=arguments.listen_address,
+        metavar="HOST:PORT",
+        help="serve the loop's Prometheus metrics at http://HOST:PORT/metrics (needs prometheus-client)",
+    )
 
 
 def _add_completion(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -262,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmctl",
         description="Read process address spaces and apply memory advice through vmctl agents.",
-        epilog="Exit status: 0 done, 1 error, 2 usage, 3 stale cookie or changed process (with several targets, the"
-        f" worst). Target: --target / --targets-file, else ${TARGET_ENV}, else {DEFAULT_TARGET}."
+        epilog="Exit status: 0 done, 1 error, 2 usage, 3 stale cookie, changed process or (advise) changed ranges"
+        f" (with several targets, the worst). Target: --target / --targets-file, else ${TARGET_ENV}, else"
+        f" {DEFAULT_TARGET}."
         f" Addresses are {arguments.ADDRESS_RULE}.",
         parents=[output],
     )
@@ -301,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The node's kernel, memory, swap and memory pressure, and which system calls, ioctls and advices"
         " its kernel supports.",
     )
+    _add_autoreclaim(sub)
     _add_completion(sub)
     return parser
 
@@ -314,8 +444,19 @@ def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.A
     return subparsers.choices[command]  # type: ignore[no-any-return]
 
 
+def _check_autoreclaim(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """`autoreclaim` prints a line per action: a table or JSON lines, and its window must be one the agent takes."""
+    loop = _command_parser(parser, "autoreclaim")
+    if getattr(args, "output", "table") not in ("table", "json"):
+        loop.error(f"-o {args.output}: autoreclaim prints a line per action, as a table or as JSON (-o json)")
+    if args.window * 1000 < ACCESS_WINDOW_MIN_MS:
+        loop.error(f"--window {args.window:g}: the shortest window is {ACCESS_WINDOW_MIN_MS / 1000:g} s")
+
+
 def _check_window(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """`maps`: a window goes with the accessed attribute, and it with a window."""
+    if args.command == "autoreclaim":
+        _check_autoreclaim(args, parser)
     if args.command != "maps":
         return
     maps = _command_parser(parser, "maps")
@@ -384,6 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     targets, is_fleet = _targets(args, parser)
     tls = _tls(args, parser, targets)
 
+    if args.command == "autoreclaim":
+        from vmctl_client import loop_command
+
+        return loop_command.run(args, targets, tls, getattr(args, "output", "table"))
     from vmctl_client import commands  # gRPC and rich, only now that there is work to do
 
     return commands.run(args, targets, is_fleet, tls, getattr(args, "output", "table"))

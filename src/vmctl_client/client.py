@@ -9,7 +9,7 @@ from typing import TypeVar
 import grpc
 
 from vmctl_api import vmctl_pb2_grpc as pb_grpc
-from vmctl_api.words import Advice, Filter
+from vmctl_api.words import Advice, Filter, Scope
 from vmctl_client import calls
 from vmctl_client.calls import READ_RETRY, Attempts, Attrs, Call, RangeLike, RetryPolicy
 from vmctl_client.channel import DEFAULT_TIMEOUT, TlsOptions, default_target, open_channel
@@ -102,11 +102,20 @@ class Client:
         cookie: bytes | str | None = None,
         filter: Filter | int | None = None,
         dry_run: bool = False,
+        scope: Scope | int = "whole",
         timeout: float | None = None,
     ) -> AdviceResult:
         """Apply ``advice`` to ``ranges`` of ``pid``, refused unless ``cookie``
-        (from :meth:`get_vma_info`) still names the process's layout."""
-        return self._invoke(calls.advise_ranges(pid, ranges, advice, cookie, filter, dry_run), timeout)
+        (from :meth:`get_vma_info`) still names the process's layout.
+
+        ``scope="ranges"`` checks only the ranges: each must still lie in
+        memory of the kind (and file) the cookie's snapshot saw there; one that
+        does not is left out, its :class:`RangeResult` ``reason`` is
+        ``"RANGE_CHANGED"``, and the others are advised (``changed_ranges``
+        counts the ones left out). The identity checks stay. ``result.scope``
+        says which scope the agent applied: ``"whole"`` when it no longer had
+        the cookie's snapshot (``scope_fallback``)."""
+        return self._invoke(calls.advise_ranges(pid, ranges, advice, cookie, filter, dry_run, scope), timeout)
 
     def list_processes(
         self, cgroup_prefix: str | None = None, *, vma_count: bool = False, timeout: float | None = None

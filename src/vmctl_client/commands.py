@@ -3,8 +3,9 @@ output, the exit status. Imported only after parsing, so ``--help``,
 ``--version`` and usage errors never load gRPC or rich.
 
 Exit status: 0 done, 1 error (advice the kernel refused for some range
-included), 3 stale cookie or changed process; with several targets, the
-worst across them (2, usage, is argparse's, before anything here runs).
+included), 3 stale cookie, changed process, or ranges advise left out as
+changed (RANGE_CHANGED); with several targets, the worst across them (2,
+usage, is argparse's, before anything here runs).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from vmctl_api.words import Attr
 from vmctl_client import render
 from vmctl_client.channel import TlsOptions
 from vmctl_client.client import Client
 from vmctl_client.errors import StaleCookieError, VmctlError
 from vmctl_client.fleet import Fleet, HostResult
 from vmctl_client.reclaim import ERROR, STALE, ProcessReclaim, ReclaimReport, reclaim
-from vmctl_client.types import AdviceResult, VmaInfo
+from vmctl_client.types import VmaInfo
 
 EXIT_OK, EXIT_ERROR, EXIT_STALE = 0, 1, 3
 # For several targets the exit status is the worst one: an error outranks a
@@ -76,26 +78,61 @@ class Command:
     exit_code: Callable[[Any], int] = lambda result: EXIT_OK
 
 
-def run_advise(client: Client, args: argparse.Namespace, _: ProgressBar | None) -> AdviceResult:
+RESIDENCY: tuple[Attr, ...] = ("rss", "swap")
+
+
+def run_advise(client: Client, args: argparse.Namespace, _: ProgressBar | None) -> render.AdviseReport:
+    """Read (rss and swap before, and the cookie or the ranges when not given), advise, read rss and swap
+    again: advised_bytes counts what the ranges name, the residency what moved."""
     cookie = args.cookie
+    before = client.get_vma_info(args.pid, RESIDENCY)
     if args.all:
-        info = client.get_vma_info(args.pid)
-        ranges: list[tuple[int, int]] = [(v.start, v.end) for v in info.vmas if v.kind != "special"]
-        cookie = cookie or info.cookie
+        if cookie is not None and cookie != before.cookie:
+            # The ranges come from this snapshot, which is not the layout the cookie names: advising them
+            # against it would be refused range by range (RANGE_UNMAPPED) or advise what the caller never saw.
+            raise StaleCookieError(
+                "--all read the process's VMAs afresh and its layout is no longer the one the cookie names:"
+                " read again (or name the cookie's ranges with --range)",
+                code="FAILED_PRECONDITION",
+                reason="LAYOUT_CHANGED",
+            )
+        ranges: list[tuple[int, int]] = [(v.start, v.end) for v in before.vmas if v.kind != "special"]
     else:
         ranges = args.range
-        if cookie is None:
-            cookie = client.get_vma_info(args.pid).cookie
-    return client.advise_ranges(args.pid, ranges, args.advice, cookie=cookie, filter=args.filter, dry_run=args.dry_run)
+    result = client.advise_ranges(
+        args.pid,
+        ranges,
+        args.advice,
+        cookie=before.cookie if cookie is None else cookie,
+        filter=args.filter,
+        dry_run=args.dry_run,
+        scope=args.scope,
+    )
+    after = before if args.dry_run else client.get_vma_info(args.pid, RESIDENCY)
+    return render.AdviseReport(result, *_residency(before), *_residency(after))
 
 
-def advise_json(result: AdviceResult) -> dict[str, Any]:
-    return {**result.to_json(), "failed_ranges": render.failed_ranges(result)}
+def _residency(info: VmaInfo) -> tuple[int, int]:
+    return sum(v.rss for v in info.vmas), sum(v.swap for v in info.vmas)
 
 
-def advise_exit_code(result: AdviceResult) -> int:
-    """A range the kernel refused was named by the caller and not advised: an error."""
-    return EXIT_ERROR if render.failed_ranges(result) else EXIT_OK
+def advise_json(report: render.AdviseReport) -> dict[str, Any]:
+    return {
+        **report.result.to_json(),
+        "failed_ranges": render.failed_ranges(report.result),
+        "rss_before": report.rss_before,
+        "swap_before": report.swap_before,
+        "rss_after": report.rss_after,
+        "swap_after": report.swap_after,
+    }
+
+
+def advise_exit_code(report: render.AdviseReport) -> int:
+    """A range the kernel refused was named by the caller and not advised: an error. One left out as
+    changed since the cookie (scope ranges) was not advised either, and reading again may cure it: 3."""
+    if render.failed_ranges(report.result):
+        return EXIT_ERROR
+    return EXIT_STALE if report.result.changed_ranges else EXIT_OK
 
 
 def run_reclaim(client: Client, args: argparse.Namespace, bar: ProgressBar | None) -> ReclaimReport:
@@ -114,6 +151,7 @@ def run_reclaim(client: Client, args: argparse.Namespace, bar: ProgressBar | Non
         dry_run=args.dry_run,
         on_start=bar.start if bar is not None else None,
         on_process=on_process,
+        scope=args.scope,
     )
 
 
@@ -132,7 +170,7 @@ COMMANDS: dict[str, Command] = {
         VmaInfo.to_json,
         lambda info, args, wide: render.maps_table(info, args.attrs, wide),
     ),
-    "advise": Command(run_advise, advise_json, lambda result, _, wide: render.advise_table(result), advise_exit_code),
+    "advise": Command(run_advise, advise_json, lambda report, _, wide: render.advise_table(report), advise_exit_code),
     "reclaim": Command(
         run_reclaim,
         ReclaimReport.to_json,

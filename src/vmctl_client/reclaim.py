@@ -8,7 +8,14 @@ For one process::
 
 ``report.to_json()`` has the ``advise`` keys (``requested_bytes``,
 ``advised_bytes``, ``syscalls``, ``ranges``) summed over the processes, plus
-rss and swap before and after, and each process's own account. A process
+rss and swap before and after, and each process's own account.
+
+By default the advice is checked with scope ``"ranges"``: a chosen VMA the
+process replaced since the snapshot is left out (``changed_ranges``), the
+others are advised, so a process that maps and unmaps all the time elsewhere
+is still reclaimed. With ``scope="whole"`` any change refuses the advice and
+reclaim reads again, up to ``retries`` times (8: a re-read is cheap next to a
+failure). A process
 whose advice failed keeps what was learnt before it failed: its attempts, and
 rss and swap as last read (nothing was advised, so "after" is that reading too).
 """
@@ -21,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vmctl_api.words import FILTERS, Advice, Filter, Kind
+from vmctl_api.words import FILTERS, Advice, Filter, Kind, Scope
 from vmctl_client.defaults import DEFAULT_RETRIES
 from vmctl_client.errors import ProcessChangedError, ProcessGoneError, StaleCookieError, VmctlError
 
@@ -53,6 +60,8 @@ class ProcessReclaim:
     advised_bytes: int = 0
     syscalls: int = 0
     ranges: Sequence[RangeResult] = ()  # the advice reply's lazy per-range results
+    scope: str = ""  # the scope the agent applied to the advice ("whole", "ranges"), once advised
+    changed_ranges: int = 0  # chosen VMAs left out as RANGE_CHANGED (scope "ranges")
     rss_before: int = 0
     swap_before: int = 0
     rss_after: int = 0
@@ -76,6 +85,8 @@ class ProcessReclaim:
             "advised_bytes": self.advised_bytes,
             "syscalls": self.syscalls,
             "failed_ranges": self.failed_ranges,
+            "scope": self.scope or None,
+            "changed_ranges": self.changed_ranges,
             "rss_before": self.rss_before,
             "swap_before": self.swap_before,
             "rss_after": self.rss_after,
@@ -93,6 +104,7 @@ class ReclaimReport:
     dry_run: bool
     cgroup: str | None
     processes: list[ProcessReclaim]
+    scope: Scope = "ranges"  # as asked
 
     def _sum(self, name: str) -> int:
         return sum(getattr(p, name) for p in self.processes)
@@ -128,6 +140,8 @@ class ReclaimReport:
             "advised_bytes": self.advised_bytes,
             "syscalls": self.syscalls,
             "failed_ranges": self.failed_ranges,
+            "scope": self.scope,
+            "changed_ranges": self._sum("changed_ranges"),
             "rss_before": self._sum("rss_before"),
             "swap_before": self._sum("swap_before"),
             "rss_after": self._sum("rss_after"),
@@ -165,13 +179,15 @@ def reclaim_process(
     retries: int = DEFAULT_RETRIES,
     dry_run: bool = False,
     start_time: int | None = None,
+    scope: Scope = "ranges",
 ) -> ProcessReclaim:
     """Reclaim one process. ``start_time`` (from ListProcesses) pins the
     process: a pid now naming another one is left alone (``changed``).
     Raises what the agent raises, except LAYOUT_CHANGED, retried up to
-    ``retries`` times before it is raised as :class:`StaleCookieError`."""
+    ``retries`` times before it is raised as :class:`StaleCookieError`.
+    ``scope``: see :meth:`Client.advise_ranges`."""
     outcome = ProcessReclaim(pid)
-    _reclaim_into(outcome, client, advice, filter, min_rss, retries, dry_run, start_time)
+    _reclaim_into(outcome, client, advice, filter, min_rss, retries, dry_run, start_time, scope)
     return outcome
 
 
@@ -184,6 +200,7 @@ def _reclaim_into(
     retries: int,
     dry_run: bool,
     start_time: int | None,
+    scope: Scope = "ranges",
 ) -> None:
     """reclaim_process's work, written into ``outcome`` as it goes, so that a
     caller catching its error still has the attempts made and the rss read."""
@@ -206,7 +223,9 @@ def _reclaim_into(
         if not chosen:
             return
         try:
-            result = client.advise_ranges(pid, chosen, advice, cookie=info.cookie, filter=filter, dry_run=dry_run)
+            result = client.advise_ranges(
+                pid, chosen, advice, cookie=info.cookie, filter=filter, dry_run=dry_run, scope=scope
+            )
         except ProcessChangedError:
             raise
         except StaleCookieError:
@@ -218,6 +237,7 @@ def _reclaim_into(
         outcome.advised_bytes = result.advised_bytes
         outcome.syscalls = result.syscalls
         outcome.ranges = result.ranges
+        outcome.scope, outcome.changed_ranges = result.scope, result.changed_ranges
         break
     after = client.get_vma_info(pid, ("rss", "swap"))
     outcome.rss_after, outcome.swap_after = _residency(after)
@@ -245,6 +265,7 @@ def reclaim(
     dry_run: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_process: Callable[[ProcessReclaim], None] | None = None,
+    scope: Scope = "ranges",
 ) -> ReclaimReport:
     """Reclaim ``pid``, or every process in cgroup v2 ``cgroup`` or below it
     (whole path components: ``/app`` is not ``/app-evil``), one after another. For one pid, errors are raised; for a
@@ -255,13 +276,20 @@ def reclaim(
         raise ValueError("reclaim takes a pid or a cgroup prefix, not both")
     if filter not in KINDS_BY_FILTER:
         raise ValueError(f"unknown filter {filter!r}; known: {', '.join(KINDS_BY_FILTER)}")
-    report = ReclaimReport(advice, filter, dry_run, cgroup, [])
+    report = ReclaimReport(advice, filter, dry_run, cgroup, [], scope)
     if pid is not None:
         if on_start:
             on_start(1)
         report.processes.append(
             reclaim_process(
-                client, pid, advice=advice, filter=filter, min_rss=min_rss, retries=retries, dry_run=dry_run
+                client,
+                pid,
+                advice=advice,
+                filter=filter,
+                min_rss=min_rss,
+                retries=retries,
+                dry_run=dry_run,
+                scope=scope,
             )
         )
         if on_process:
@@ -273,7 +301,7 @@ def reclaim(
     for member in members:
         outcome = ProcessReclaim(member.pid, comm=member.comm, start_time=member.start_time)
         try:
-            _reclaim_into(outcome, client, advice, filter, min_rss, retries, dry_run, member.start_time)
+            _reclaim_into(outcome, client, advice, filter, min_rss, retries, dry_run, member.start_time, scope)
         except VmctlError as error:
             outcome.status, outcome.error = _status_of(error), error
         report.processes.append(outcome)

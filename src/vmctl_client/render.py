@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vmctl_api.words import GROUPS
@@ -133,20 +134,46 @@ def failed_ranges(result: AdviceResult) -> int:
     return sum(1 for r in result.ranges if r.error)
 
 
-def advise_table(result: AdviceResult) -> str:
+@dataclass(frozen=True)
+class AdviseReport:
+    """`vmctl advise`'s result: the reply, and the process's rss and swap before and after it (the
+    residency tier: PAGEMAP_SCAN, which does not see shared memory in swap)."""
+
+    result: AdviceResult
+    rss_before: int
+    swap_before: int
+    rss_after: int
+    swap_after: int
+
+
+def advise_table(report: AdviseReport) -> str:
+    result = report.result
     verb = "would advise" if result.dry_run else "advised"
     failed = failed_ranges(result)
+    changed = result.changed_ranges
     head = (
         f"pid {result.process.pid} ({result.process.comm}): {verb} {human_bytes(result.advised_bytes)}"
         f" of {human_bytes(result.requested_bytes)} requested in {result.syscalls} process_madvise call(s)"
         + (f"; {failed} of {len(result.ranges)} range(s) FAILED" if failed else "")
+        + (f"; {changed} range(s) CHANGED since the cookie, not advised: read again" if changed else "")
     )
     rows = [
-        [address_range(r.start, r.end), human_bytes(r.advised_bytes), human_bytes(r.skipped_bytes), r.error or "-"]
+        [
+            address_range(r.start, r.end),
+            human_bytes(r.advised_bytes),
+            human_bytes(r.skipped_bytes),
+            r.error or r.reason or "-",
+        ]
         for r in result.ranges
     ]
     table = format_table(["RANGE", "ADVISED", "SKIPPED", "ERROR"], rows, [False, True, True, False])
-    return f"{head}\n{table}"
+    fallback = " (ranges asked; the agent no longer had the cookie's snapshot)" if result.scope_fallback else ""
+    scope = result.scope + fallback
+    foot = (
+        f"scope {scope}; rss {human_bytes(report.rss_before)} -> {human_bytes(report.rss_after)},"
+        f" swap {human_bytes(report.swap_before)} -> {human_bytes(report.swap_after)}"
+    )
+    return f"{head}\n{table}\n{foot}"
 
 
 def cpu_seconds(ns: int) -> str:

@@ -29,6 +29,7 @@ from vmctl_api.words import (
     GROUP_WORDS,
     GROUPS,
     KIND_NAMES,
+    SCOPE_BY_NUMBER,
     VMA_FIELDS,
     WORD_GROUP,
     Attr,
@@ -278,14 +279,15 @@ class RangeResult:
     skipped_bytes: int = _reads("_m.skipped_bytes")
     error: str = _reads("_m.error")
     errno: int = _reads("_m.error_number")  # the proto field is error_number (C++ has an errno macro)
+    reason: str = _reads("_m.reason")  # "RANGE_CHANGED": left out by scope "ranges", not advised; or ""
 
     @property
     def message(self) -> pb.RangeResult:
         return self._m
 
-    def _values(self) -> tuple[int, int, int, int, str]:
+    def _values(self) -> tuple[int, int, int, int, str, str]:
         m = self._m
-        return m.start, m.end, m.advised_bytes, m.skipped_bytes, m.error
+        return m.start, m.end, m.advised_bytes, m.skipped_bytes, m.error, m.reason
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RangeResult) and self._values() == other._values()
@@ -296,7 +298,8 @@ class RangeResult:
     def __repr__(self) -> str:
         return (
             f"RangeResult(start=0x{self.start:x}, end=0x{self.end:x}, advised_bytes={self.advised_bytes},"
-            f" skipped_bytes={self.skipped_bytes}, error={self.error!r})"
+            f" skipped_bytes={self.skipped_bytes}, error={self.error!r}"
+            + (f", reason={self.reason!r})" if self.reason else ")")
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -307,6 +310,7 @@ class RangeResult:
             "advised_bytes": m.advised_bytes,
             "skipped_bytes": m.skipped_bytes,
             "error": m.error or None,
+            "reason": m.reason or None,
         }
 
 
@@ -347,6 +351,11 @@ class AdviceResult:
         self.syscalls: int = reply.syscalls
         self.dry_run: bool = reply.dry_run
         self.ranges = RangeResultList(reply.ranges)
+        # The scope the agent applied ("whole" for an agent older than scopes), how many ranges it
+        # left out as RANGE_CHANGED, and whether "ranges" fell back to "whole" (snapshot not cached).
+        self.scope: str = SCOPE_BY_NUMBER.get(reply.scope, "whole")
+        self.changed_ranges: int = reply.changed_ranges
+        self.scope_fallback: bool = reply.scope_fallback
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -355,6 +364,9 @@ class AdviceResult:
             "advised_bytes": self.advised_bytes,
             "syscalls": self.syscalls,
             "dry_run": self.dry_run,
+            "scope": self.scope,
+            "scope_fallback": self.scope_fallback,
+            "changed_ranges": self.changed_ranges,
             "ranges": [r.to_json() for r in self.ranges],
         }
 

@@ -26,6 +26,7 @@ try:
     from vmctl_server.core.advice import Advisor
     from vmctl_server.core.cookie import CookieSigner
     from vmctl_server.core.snapshot import SnapshotReader, SourceSupport
+    from vmctl_server.core.snapshot_cache import SnapshotCache
     from vmctl_server.runtime import kernel_probe, logs, malloc_trim, meters
     from vmctl_server.transport import listeners, servers
     from vmctl_server.transport.service import SERVICE_NAME, Pipeline, VmControlService
@@ -57,9 +58,9 @@ def _backend(no_native: bool) -> backends.Backend:
     """The C back-end, or the pure-Python one only when asked for: an agent
     several times slower than it should be must not start unnoticed."""
     if no_native:
-        return backends.reference()
+        return backends.select_reference()
     try:
-        return backends.native()
+        return backends.select_native()
     except ImportError as exc:
         raise RuntimeError(
             f"the C extension is not installed or does not load ({exc}). vmctl installs without it where it"
@@ -100,7 +101,9 @@ def build_parts(args: argparse.Namespace) -> Parts:
     )
     sources = SourceSupport(pagemap_scan=caps.pagemap_scan, procmap_query=caps.procmap_query)
     reader = SnapshotReader(backend.tables, sources)
-    advisor = Advisor(signer, reader, backend.ranges, caps.advices, max_ranges=args.max_ranges)
+    snapshots = SnapshotCache(args.snapshot_cache_bytes)
+    meters.watch_snapshot_cache(snapshots)
+    advisor = Advisor(signer, reader, backend.ranges, caps.advices, max_ranges=args.max_ranges, snapshots=snapshots)
     trimmer = malloc_trim.HeapTrimmer()
     workers = futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="vmctl-rpc")
     pipeline = Pipeline(workers, request_timeout=args.request_timeout, activity=trimmer)

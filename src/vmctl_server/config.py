@@ -10,6 +10,7 @@ from vmctl_server import __version__
 from vmctl_server.access.admission import DEFAULT_MAX_CALLS
 from vmctl_server.access.audit import STDOUT
 from vmctl_server.core.advice import DEFAULT_MAX_RANGES
+from vmctl_server.core.snapshot_cache import BYTES_PER_VMA, DEFAULT_CACHE_BYTES
 from vmctl_server.runtime import logs
 from vmctl_server.transport.service import DEFAULT_REQUEST_TIMEOUT
 from vmctl_server.transport.unixgate import DEFAULT_IDLE_TIMEOUT
@@ -118,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_RANGES,
         help=f"ranges per AdviseRanges (default {DEFAULT_MAX_RANGES})",
     )
+    parser.add_argument(
+        "--snapshot-cache-bytes",
+        type=_size,
+        default=DEFAULT_CACHE_BYTES,
+        metavar="BYTES",
+        help="memory for the layouts of recent snapshots, which AdviseRanges with SCOPE_RANGES checks ranges"
+        f" against ({BYTES_PER_VMA} bytes per VMA; least recently used out first; 64M, 1G, ...; 0: off, every"
+        f" call checks the whole layout) (default {DEFAULT_CACHE_BYTES >> 20}M)",
+    )
     parser.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
@@ -152,6 +162,23 @@ def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PEM",
         help="CA that signs the clients' certificates (--client-ca: its old name)",
     )
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _size(text: str) -> int:
+    """Bytes, or with K, M or G (binary): 65536, 64M."""
+    number, unit = text.strip().upper().removesuffix("IB").removesuffix("B"), ""
+    if number[-1:] in _UNITS:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = int(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: expected bytes, or a number with K, M or G (64M)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: a size is 0 or more")
+    return value
 
 
 def _octal_mode(text: str) -> int:

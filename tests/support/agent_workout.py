@@ -168,6 +168,8 @@ def exercise_vmcontrol(client: Client, target) -> None:
     _expect_refusal(
         lambda: client.advise_ranges(target.pid, [(start, end)], "cold", cookie=info.cookie), "LAYOUT_CHANGED"
     )
+    scoped = client.advise_ranges(target.pid, [(start, end)], "cold", cookie=info.cookie, scope="ranges")
+    assert (scoped.scope, scoped.advised_bytes) == ("ranges", end - start), scoped  # PROCMAP_QUERY per range
     _expect_refusal(lambda: client.advise_ranges(1, [(start, end)], "cold", cookie=info.cookie), "COOKIE_INVALID")
     _expect_refusal(lambda: client.get_vma_info(2), "NO_ADDRESS_SPACE")  # kthreadd
     _expect_refusal(lambda: client.get_vma_info(4_000_000), "PROCESS_GONE")

@@ -44,9 +44,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from vmctl_api.words import CookieOutcome
+from vmctl_api.words import CookieOutcome, ScopeCheck
 from vmctl_server.core import files
 from vmctl_server.core.targets import Target
 
@@ -220,6 +220,9 @@ class AdviceAudit:
     rule: str = ""
     advised_bytes: int = 0
     syscalls: int = 0
+    scope: str = "whole"  # as asked (words.SCOPES)
+    scope_check: ScopeCheck | Literal[""] = ""  # how the layout is checked (words.SCOPE_CHECKS), once known
+    changed_ranges: int = 0  # left out as RANGE_CHANGED
 
     def summary(self, status: str) -> str:
         return f"advise {self.advice or '?'} pid {self.pid or '?'}: {status}"
@@ -239,6 +242,12 @@ class AdviceAudit:
             "ranges": self.range_count,
             "requested_bytes": self.requested_bytes,
             "rule": self.rule,
+            "scope": self.scope,
+            # Whether each range was checked against the snapshot (SCOPE_RANGES ran), and whether
+            # SCOPE_RANGES fell back to the whole layout for want of the snapshot.
+            "scope_checked": self.scope_check == "ranges",
+            "scope_fallback": self.scope_check == "fallback",
+            "changed_ranges": self.changed_ranges,
         }
 
     def intent(self) -> dict[str, Any]:

@@ -1,6 +1,9 @@
 """The VMA tables and the per-range advice work, each in C (native) and in pure Python
-(reference, the twin the C must equal). The wiring picks one with :func:`select`; the core sees
-only the protocols in core.snapshot and core.advice."""
+(reference, the twin the C must equal). The wiring picks one with :func:`select_native` or
+:func:`select_reference`; the core sees only the protocols in core.snapshot and core.advice.
+
+The functions are not named ``native`` and ``reference``: importing the subpackages of those
+names sets them as attributes of this package, which would replace such functions with modules."""
 
 from __future__ import annotations
 
@@ -17,14 +20,14 @@ class Backend:
     native: bool
 
 
-def reference() -> Backend:
+def select_reference() -> Backend:
     from vmctl_server.backends.reference.ranges import PyRanges
     from vmctl_server.backends.reference.tables import PyVmaTable
 
     return Backend(PyVmaTable, PyRanges, native=False)
 
 
-def native() -> Backend:
+def select_native() -> Backend:
     """The C back-end; ImportError when the extension was not built."""
     from vmctl_server.backends.native.ranges import NativeRanges
     from vmctl_server.backends.native.tables import NativeVmaTable

@@ -9,6 +9,15 @@ nothing. The re-read and the calls are not one atomic step (the kernel offers
 none): a mapping can change in the few microseconds between them. The pidfd
 at least guarantees the calls reach the process that was checked, or none.
 
+With SCOPE_RANGES the live layout need not be the cookie's: the agent
+plans against the layout the cookie's snapshot saw (kept in a
+:class:`~vmctl_server.core.snapshot_cache.SnapshotCache`), then checks each
+range against the live process (:meth:`RangeSet.covering`: PROCMAP_QUERY, or
+the maps text without it) and leaves out, as RANGE_CHANGED, every range that
+no longer lies in memory of the kind the snapshot saw there. The advices are
+lossless, which is what makes that safe. Without the snapshot (evicted, or
+an agent restarted) the whole layout is checked, and the reply says so.
+
 The per-range work (checks, the split at VMA boundaries, the calls, the
 reply's per-range results) is done by a :class:`RangeSet`: in C
 (:mod:`vmctl_server.backends.native.ranges`) or in pure Python
@@ -21,11 +30,11 @@ from __future__ import annotations
 import errno as errno_mod
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from vmctl_api.words import ADVICE_BY_NUMBER, ADVICES, FILTERS, KINDS, Advice
+from vmctl_api.words import ADVICE_BY_NUMBER, ADVICES, FILTERS, KIND_FILE, KINDS, SCOPES, Advice
 from vmctl_server.core import kernel, procfs
 from vmctl_server.core.cookie import CookieClaims, CookieSigner
 from vmctl_server.core.faults import (
@@ -38,8 +47,9 @@ from vmctl_server.core.faults import (
     ProcessChanged,
     ProcessGone,
 )
-from vmctl_server.core.layout import Layout, layout_digest
+from vmctl_server.core.layout import LAYOUT_RECORD, Layout, layout_digest
 from vmctl_server.core.snapshot import Identity, SnapshotReader, check_pid, read_identity
+from vmctl_server.core.snapshot_cache import SnapshotCache
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -52,6 +62,10 @@ ADVICE_UNSPECIFIED = 0  # vmctl.v1.Advice.ADVICE_UNSPECIFIED: no advice sent
 RANGE_REASONS = ("RANGE_UNALIGNED", "RANGE_EMPTY", "RANGE_WRAPS", "RANGE_OVERLAP", "RANGE_UNMAPPED")
 
 DEFAULT_MAX_RANGES = 1 << 18  # above vm.max_map_count, so "every VMA" always fits
+
+SCOPE_WHOLE = SCOPES["whole"]  # vmctl.v1.Scope values; SCOPE_UNSPECIFIED and unknown ones are SCOPE_WHOLE
+SCOPE_RANGES = SCOPES["ranges"]
+RANGE_CHANGED = "RANGE_CHANGED"  # RangeResult.reason of a range SCOPE_RANGES left out (words.RANGE_RESULT_REASONS)
 
 
 class Plan(Protocol):
@@ -68,6 +82,10 @@ class Plan(Protocol):
     def apply(self, pidfd: int, madv: int) -> tuple[int, int]:
         """Advise every piece: the process_madvise calls made, and the errno
         of the first piece that failed when no piece advised a byte (else 0)."""
+
+    def exclude(self, changed: bytes) -> int:
+        """Leave out every range i with ``changed[i]`` (RANGE_CHANGED): none
+        of its pieces is advised. How many were left out."""
 
     def outcomes(self) -> list[RangeOutcome]: ...
     def pieces(self) -> list[tuple[int, int, int]]:
@@ -94,6 +112,14 @@ class RangeSet(Protocol):
     def plan(self, layout_records: bytes, filter_: int) -> Plan:
         """plan_ranges against the packed layout: raises InvalidRequest."""
 
+    def covering(self, maps_fd: int, layout_records: bytes) -> bytes:
+        """ranges_changed against the live VMAs PROCMAP_QUERY finds on
+        ``maps_fd`` (/proc/PID/maps): one byte per range, 1 when it changed
+        since the snapshot ``layout_records`` (which covers every range)."""
+
+    def covering_records(self, layout_records: bytes, live_records: bytes) -> bytes:
+        """The same against a live layout read from maps (no PROCMAP_QUERY)."""
+
 
 class RangeBackend(Protocol):
     """Makes RangeSets: pyranges.PyRanges or nativeranges.NativeRanges."""
@@ -114,6 +140,7 @@ class AdviceRequest:
     cookie: bytes = b""
     filter: int = FILTER_NONE
     dry_run: bool = False
+    scope: int = SCOPE_WHOLE  # vmctl.v1.Scope value
 
 
 @dataclass
@@ -123,10 +150,42 @@ class RangeOutcome:
     advised_bytes: int = 0
     skipped_bytes: int = 0
     errno: int = 0
+    changed: bool = False  # left out by SCOPE_RANGES: RANGE_CHANGED
 
     @property
     def error(self) -> str:
         return errno_mod.errorcode.get(self.errno, str(self.errno)) if self.errno else ""
+
+    @property
+    def reason(self) -> str:
+        return RANGE_CHANGED if self.changed else ""
+
+
+@dataclass(frozen=True)
+class ScopeOutcome:
+    """How the layout was checked: for the reply, the audit log and the metrics."""
+
+    asked: int  # SCOPE_WHOLE or SCOPE_RANGES, as requested (unknown values: SCOPE_WHOLE)
+    applied: int  # SCOPE_RANGES when the per-range check ran, else SCOPE_WHOLE
+    fallback: bool = False  # SCOPE_RANGES asked, but the cookie's snapshot was not in the cache
+    changed_ranges: int = 0
+
+    @property
+    def checked(self) -> bool:
+        """Whether the per-range check ran."""
+        return self.applied == SCOPE_RANGES
+
+
+@dataclass(frozen=True)
+class SnapshotLookup:
+    scope: ScopeOutcome  # before the check: changed_ranges 0
+    seen: bytes | None = None  # the layout records of the cookie's snapshot, for SCOPE_RANGES
+
+
+@dataclass(frozen=True)
+class ScopedPlan:
+    plan: Plan
+    scope: ScopeOutcome
 
 
 @dataclass
@@ -139,6 +198,7 @@ class AdviceResult:
     syscalls: int
     dry_run: bool
     plan: Plan  # the per-range outcomes
+    scope: ScopeOutcome = ScopeOutcome(SCOPE_WHOLE, SCOPE_WHOLE)
 
 
 @dataclass
@@ -245,6 +305,84 @@ def split_for_calls(segments: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True)
+class SeenVma:
+    """What matters of one VMA for SCOPE_RANGES: a layout record's fields
+    but the permissions (``kind`` 0: unknown, which matches nothing)."""
+
+    start: int
+    end: int
+    offset: int
+    inode: int
+    dev_major: int
+    dev_minor: int
+    kind: int
+
+
+def seen_vma(records: bytes, index: int) -> SeenVma:
+    start, end, offset, inode, major, minor, _perms, kind = LAYOUT_RECORD.unpack_from(
+        records, index * LAYOUT_RECORD.size
+    )
+    return SeenVma(start, end, offset, inode, major, minor, kind)
+
+
+def same_memory(was: SeenVma, now: SeenVma) -> bool:
+    """Whether the same memory lies at an address both cover: the kind, and
+    for a file the same file (device, inode) at the same offset there."""
+    if not now.kind or was.kind != now.kind:
+        return False
+    if was.kind != KIND_FILE:
+        return True
+    return (was.dev_major, was.dev_minor, was.inode) == (now.dev_major, now.dev_minor, now.inode) and (
+        was.offset - was.start
+    ) % (1 << 64) == (now.offset - now.start) % (1 << 64)
+
+
+def ranges_changed(
+    ranges: Sequence[tuple[int, int]], layout_records: bytes, live: Callable[[int], SeenVma | None]
+) -> bytes:
+    """SCOPE_RANGES's check: one byte per range, 1 when it no longer lies
+    wholly in memory of the kind the snapshot (``layout_records``, which covers
+    every range) saw there. ``live(address)`` is the live VMA covering an
+    address, or None. VMA boundaries may have moved: the walk steps to the
+    nearer end of the snapshot's VMA and the live one."""
+    layout = Layout.from_records(layout_records)
+    changed = bytearray(len(ranges))
+    for i, (start, end) in enumerate(ranges):
+        cursor = start
+        v = layout.first_at_or_after(cursor)
+        while cursor < end:
+            if v >= len(layout) or layout.starts[v] > cursor:
+                changed[i] = 1  # the snapshot had nothing here: the plan refuses such a range first
+                break
+            was = seen_vma(layout_records, v)
+            now = live(cursor)
+            if now is None or not same_memory(was, now):
+                changed[i] = 1
+                break
+            stop = min(was.end, now.end, end)
+            if stop <= cursor:
+                changed[i] = 1
+                break
+            cursor = stop
+            if cursor >= was.end:
+                v += 1
+    return bytes(changed)
+
+
+def records_lookup(live_records: bytes) -> Callable[[int], SeenVma | None]:
+    """``live`` for :func:`ranges_changed` from a layout read from maps."""
+    layout = Layout.from_records(live_records)
+
+    def live(address: int) -> SeenVma | None:
+        v = layout.first_at_or_after(address)
+        if v >= len(layout) or layout.starts[v] > address:
+            return None
+        return seen_vma(live_records, v)
+
+    return live
+
+
+@dataclass(frozen=True)
 class CheckedRequest:
     """A request whose fields, ranges and cookie signature passed: nothing
     about it depends on the process any more."""
@@ -289,12 +427,15 @@ class Advisor:
         ranges: RangeBackend,
         supported_advices: frozenset[int],
         max_ranges: int = DEFAULT_MAX_RANGES,
+        snapshots: SnapshotCache | None = None,
     ) -> None:
         self.signer = signer
         self.reader = reader
         self.ranges = ranges  # how requests' ranges are held, checked and planned
         self.supported_advices = supported_advices
         self.max_ranges = max_ranges
+        # What recent snapshots saw, for SCOPE_RANGES; without one every call checks the whole layout.
+        self.snapshots = snapshots if snapshots is not None else SnapshotCache(0)
 
     def check(self, request: AdviceRequest, *, require_cookie: bool) -> CheckedRequest:
         """Fields, ranges, kernel support and the cookie's signature, boot and
@@ -346,6 +487,51 @@ class Advisor:
             raise
         return OpenedTarget(pidfd, identity)
 
+    def scope(self, checked: CheckedRequest) -> SnapshotLookup:
+        """The scope a request will be checked in: SCOPE_RANGES only with a
+        cookie whose snapshot the cache still has (else it falls back)."""
+        request, claims = checked.request, checked.claims
+        asked = SCOPE_RANGES if request.scope == SCOPE_RANGES else SCOPE_WHOLE
+        seen = self.snapshots.get(claims) if asked == SCOPE_RANGES and claims is not None else None
+        if seen is not None:
+            return SnapshotLookup(ScopeOutcome(asked, SCOPE_RANGES), seen)
+        return SnapshotLookup(ScopeOutcome(asked, SCOPE_WHOLE, fallback=asked == SCOPE_RANGES and claims is not None))
+
+    def plan_in_scope(
+        self, checked: CheckedRequest, target: OpenedTarget, lookup: SnapshotLookup | None = None
+    ) -> ScopedPlan:
+        """The plan, in the scope :meth:`scope` found: SCOPE_RANGES plans
+        against what the cookie's snapshot saw and leaves out the ranges that
+        changed since (:meth:`still_good`); SCOPE_WHOLE is :meth:`plan`."""
+        lookup = lookup or self.scope(checked)
+        if lookup.seen is None:
+            return ScopedPlan(self.plan(checked, target), lookup.scope)
+        request = checked.request
+        plan = request.ranges.plan(lookup.seen, request.filter)  # RANGE_UNMAPPED: not in what the caller saw
+        changed = self.still_good(checked, target, lookup.seen)
+        count = plan.exclude(changed)
+        return ScopedPlan(plan, ScopeOutcome(lookup.scope.asked, SCOPE_RANGES, changed_ranges=count))
+
+    def still_good(self, checked: CheckedRequest, target: OpenedTarget, seen: bytes) -> bytes:
+        """SCOPE_RANGES's check, a step of its own: one byte per range, 1
+        for a range that no longer lies in memory of the kind the snapshot
+        ``seen`` saw there (RANGE_CHANGED), 0 for one still good to advise.
+        Live VMAs from PROCMAP_QUERY, one ioctl per VMA a range crosses, or
+        from the maps text where the kernel lacks it."""
+        pid = target.identity.pid
+        ranges = checked.request.ranges
+        if self.reader.sources.procmap_query:
+            fd = procfs.open_fd(pid, "maps")
+            try:
+                changed = ranges.covering(fd, seen)
+            finally:
+                os.close(fd)
+        else:
+            changed = ranges.covering_records(seen, self.reader.read_layout(pid))
+        if procfs.exec_id(pid) != target.identity.exec_id:
+            raise ProcessChanged(f"process {pid} exec'd while it was checked", pid=pid)
+        return changed
+
     def plan(self, checked: CheckedRequest, target: OpenedTarget) -> Plan:
         """The live layout must be the cookie's; then every range is checked
         against it and split into the pieces to advise."""
@@ -365,7 +551,9 @@ class Advisor:
         return checked.request.ranges.plan(records, checked.request.filter)
 
     @staticmethod
-    def apply(checked: CheckedRequest, target: OpenedTarget, plan: Plan) -> AdviceResult:
+    def apply(
+        checked: CheckedRequest, target: OpenedTarget, plan: Plan, scope: ScopeOutcome | None = None
+    ) -> AdviceResult:
         """The process_madvise calls (none for a dry run)."""
         request, identity = checked.request, target.identity
         syscall_count = 0
@@ -386,4 +574,5 @@ class Advisor:
             syscalls=syscall_count,
             dry_run=request.dry_run,
             plan=plan,
+            scope=scope or ScopeOutcome(SCOPE_WHOLE, SCOPE_WHOLE),
         )

@@ -277,13 +277,59 @@ def procmap_query_build_id(maps_fd: int, address: int) -> bytes:
     return found
 
 
-PROCMAP_QUERY_COVERING_OR_NEXT_VMA = 0x10
-QUERY_NAME_MAX = 4096  # PATH_MAX: what d_path may need
+VMA_NAME_MAX = 4352  # a VMA's name as PROCMAP_QUERY writes it: a path (PATH_MAX) or a short [name]
 
 
 @dataclass(frozen=True)
 class QueriedVma:
-    """One VMA as PROCMAP_QUERY gives it; ``flags`` are layout.PERM_* (the ioctl's own bits)."""
+    """What PROCMAP_QUERY says of the VMA covering an address. ``path`` is
+    None when the name did not fit (a path longer than any buffer)."""
+
+    start: int
+    end: int
+    offset: int
+    inode: int
+    dev_major: int
+    dev_minor: int
+    path: bytes | None
+
+
+def procmap_query_vma(maps_fd: int, address: int) -> QueriedVma | None:
+    """The VMA covering ``address`` (None when nothing does), with its name."""
+    name = ffi.new("char[]", VMA_NAME_MAX)
+    query = cast(_ProcmapQuery, ffi.new("struct procmap_query *"))
+    named = True
+    while True:
+        ffi.buffer(query)[:] = bytes(ffi.sizeof("struct procmap_query"))
+        query.size = ffi.sizeof("struct procmap_query")
+        query.query_addr = address
+        if named:
+            query.vma_name_addr = int(ffi.cast("uintptr_t", name))
+            query.vma_name_size = VMA_NAME_MAX
+        if _libc.ioctl(maps_fd, ffi.cast("unsigned long", PROCMAP_QUERY), query) == 0:
+            break
+        err = ffi.errno
+        if err == errno_mod.ENOENT:
+            return None
+        if err == errno_mod.ENAMETOOLONG and named:
+            named = False
+            continue
+        if err == errno_mod.EINTR:
+            continue
+        raise _ioctl_error("PROCMAP_QUERY", err)
+    path = (ffi.buffer(name, query.vma_name_size - 1)[:] if query.vma_name_size else b"") if named else None
+    return QueriedVma(
+        query.vma_start, query.vma_end, query.vma_offset, query.inode, query.dev_major, query.dev_minor, path
+    )
+
+
+PROCMAP_QUERY_COVERING_OR_NEXT_VMA = 0x10
+
+
+@dataclass(frozen=True)
+class LayoutVma:
+    """One VMA as the loop of procmap_query_layout gives it; ``flags`` are
+    layout.PERM_* (the ioctl's own bits)."""
 
     start: int
     end: int
@@ -295,16 +341,16 @@ class QueriedVma:
     name: bytes
 
 
-def procmap_query_layout(maps_fd: int, names: bool = True) -> list[QueriedVma]:
+def procmap_query_layout(maps_fd: int, names: bool = True) -> list[LayoutVma]:
     """Every VMA of ``maps_fd``'s process with its name, one PROCMAP_QUERY each
     (the loop vmctl_table_query makes in C). OSError with the ioctl's errno
     when it fails (ENOTTY: no PROCMAP_QUERY; ENAMETOOLONG: a name beyond PATH_MAX).
     With ``names`` False a file VMA's name is not asked (b""), and a VMA
     without a file is asked again with it (vmctl_table_query_layout's loop)."""
-    name = ffi.new("char[]", QUERY_NAME_MAX)
+    name = ffi.new("char[]", VMA_NAME_MAX)
     query = cast(_ProcmapQuery, ffi.new("struct procmap_query *"))
     request = ffi.cast("unsigned long", PROCMAP_QUERY)
-    found: list[QueriedVma] = []
+    found: list[LayoutVma] = []
     address = 0
     with_name = names
     while True:
@@ -312,7 +358,7 @@ def procmap_query_layout(maps_fd: int, names: bool = True) -> list[QueriedVma]:
         query.query_flags = PROCMAP_QUERY_COVERING_OR_NEXT_VMA
         query.query_addr = address
         query.vma_name_addr = int(ffi.cast("uintptr_t", name)) if with_name else 0
-        query.vma_name_size = QUERY_NAME_MAX if with_name else 0
+        query.vma_name_size = VMA_NAME_MAX if with_name else 0
         query.build_id_addr = query.build_id_size = 0
         if _libc.ioctl(maps_fd, request, query) < 0:
             err = ffi.errno
@@ -330,7 +376,7 @@ def procmap_query_layout(maps_fd: int, names: bool = True) -> list[QueriedVma]:
         text: bytes = ffi.string(name, size - 1) if size > 1 else b""  # type: ignore[assignment]
         with_name = names
         found.append(
-            QueriedVma(
+            LayoutVma(
                 query.vma_start,
                 query.vma_end,
                 query.vma_flags & 0xF,

@@ -28,6 +28,13 @@ vmctl_advice_requested_bytes_total        bytes named by successful, non-dry-run
 vmctl_advised_bytes_total                 bytes the kernel reported advised, by advice
 vmctl_process_madvise_calls_total         process_madvise system calls made, by advice
 vmctl_cookie_checks_total                 AdviseRanges calls by cookie outcome (words.COOKIE_OUTCOMES)
+vmctl_advice_scope_checks_total           AdviseRanges calls with a cookie checked, by how (words.SCOPE_CHECKS)
+vmctl_advice_ranges_changed_total         ranges SCOPE_RANGES left out as RANGE_CHANGED
+vmctl_snapshot_cache_entries              snapshots whose layouts SCOPE_RANGES can check against
+vmctl_snapshot_cache_bytes                what they hold, against --snapshot-cache-bytes
+vmctl_snapshot_cache_hits_total           SCOPE_RANGES calls that found the cookie's snapshot
+vmctl_snapshot_cache_misses_total         ... and that did not (they checked the whole layout)
+vmctl_snapshot_cache_evictions_total      snapshots dropped to stay within the bound
 vmctl_agent_path                          1 for the path each component uses (native C or the fallback)
 vmctl_gateway_connections                 unix-socket connections relayed now
 vmctl_gateway_connections_closed_total    relayed connections ended, by reason (GATEWAY_CLOSE_REASONS)
@@ -60,13 +67,16 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
-from vmctl_api.words import COOKIE_OUTCOMES
+from vmctl_api.words import COOKIE_OUTCOMES, SCOPE_CHECKS, ScopeCheck
 from vmctl_server import __version__
+from vmctl_server.core.snapshot_cache import SnapshotCache
 
 disable_created_metrics()
 REGISTRY = CollectorRegistry()
@@ -137,6 +147,70 @@ def record_advice(
         REQUESTED_BYTES.labels(advice).inc(requested_bytes)
         ADVISED_BYTES.labels(advice).inc(advised_bytes)
         MADVISE_CALLS.labels(advice).inc(syscalls)
+
+
+SCOPE_CHECKS_TOTAL = Counter(
+    "vmctl_advice_scope_checks",
+    "AdviseRanges calls whose cookie's layout was checked, by how: "
+    + "; ".join(f"{k}: {v}" for k, v in SCOPE_CHECKS.items()),
+    ("scope",),
+    registry=REGISTRY,
+)
+for _scope in SCOPE_CHECKS:
+    SCOPE_CHECKS_TOTAL.labels(_scope)
+RANGES_CHANGED = Counter(
+    "vmctl_advice_ranges_changed",
+    "Ranges AdviseRanges left out with reason RANGE_CHANGED (SCOPE_RANGES)",
+    registry=REGISTRY,
+)
+
+
+def record_scope(scope: ScopeCheck, changed_ranges: int) -> None:
+    """How one AdviseRanges call that got as far as its layout check was checked."""
+    SCOPE_CHECKS_TOTAL.labels(scope).inc()
+    if changed_ranges:
+        RANGES_CHANGED.inc(changed_ranges)
+
+
+class _SnapshotCacheCollector(Collector):
+    """The snapshot cache's size and counts, read when scraped."""
+
+    def __init__(self) -> None:
+        self.cache: SnapshotCache | None = None
+
+    def collect(self) -> list[GaugeMetricFamily | CounterMetricFamily]:
+        cache = self.cache
+        if cache is None:
+            return []
+        stats = cache.stats()
+        return [
+            GaugeMetricFamily("vmctl_snapshot_cache_entries", "Snapshots kept for SCOPE_RANGES", value=stats.entries),
+            GaugeMetricFamily(
+                "vmctl_snapshot_cache_bytes",
+                "Bytes the kept snapshots count (--snapshot-cache-bytes)",
+                value=stats.bytes,
+            ),
+            CounterMetricFamily(
+                "vmctl_snapshot_cache_hits", "SCOPE_RANGES calls that found their cookie's snapshot", value=stats.hits
+            ),
+            CounterMetricFamily(
+                "vmctl_snapshot_cache_misses",
+                "SCOPE_RANGES calls whose cookie's snapshot was not kept (the whole layout was checked)",
+                value=stats.misses,
+            ),
+            CounterMetricFamily(
+                "vmctl_snapshot_cache_evictions", "Snapshots dropped to stay within the bound", value=stats.evictions
+            ),
+        ]
+
+
+_SNAPSHOT_CACHE = _SnapshotCacheCollector()
+REGISTRY.register(_SNAPSHOT_CACHE)
+
+
+def watch_snapshot_cache(cache: SnapshotCache) -> None:
+    """Serve ``cache``'s series (the agent's one cache)."""
+    _SNAPSHOT_CACHE.cache = cache
 
 
 PATH = Gauge(

@@ -169,9 +169,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    def _one_request(
-        self, behavior: Behavior, deserializer: Callable[[bytes], Any] | None, streams: bool
-    ) -> Behavior:
+    def _one_request(self, behavior: Behavior, deserializer: Callable[[bytes], Any] | None, streams: bool) -> Behavior:
         """A single-request behavior served from a request stream, its one message read with a deadline."""
         timeout = self.request_timeout
 
@@ -261,13 +259,14 @@ class _Call:
             raise
         finally:
             elapsed = time.perf_counter() - started
-            in_flight.dec()
             code = context.code() or outcome
             if not isinstance(code, grpc.StatusCode):
                 code = _status_code(code)
             reason = facts.get("reason", "") if code != grpc.StatusCode.OK else ""
-            metrics.HANDLED.labels(*self.labels, code.name).inc()
+            # In this order, so that any scrape sees a call whole: timed before counted, counted before gone.
             metrics.HANDLING.labels(*self.labels, code.name).observe(elapsed)
+            metrics.HANDLED.labels(*self.labels, code.name).inc()
+            in_flight.dec()
             if reason:
                 metrics.REFUSALS.labels(self.service, self.method, reason).inc()
             self._log(peer, code, reason, facts.get("pid"), elapsed)

@@ -53,12 +53,12 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from vmctl_api import vmctl_pb2 as pb
-from vmctl_api.words import ADVICE_BY_NUMBER, FILTER_BY_NUMBER
+from vmctl_api.words import ADVICE_BY_NUMBER, FILTER_BY_NUMBER, SCOPE_BY_NUMBER, ScopeCheck
 from vmctl_server.access.admission import Guard, Ticket
 from vmctl_server.access.audit import AdviceAudit, sample_record
 from vmctl_server.access.identity import Caller, caller_from
 from vmctl_server.access.policy import ADVISE, READ, Policy
-from vmctl_server.core.advice import AdviceRequest, AdviceResult, Advisor, RangeSet
+from vmctl_server.core.advice import AdviceRequest, AdviceResult, Advisor, RangeSet, ScopeOutcome
 from vmctl_server.core.cookie import CookieSigner
 from vmctl_server.core.faults import AuditUnavailable, InvalidRequest, RequestTimeout, VmctlFault
 from vmctl_server.core.kernel import Capabilities
@@ -201,9 +201,7 @@ class VmControlService:
         reply: bytes = await self._finish(context, method, verb, call)  # a unary method's Work gives bytes
         return reply
 
-    async def _serve_stream(
-        self, context: Context, method: str, verb: str, work: Work
-    ) -> AsyncIterator[bytes]:
+    async def _serve_stream(self, context: Context, method: str, verb: str, work: Work) -> AsyncIterator[bytes]:
         """As :meth:`_serve`, then every message the work made, written from
         the event loop; the slots are held until the last is written (or the
         call ends) and, as ever, until the work ends."""
@@ -219,9 +217,7 @@ class VmControlService:
             else:  # the caller went away while the worker still reads
                 call.running.add_done_callback(lambda _done: self._call_ended(call.ticket))
 
-    async def _start(
-        self, context: Context, method: str, verb: str, work: Work
-    ) -> _Running:
+    async def _start(self, context: Context, method: str, verb: str, work: Work) -> _Running:
         """Admit the caller, read its request, and hand the work to a worker;
         the caller's slots are released here only when this refuses it."""
         caller = caller_of(context)
@@ -264,9 +260,7 @@ class VmControlService:
             log.exception("%s failed", method)
             await _abort(context, VmctlFault(f"{method} failed inside the agent; see its log", reason="INTERNAL"))
 
-    async def _run(
-        self, context: Context, work: Work, caller: Caller, policy: Policy, data: bytes
-    ) -> Any:
+    async def _run(self, context: Context, work: Work, caller: Caller, policy: Policy, data: bytes) -> Any:
         """The call's work: one step on a worker, and a sampler's window and snapshot after it."""
         result = await self._on_worker(work, caller, policy, data)
         if isinstance(result, _Sampling):
@@ -363,9 +357,12 @@ class VmControlService:
     def _header(self, target: Target | None, snapshot: Snapshot, header_type: HeaderType) -> bytes:
         self.guard.same_process(target, snapshot.identity.start_time, snapshot.identity.exec_id)
         identity = snapshot.identity
+        claims = claims_for(identity, snapshot.digest)
+        # What this caller was allowed to read, kept for SCOPE_RANGES under every claim the cookie signs.
+        self.advisor.snapshots.put(claims, snapshot.layout_records)
         header = header_type(
             process=pb.Process(pid=identity.pid, start_time=identity.start_time, comm=identity.comm),
-            cookie=self.signer.issue(claims_for(identity, snapshot.digest)),
+            cookie=self.signer.issue(claims),
             result_mask=snapshot.result_mask,
         )
         return header.SerializeToString()
@@ -406,6 +403,9 @@ class VmControlService:
             syscalls=result.syscalls,
             dry_run=result.dry_run,
             process=pb.Process(pid=result.pid, start_time=result.start_time, comm=result.comm),
+            scope=cast(pb.Scope, result.scope.applied),
+            changed_ranges=result.scope.changed_ranges,
+            scope_fallback=result.scope.fallback,
         )
         return result.plan.encode(prefix=header.SerializeToString())
 
@@ -417,19 +417,25 @@ class VmControlService:
         interceptor.note(pid=message.pid)
         ranges = self.advisor.ranges.from_message(message.ranges, data)
         _describe(audit, message, ranges, self.advisor.max_ranges)
-        request = AdviceRequest(message.pid, ranges, message.advice, message.cookie, message.filter, message.dry_run)
+        request = AdviceRequest(
+            message.pid, ranges, message.advice, message.cookie, message.filter, message.dry_run, message.scope
+        )
         checked = self.advisor.check(request, require_cookie=policy.require_cookie)
         with self.advisor.open(checked) as target:
             facts = self.guard.advice_target(target.identity)
             audit.target = _target_fields(facts)
             audit.rule = self.guard.check_advice_target(policy, caller, facts, checked.advice).name
-            plan = self.advisor.plan(checked, target)
+            lookup = self.advisor.scope(checked)
+            if checked.claims is not None:  # a layout check is made, in this scope
+                audit.scope_check = _scope_check(lookup.scope)
+            planned = self.advisor.plan_in_scope(checked, target, lookup)
+            audit.changed_ranges = planned.scope.changed_ranges
             if not request.dry_run and not self.guard.audit.write(audit.intent(), audit.summary("applying")):
                 raise AuditUnavailable(
                     "the audit log cannot be written; no advice is applied until it can",
                     audit_log=self.guard.audit.path,
                 )
-            return self.advisor.apply(checked, target, plan)
+            return self.advisor.apply(checked, target, planned.plan, planned.scope)
 
     def _finish_advice(self, audit: AdviceAudit, code: str, reason: str = "", message: str = "") -> None:
         record = audit.record(code, reason, message)
@@ -438,6 +444,8 @@ class VmControlService:
             record["cookie"], audit.advice, audit.requested_bytes, audit.advised_bytes, audit.syscalls,
             applied=code == "OK" and not audit.dry_run,
         )  # fmt: skip
+        if audit.scope_check:
+            metrics.record_scope(audit.scope_check, audit.changed_ranges)
 
     def list_processes(self, caller: Caller, policy: Policy, data: bytes) -> bytes:
         request = _parse(pb.ListProcessesRequest, data)
@@ -473,6 +481,12 @@ def _describe(audit: AdviceAudit, message: pb.AdviseRangesRequest, ranges: Range
     audit.range_count = count
     audit.requested_bytes = ranges.total_bytes() if count <= max_ranges else 0
     audit.cookie_sent = bool(message.cookie)
+    audit.scope = SCOPE_BY_NUMBER.get(message.scope, "whole")
+
+
+def _scope_check(scope: ScopeOutcome) -> ScopeCheck:
+    """How the layout is checked, in the audit log's and the metrics' words."""
+    return "ranges" if scope.checked else "fallback" if scope.fallback else "whole"
 
 
 def _target_fields(target: Target) -> dict[str, object]:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vmctl_server.backends.native.tables import ffi, lib
+from vmctl_server.core import kernel
 from vmctl_server.core.advice import FILTER_KINDS, PAGE_SIZE, RANGE_REASONS, RangeOutcome, range_fault
 from vmctl_server.core.layout import LAYOUT_RECORD
 
@@ -59,9 +60,17 @@ class NativePlan:
             raise MemoryError("no memory for the iovecs")
         return int(calls), int(first_error[0])
 
+    def exclude(self, changed: bytes) -> int:
+        if len(changed) < self._count:
+            raise ValueError("one byte per range")
+        return int(lib.vmctl_plan_exclude(self._plan, changed))
+
     def outcomes(self) -> list[RangeOutcome]:
         raw = lib.vmctl_plan_outcomes(self._plan)
-        return [RangeOutcome(r.start, r.end, r.advised, r.skipped, r.err) for r in (raw[i] for i in range(self._count))]
+        return [
+            RangeOutcome(r.start, r.end, r.advised, r.skipped, r.err, bool(r.changed))
+            for r in (raw[i] for i in range(self._count))
+        ]
 
     def pieces(self) -> list[tuple[int, int, int]]:
         count = ffi.new("size_t *")
@@ -148,8 +157,35 @@ class NativeRanges:
             raise self._refusal(fault)
         return NativePlan(ffi.gc(out[0], lib.vmctl_plan_free), len(self))
 
+    def covering(self, maps_fd: int, layout_records: bytes) -> bytes:
+        changed = ffi.new("uint8_t[]", max(1, len(self)))
+        rc = lib.vmctl_ranges_covering(
+            maps_fd, self._ranges(), len(self), _records(layout_records), len(layout_records) // LAYOUT_RECORD.size,
+            changed,
+        )  # fmt: skip
+        if rc < 0:
+            raise kernel._ioctl_error("PROCMAP_QUERY", -rc) if rc != -errno_mod.ENOMEM else MemoryError()
+        result: bytes = ffi.buffer(changed, len(self))[:]
+        return result
+
+    def covering_records(self, layout_records: bytes, live_records: bytes) -> bytes:
+        changed = ffi.new("uint8_t[]", max(1, len(self)))
+        lib.vmctl_ranges_covering_records(
+            self._ranges(), len(self), _records(layout_records), len(layout_records) // LAYOUT_RECORD.size,
+            _records(live_records), len(live_records) // LAYOUT_RECORD.size, changed,
+        )  # fmt: skip
+        result: bytes = ffi.buffer(changed, len(self))[:]
+        return result
+
     def _refusal(self, fault: Any) -> Exception:
         where = self._ranges()[fault.index]
         return range_fault(
             _FAULTS[fault.reason], fault.index, where.start, where.end, before=fault.before, address=fault.address
         )
+
+
+def _records(layout_records: bytes) -> Any:
+    """Packed layout records as C reads them (a whole number of records)."""
+    if len(layout_records) % LAYOUT_RECORD.size:
+        raise ValueError("layout records are not a whole number of records")
+    return ffi.from_buffer(layout_records) if layout_records else ffi.NULL

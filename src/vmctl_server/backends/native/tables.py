@@ -152,7 +152,6 @@ class NativeVmaTable:
         finally:
             lib.vmctl_free(out[0])
 
-
     def encode_chunks(self, mask: int, max_bytes: int) -> list[bytes]:
         """The wire bytes of ``vmas`` for the groups in ``mask``, cut at VMA
         boundaries into chunks of at most ``max_bytes``: encoded in one C call

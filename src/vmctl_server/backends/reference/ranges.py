@@ -18,11 +18,14 @@ from vmctl_server.core import kernel
 from vmctl_server.core.advice import (
     RangeOutcome,
     RangePlan,
+    SeenVma,
     check_range_values,
     plan_ranges,
+    ranges_changed,
+    records_lookup,
     split_for_calls,
 )
-from vmctl_server.core.layout import Layout
+from vmctl_server.core.layout import Layout, vma_kind
 
 
 class PyPlan:
@@ -53,6 +56,15 @@ class PyPlan:
         first_error = 0 if any(outcome.advised) else next((e for e in outcome.errors if e), 0)
         return outcome.syscalls, first_error
 
+    def exclude(self, changed: bytes) -> int:
+        for i, p in enumerate(self.plans):
+            if changed[i]:
+                p.outcome.changed = True
+                p.outcome.skipped_bytes = 0
+                p.segments = []
+        self._pieces = [(owner, piece) for owner, piece in self._pieces if not changed[owner]]
+        return sum(1 for flag in changed[: len(self.plans)] if flag)
+
     def outcomes(self) -> list[RangeOutcome]:
         return [p.outcome for p in self.plans]
 
@@ -69,6 +81,7 @@ class PyPlan:
                     skipped_bytes=o.skipped_bytes,
                     error=o.error,
                     error_number=o.errno,
+                    reason=o.reason,
                 )
                 for o in self.outcomes()
             ]
@@ -110,3 +123,20 @@ class PyRanges:
 
     def plan(self, layout_records: bytes, filter_: int) -> PyPlan:
         return PyPlan(plan_ranges(Layout.from_records(layout_records), self.pairs, filter_))
+
+    def covering(self, maps_fd: int, layout_records: bytes) -> bytes:
+        return ranges_changed(self.pairs, layout_records, lambda address: queried(maps_fd, address))
+
+    def covering_records(self, layout_records: bytes, live_records: bytes) -> bytes:
+        return ranges_changed(self.pairs, layout_records, records_lookup(live_records))
+
+
+def queried(maps_fd: int, address: int) -> SeenVma | None:
+    """The live VMA covering ``address``, by PROCMAP_QUERY, as ranges_changed compares it."""
+    vma = kernel.procmap_query_vma(maps_fd, address)
+    if vma is None:
+        return None
+    has_file = bool(vma.inode or vma.dev_major or vma.dev_minor)
+    # A name too long for any buffer is a file's path; without a file the kind is unknown (0: matches nothing).
+    kind = vma_kind(vma.dev_major, vma.dev_minor, vma.inode, vma.path or b"") if vma.path is not None or has_file else 0
+    return SeenVma(vma.start, vma.end, vma.offset, vma.inode, vma.dev_major, vma.dev_minor, kind)

@@ -235,7 +235,8 @@ class PyVmaTable:
         for r in self.rows:
             yield {f: r[f] for f in fields if f in r}
 
-def _queried_row(q: kernel.QueriedVma) -> dict[str, Any]:
+
+def _queried_row(q: kernel.LayoutVma) -> dict[str, Any]:
     """A PROCMAP_QUERY answer as the row parse_header makes of its maps line:
     the name as seq_path prints it, a newline as \\012."""
     perms = "".join(

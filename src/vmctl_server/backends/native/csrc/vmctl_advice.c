@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -40,6 +41,16 @@
 #define RESULT_SKIPPED 4u
 #define RESULT_ERROR 5u
 #define RESULT_ERROR_NUMBER 6u
+#define RESULT_REASON 7u
+
+/* RangeResult.reason of a range vmctl_plan_exclude left out (words.RANGE_RESULT_REASONS). */
+static const char RANGE_CHANGED[] = "RANGE_CHANGED";
+
+#ifndef PROCMAP_QUERY
+#define PROCMAP_QUERY _IOWR('f', 17, struct procmap_query)
+#endif
+/* A VMA's name: file paths are at most PATH_MAX; anonymous names are short. */
+#define VMA_NAME_MAX 4352
 
 /* ------------------------------------------------------- the request */
 
@@ -270,6 +281,22 @@ static uint32_t record_kind(const char *records, size_t i)
 	return le32toh(v);
 }
 
+static uint64_t record_u64(const char *records, size_t i, size_t at)
+{
+	uint64_t v;
+
+	memcpy(&v, records + i * LAYOUT_RECORD_SIZE + at, sizeof(v));
+	return le64toh(v);
+}
+
+static uint32_t record_u32(const char *records, size_t i, size_t at)
+{
+	uint32_t v;
+
+	memcpy(&v, records + i * LAYOUT_RECORD_SIZE + at, sizeof(v));
+	return le32toh(v);
+}
+
 /* layout.Layout.first_at_or_after: bisect.bisect_right over the ends, step for step. */
 static size_t first_ending_after(const char *records, size_t count, uint64_t address)
 {
@@ -420,6 +447,198 @@ uint64_t vmctl_plan_advised(const struct vmctl_plan *plan)
 	return sum;
 }
 
+size_t vmctl_plan_exclude(struct vmctl_plan *plan, const uint8_t *changed)
+{
+	size_t kept = 0, left_out = 0;
+
+	for (size_t i = 0; i < plan->n; i++)
+		if (changed[i]) {
+			plan->ranges[i].changed = 1;
+			plan->ranges[i].skipped = 0;
+			left_out++;
+		}
+	for (size_t k = 0; k < plan->pieces; k++)
+		if (!changed[plan->owner[k]]) {
+			plan->piece[kept] = plan->piece[k];
+			plan->owner[kept++] = plan->owner[k];
+		}
+	plan->pieces = kept;
+	return left_out;
+}
+
+/* ------------------------------------------------- SCOPE_RANGES's check */
+
+/* What one VMA is, for the comparison: the fields of a layout record that matter. */
+struct seen_vma {
+	uint64_t start, end, offset, inode;
+	uint32_t dev_major, dev_minor, kind;
+};
+
+static void seen_from_record(const char *records, size_t i, struct seen_vma *out)
+{
+	out->start = record_start(records, i);
+	out->end = record_end(records, i);
+	out->offset = record_u64(records, i, LAYOUT_OFFSET_AT);
+	out->inode = record_u64(records, i, LAYOUT_INODE_AT);
+	out->dev_major = record_u32(records, i, LAYOUT_DEV_MAJOR_AT);
+	out->dev_minor = record_u32(records, i, LAYOUT_DEV_MINOR_AT);
+	out->kind = record_kind(records, i);
+}
+
+/* Where the live VMAs come from: PROCMAP_QUERY on an fd, or records read from maps. */
+struct live_source {
+	int maps_fd;
+	const char *records;
+	size_t count;
+	char *name; /* VMA_NAME_MAX bytes, for PROCMAP_QUERY */
+};
+
+static bool starts_with(const char *s, size_t n, const char *prefix)
+{
+	size_t k = strlen(prefix);
+
+	return n >= k && memcmp(s, prefix, k) == 0;
+}
+
+/* layout.vma_kind of what PROCMAP_QUERY answered; name_len counts no NUL. 0 when unknown. */
+static uint32_t query_kind(const struct procmap_query *q, const char *name, size_t name_len, bool named)
+{
+	if (q->inode || q->dev_major || q->dev_minor)
+		return KIND_FILE;
+	if (!named)
+		return 0;
+	if (name_len && name[0] == '[' && !starts_with(name, name_len, "[heap]") &&
+	    !starts_with(name, name_len, "[stack") && !starts_with(name, name_len, "[anon:"))
+		return KIND_SPECIAL;
+	return KIND_ANONYMOUS;
+}
+
+/* The live VMA covering address: 0 and *out; 1 when none covers it; -errno. */
+static int live_vma(struct live_source *src, uint64_t address, struct seen_vma *out)
+{
+	struct procmap_query q;
+	bool named = true;
+	size_t name_len;
+
+	if (!src->name) {
+		size_t v = first_ending_after(src->records, src->count, address);
+
+		if (v >= src->count || record_start(src->records, v) > address)
+			return 1;
+		seen_from_record(src->records, v, out);
+		return 0;
+	}
+	for (;;) {
+		memset(&q, 0, sizeof(q));
+		q.size = sizeof(q);
+		q.query_addr = address;
+		if (named) {
+			q.vma_name_addr = (uint64_t)(uintptr_t)src->name;
+			q.vma_name_size = VMA_NAME_MAX;
+		}
+		if (ioctl(src->maps_fd, PROCMAP_QUERY, &q) == 0)
+			break;
+		if (errno == ENOENT)
+			return 1;
+		if (errno == ENAMETOOLONG && named) {
+			named = false; /* a file's path longer than any name buffer: the kind needs none */
+			continue;
+		}
+		if (errno == EINTR)
+			continue;
+		return -errno;
+	}
+	name_len = named && q.vma_name_size ? q.vma_name_size - 1 : 0;
+	out->start = q.vma_start;
+	out->end = q.vma_end;
+	out->offset = q.vma_offset;
+	out->inode = q.inode;
+	out->dev_major = q.dev_major;
+	out->dev_minor = q.dev_minor;
+	out->kind = query_kind(&q, src->name, name_len, named);
+	return 0;
+}
+
+/* Whether the same memory lies at address in both: kind, and for files the file and the offset there. */
+static bool same_memory(const struct seen_vma *was, const struct seen_vma *now)
+{
+	if (!now->kind || was->kind != now->kind)
+		return false;
+	if (was->kind != KIND_FILE)
+		return true;
+	return was->dev_major == now->dev_major && was->dev_minor == now->dev_minor && was->inode == now->inode &&
+	       was->offset - was->start == now->offset - now->start; /* modulo 2^64, as the file offset at any address */
+}
+
+/* 0: range r lies in the memory the snapshot saw there; 1: it changed; -errno. */
+static int range_changed(struct live_source *src, const struct vmctl_segment *r, const char *records, size_t count)
+{
+	uint64_t cursor = r->start;
+	size_t s = first_ending_after(records, count, cursor);
+
+	while (cursor < r->end) {
+		struct seen_vma was, now = { 0 };
+		uint64_t stop;
+		int rc;
+
+		if (s >= count || record_start(records, s) > cursor)
+			return 1; /* the snapshot had nothing here: the plan refuses such a range first */
+		seen_from_record(records, s, &was);
+		rc = live_vma(src, cursor, &now);
+		if (rc)
+			return rc;
+		if (!same_memory(&was, &now))
+			return 1;
+		stop = was.end < now.end ? was.end : now.end;
+		if (stop > r->end)
+			stop = r->end;
+		if (stop <= cursor)
+			return 1; /* a kernel answer that makes no progress: trust nothing */
+		cursor = stop;
+		if (cursor >= was.end)
+			s++;
+	}
+	return 0;
+}
+
+static long ranges_covering(struct live_source *src, const struct vmctl_segment *ranges, size_t n,
+			    const char *records, size_t record_count, uint8_t *changed)
+{
+	long count = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		int rc = range_changed(src, &ranges[i], records, record_count);
+
+		if (rc < 0)
+			return rc;
+		changed[i] = (uint8_t)rc;
+		count += rc;
+	}
+	return count;
+}
+
+long vmctl_ranges_covering(int maps_fd, const struct vmctl_segment *ranges, size_t n, const char *records,
+			   size_t record_count, uint8_t *changed)
+{
+	struct live_source src = { .maps_fd = maps_fd };
+	long rc;
+
+	src.name = malloc(VMA_NAME_MAX);
+	if (!src.name)
+		return -ENOMEM;
+	rc = ranges_covering(&src, ranges, n, records, record_count, changed);
+	free(src.name);
+	return rc;
+}
+
+long vmctl_ranges_covering_records(const struct vmctl_segment *ranges, size_t n, const char *records,
+				   size_t record_count, const char *live, size_t live_count, uint8_t *changed)
+{
+	struct live_source src = { .maps_fd = -1, .records = live, .count = live_count };
+
+	return ranges_covering(&src, ranges, n, records, record_count, changed);
+}
+
 void vmctl_plan_dry_run(struct vmctl_plan *plan)
 {
 	for (size_t i = 0; i < plan->n; i++)
@@ -482,7 +701,7 @@ int vmctl_plan_encode(const struct vmctl_plan *plan, const char *prefix, size_t 
 	for (size_t i = 0; i < plan->n; i++) {
 		int err = plan->ranges[i].err;
 
-		bound += 11 + 5 * 11 + 11;
+		bound += 11 + 5 * 11 + 11 + 2 + sizeof(RANGE_CHANGED);
 		if (err > 0 && (size_t)err < name_count && errno_names[err])
 			bound += strlen(errno_names[err]);
 		else
@@ -510,7 +729,8 @@ int vmctl_plan_encode(const struct vmctl_plan *plan, const char *prefix, size_t 
 		}
 		body = uint_field_len(r->start) + uint_field_len(r->end) + uint_field_len(r->advised) +
 		       uint_field_len(r->skipped) + (name_len ? 1 + varint_len(name_len) + name_len : 0) +
-		       uint_field_len((uint64_t)(int64_t)r->err); /* int32: negative ones sign-extended */
+		       uint_field_len((uint64_t)(int64_t)r->err) + /* int32: negative ones sign-extended */
+		       (r->changed ? 2 + sizeof(RANGE_CHANGED) - 1 : 0);
 		*w++ = RESPONSE_RANGES_TAG;
 		w = put_varint(w, body);
 		w = put_uint(w, RESULT_START, r->start);
@@ -519,6 +739,8 @@ int vmctl_plan_encode(const struct vmctl_plan *plan, const char *prefix, size_t 
 		w = put_uint(w, RESULT_SKIPPED, r->skipped);
 		w = put_bytes(w, RESULT_ERROR, name, name_len);
 		w = put_uint(w, RESULT_ERROR_NUMBER, (uint64_t)(int64_t)r->err);
+		if (r->changed)
+			w = put_bytes(w, RESULT_REASON, RANGE_CHANGED, sizeof(RANGE_CHANGED) - 1);
 	}
 	*out = buf;
 	*out_len = (size_t)(w - buf);

@@ -26,6 +26,10 @@
 #define LAYOUT_RECORD_SIZE 48
 #define LAYOUT_START_AT 0
 #define LAYOUT_END_AT 8
+#define LAYOUT_OFFSET_AT 16
+#define LAYOUT_INODE_AT 24
+#define LAYOUT_DEV_MAJOR_AT 32
+#define LAYOUT_DEV_MINOR_AT 36
 #define LAYOUT_KIND_AT 44
 
 /* protobuf wire types */

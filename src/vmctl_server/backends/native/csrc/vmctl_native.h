@@ -180,7 +180,8 @@ struct vmctl_range_outcome {
 	uint64_t end;
 	uint64_t advised;
 	uint64_t skipped;
-	int err; /* the errno that stopped part of the range, or 0 */
+	int err;     /* the errno that stopped part of the range, or 0 */
+	int changed; /* 1: left out, RANGE_CHANGED (vmctl_plan_exclude) */
 };
 
 /* Opaque: one request's ranges split into the pieces to advise. */
@@ -225,6 +226,31 @@ const struct vmctl_segment *vmctl_plan_pieces(const struct vmctl_plan *plan, siz
 
 uint64_t vmctl_plan_requested(const struct vmctl_plan *plan);
 uint64_t vmctl_plan_advised(const struct vmctl_plan *plan);
+
+/*
+ * SCOPE_RANGES: leave out every range i with changed[i] nonzero (no piece of
+ * it is advised, its outcome says changed, its skipped bytes are 0). Returns
+ * how many ranges were left out.
+ */
+size_t vmctl_plan_exclude(struct vmctl_plan *plan, const uint8_t *changed);
+
+/*
+ * SCOPE_RANGES's check (advice.ranges_changed): whether each range still
+ * lies wholly in memory of the kind the snapshot (record_count layout
+ * records, which cover every range: plan it first) saw there: anonymous
+ * stays anonymous, special stays special, a file stays the same device and
+ * inode at the same offsets; VMA boundaries may have moved. changed[i] = 1
+ * when range i did not. The live VMAs come from one PROCMAP_QUERY ioctl per
+ * live VMA the range crosses, on maps_fd (/proc/PID/maps). The number of
+ * changed ranges, or -errno (-ENOTTY: no PROCMAP_QUERY; -ESRCH; -ENOMEM).
+ */
+long vmctl_ranges_covering(int maps_fd, const struct vmctl_segment *ranges, size_t n, const char *records,
+			   size_t record_count, uint8_t *changed);
+
+/* The same against a live layout read from /proc/PID/maps (live_count layout records), where
+ * there is no PROCMAP_QUERY. */
+long vmctl_ranges_covering_records(const struct vmctl_segment *ranges, size_t n, const char *records,
+				   size_t record_count, const char *live, size_t live_count, uint8_t *changed);
 
 /* What a dry run reports: every piece counted as advised, no call made. */
 void vmctl_plan_dry_run(struct vmctl_plan *plan);
