@@ -33,12 +33,17 @@ def percentile(values: list[float], q: float) -> float:
 class Variant:
     """One thing to time. ``prepare`` (untimed) runs before every timed
     ``run`` and hands it what it needs; ``run`` may return facts (syscall
-    counts) recorded beside the time, and ``after`` (untimed) may add more."""
+    counts) recorded beside the time, and ``after`` (untimed) may add more.
+    A fact "seconds" replaces the time measured around ``run`` (the C floor
+    helper times its own work, without the pipe to it). Variants with the
+    same ``pair`` run back to back in every round, in alternating order, so
+    that neither always follows the same neighbour."""
 
     name: str
     run: Callable[[Any], dict | None]
     prepare: Callable[[], Any] = lambda: None
     after: Callable[[Any, dict], None] = lambda prepared, facts: None  # untimed, may add facts
+    pair: str = ""
 
 
 @dataclass
@@ -50,6 +55,32 @@ class Samples:
     def median(self) -> float:
         return statistics.median(self.seconds)
 
+    @property
+    def iqr(self) -> float:
+        return iqr(self.seconds)
+
+
+def iqr(values: list[float]) -> float:
+    """The interquartile range: how far the middle half of the rounds spread."""
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q3 - q1
+
+
+def _order(variants: list[Variant], rep: int) -> list[Variant]:
+    """The round's order: rotated one further each round, each pair kept
+    together, its two members swapped every other round."""
+    units: list[list[Variant]] = []
+    for variant in variants:
+        if variant.pair and units and units[-1][0].pair == variant.pair:
+            units[-1].append(variant)
+        else:
+            units.append([variant])
+    shift = rep % len(units)
+    ordered = units[shift:] + units[:shift]
+    return [v for unit in ordered for v in (reversed(unit) if rep % 2 else unit)]
+
 
 def interleaved(variants: list[Variant], reps: int, warmup: int = 1) -> dict[str, Samples]:
     """Round-robin: every repetition times each variant once, starting one
@@ -57,12 +88,12 @@ def interleaved(variants: list[Variant], reps: int, warmup: int = 1) -> dict[str
     all of them alike. The warm-up rounds are not recorded."""
     samples = {v.name: Samples() for v in variants}
     for rep in range(-warmup, reps):
-        shift = rep % len(variants)
-        for variant in variants[shift:] + variants[:shift]:
+        for variant in _order(variants, rep):
             prepared = variant.prepare()
             start = time.perf_counter()
             facts = variant.run(prepared) or {}
             elapsed = time.perf_counter() - start
+            elapsed = facts.pop("seconds", elapsed)
             variant.after(prepared, facts)
             if rep >= 0:
                 samples[variant.name].seconds.append(elapsed)
@@ -191,6 +222,106 @@ def concurrent_load(
                 worker.kill()
                 worker.join()
     return LoadResult(clients, elapsed, latencies)
+
+
+def _phased_worker(
+    addresses: list[str], pid: int, attrs: tuple[str, ...], seconds: float, ready, starts, results
+) -> None:
+    from vmctl_client import Client
+
+    clients = {address: Client(address) for address in set(addresses)}
+    for client in clients.values():
+        len(client.get_vma_info(pid, attrs=attrs).vmas)  # connected and warm
+    ready.put(True)
+    for phase, address in enumerate(addresses):
+        starts[phase].wait()
+        client, latencies = clients[address], []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            began = time.perf_counter()
+            len(client.get_vma_info(pid, attrs=attrs).vmas)
+            latencies.append(time.perf_counter() - began)
+        results.put((phase, latencies))
+    for client in clients.values():
+        client.close()
+
+
+def phased_load(
+    addresses: list[str], pid: int, attrs: tuple[str, ...], clients: int, seconds: float
+) -> list[LoadResult]:
+    """``clients`` processes, each with a Client on every address, connected
+    once; then, phase by phase, all of them call GetVmaInfo back to back on
+    ``addresses[phase]`` for ``seconds`` (phases alternate transports, so
+    drift hits both)."""
+    ready, results = _spawn.Queue(), _spawn.Queue()
+    starts = [_spawn.Event() for _ in addresses]
+    workers = [
+        _spawn.Process(
+            target=_phased_worker, args=(addresses, pid, attrs, seconds, ready, starts, results), daemon=True
+        )
+        for _ in range(clients)
+    ]
+    phases: list[LoadResult] = []
+    try:
+        for worker in workers:
+            worker.start()
+        for _ in workers:
+            ready.get(timeout=300)
+        for phase, event in enumerate(starts):
+            began = time.perf_counter()
+            event.set()
+            latencies = []
+            for _ in workers:
+                got_phase, got = results.get(timeout=seconds + 120)
+                assert got_phase == phase
+                latencies += got
+            phases.append(LoadResult(clients, time.perf_counter() - began, latencies))
+        for worker in workers:
+            worker.join(timeout=60)
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+    return phases
+
+
+# ---- the C floors ---------------------------------------------------------------
+
+
+class Floor:
+    """bench/floor.c, compiled into ``directory`` and running: each call one
+    command, timed by the helper itself (CLOCK_MONOTONIC around the work)."""
+
+    def __init__(self, source: str, directory: str) -> None:
+        import subprocess
+
+        binary = os.path.join(directory, "floor")
+        subprocess.run(["cc", "-O2", "-Wall", "-o", binary, source], check=True)
+        self.proc = subprocess.Popen([binary], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def __call__(self, *words: object) -> tuple[float, int]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(" ".join(str(w) for w in words) + "\n")
+        self.proc.stdin.flush()
+        ns, value = self.proc.stdout.readline().split()
+        return int(ns) / 1e9, int(value)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def agent_cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` so far, in ns (/proc/PID/task/*/schedstat)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
 
 
 # ---- health while the agent is busy -------------------------------------------

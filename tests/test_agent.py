@@ -320,14 +320,20 @@ def test_list_processes_reads_cgroups_and_container_ids(client, spawn_target):
         assert entry.cgroup == prefix
         assert entry.container_id == container
         assert entry.comm == pathlib.Path(f"/proc/{insider.pid}/comm").read_text().strip()
+        assert entry.vma_count == 0  # not asked for: no maps file was read
+        assert entry.to_json()["vma_count"] is None
+        (counted,) = client.list_processes(cgroup_prefix=prefix, vma_count=True)
         with open(f"/proc/{insider.pid}/maps") as f:
-            assert entry.vma_count == sum(1 for _ in f)
+            assert counted.vma_count == sum(1 for _ in f) > 0
+        assert counted.to_json()["vma_count"] == counted.vma_count
         assert entry.rss_bytes > 0 and entry.uid == 0 and entry.ppid == os.getpid()
         with open(f"/proc/{insider.pid}/stat") as f:
             assert entry.start_time == int(f.read().rsplit(")", 1)[1].split()[19])
 
     everyone = {p.pid for p in client.list_processes()}
     assert {outsider.pid, insider.pid, os.getpid()} <= everyone
+    assert {p.vma_count for p in client.list_processes()} == {0}
+    assert all(p.vma_count > 0 for p in client.list_processes(vma_count=True))
     assert 2 not in everyone  # kthreadd: kernel threads are not listed
     assert client.list_processes(cgroup_prefix="/no-such-cgroup-anywhere") == []
 

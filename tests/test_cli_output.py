@@ -86,6 +86,18 @@ def test_wide_ps_and_reclaim_add_columns(agent, target):
     assert lines[0].split() == headers
     (row,) = [line.split() for line in lines[1:] if line.split()[0] == str(target.pid)]
     assert row[5:7] == ["0", str(os.getpid())]  # root's target, started by this test process
+    with open(f"/proc/{target.pid}/maps") as f:
+        assert row[4] == str(sum(1 for _ in f))  # -o wide asks for the VMA count
+    # The plain table does not: the agent reads no maps file for it, and there is no VMAS column.
+    plain = vmctl("--target", agent.address, "ps")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.splitlines()[0].split() == ["PID", "COMM", "RSS", "SWAP", "CGROUP"]
+    documents = {
+        flag: json.loads(vmctl("--target", agent.address, "ps", "-o", "json", *flag).stdout)["processes"]
+        for flag in ((), ("--vma-count",))
+    }
+    assert {p["vma_count"] for p in documents[()]} == {None}
+    assert all(isinstance(p["vma_count"], int) and p["vma_count"] > 0 for p in documents[("--vma-count",)])
 
     reclaim = vmctl(
         "--target", agent.address, "reclaim", str(target.pid), "--advice", "cold", "--dry-run", "-o", "wide"

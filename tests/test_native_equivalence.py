@@ -34,7 +34,8 @@ from vmctl_server.backends.reference.tables import SMAPS_KB_FIELDS, PyVmaTable
 from vmctl_server.core import kernel
 from vmctl_server.core.advice import FILTER_KINDS, Plan, RangeSet
 from vmctl_server.core.faults import InvalidRequest, ProcessGone
-from vmctl_server.core.layout import KIND_ANONYMOUS, KIND_FILE, KIND_SPECIAL, LAYOUT_RECORD
+from vmctl_server.core.layout import KIND_ANONYMOUS, KIND_FILE, KIND_SPECIAL, LAYOUT_RECORD, layout_digest
+from vmctl_server.core.snapshot import SnapshotReader, SourceSupport
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 ALL_MASKS = range(32)
@@ -1081,3 +1082,74 @@ def test_missing_extension_is_a_helpful_import_error(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "ImportError: vmctl's native extension (vmctl_server.backends.native._native) is not built" in result.stderr
     assert "--no-native" in result.stderr
+
+
+# ---- the layout from PROCMAP_QUERY equals the layout from the maps text ------------------------
+
+
+def query_tail() -> bytes:
+    reader = SnapshotReader(NativeVmaTable, SourceSupport())
+    if reader.layout_query.tail is None:
+        pytest.skip(f"no PROCMAP_QUERY layout here: {reader.layout_query.problem}")
+    return reader.layout_query.tail
+
+
+def test_layout_from_procmap_query_equals_the_maps_text(target: Target) -> None:
+    """Both back-ends' PROCMAP_QUERY loops give the table the maps text gives: the same
+    wire bytes on every mask, the same layout records, on paths with spaces, a newline
+    (which maps escapes as \\012), bad UTF-8, memfd, shared anonymous and named memory,
+    and the gate VMA added from the tail."""
+    tail = query_tail()
+    text = NativeVmaTable.read(target.pid, "maps")
+    for queried in (NativeVmaTable.query(target.pid, tail), PyVmaTable.query(target.pid, tail)):
+        assert queried.filled_mask == 0
+        assert queried.layout_records() == text.layout_records()
+        for mask in ALL_MASKS:
+            assert queried.encode(mask) == text.encode(mask), f"mask {mask}"
+    assert_same(PyVmaTable.query(target.pid, tail), NativeVmaTable.query(target.pid, tail))
+    assert b"\\012" in target.read("maps")  # the newline case is really there
+
+
+def test_layout_records_without_file_names_equal_the_maps_text(target: Target) -> None:
+    """The cookie check's loop (names=False: file VMAs not asked their paths, the others asked
+    again for their kind) gives the same layout records, and such a table encodes nothing."""
+    tail = query_tail()
+    text = NativeVmaTable.read(target.pid, "maps").layout_records()
+    for backend in (NativeVmaTable, PyVmaTable):
+        records_only = backend.query(target.pid, tail, names=False)
+        assert records_only.layout_records() == text
+        with pytest.raises(ValueError, match="layout records alone"):
+            records_only.encode(0)
+        with pytest.raises(ValueError, match="layout records alone"):
+            records_only.encode_chunks(0, 1 << 20)
+
+
+def test_the_cookie_digest_does_not_depend_on_the_source(target: Target) -> None:
+    """A snapshot's layout digest (what the cookie signs) and its reply are the same whether
+    the layout came from PROCMAP_QUERY or from the maps text, on either back-end, and the
+    check AdviseRanges makes (read_layout) reads the same records."""
+    query_tail()
+    digests, replies = set(), set()
+    for backend in (NativeVmaTable, PyVmaTable):
+        for layout_query in (True, False):
+            reader = SnapshotReader(backend, SourceSupport(layout_query=layout_query))
+            assert (reader.layout_query.tail is not None) == layout_query
+            snapshot = reader.take(target.pid, 0)
+            digests.add(snapshot.digest)
+            digests.add(layout_digest(reader.read_layout(target.pid)))
+            replies.add(snapshot.table.encode(0))
+    assert len(digests) == 1 and len(replies) == 1
+
+
+def test_procmap_query_of_a_process_that_is_gone() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    for backend in (NativeVmaTable, PyVmaTable):
+        with pytest.raises(ProcessGone):
+            backend.query(proc.pid, b"")
+
+
+@pytest.mark.unprivileged
+def test_a_malformed_tail_is_refused() -> None:
+    with pytest.raises(ValueError, match="line 1"):
+        NativeVmaTable.query(os.getpid(), b"not a maps line\n")

@@ -259,10 +259,12 @@ class AdviseRangesResponse(_message.Message):
     def __init__(self, requested_bytes: _Optional[int] = ..., advised_bytes: _Optional[int] = ..., syscalls: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[RangeResult, _Mapping]]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., dry_run: _Optional[bool] = ..., scope: _Optional[_Union[Scope, str]] = ..., changed_ranges: _Optional[int] = ..., scope_fallback: _Optional[bool] = ...) -> None: ...
 
 class ListProcessesRequest(_message.Message):
-    __slots__ = ("cgroup_prefix",)
+    __slots__ = ("cgroup_prefix", "with_vma_count")
     CGROUP_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    WITH_VMA_COUNT_FIELD_NUMBER: _ClassVar[int]
     cgroup_prefix: str
-    def __init__(self, cgroup_prefix: _Optional[str] = ...) -> None: ...
+    with_vma_count: bool
+    def __init__(self, cgroup_prefix: _Optional[str] = ..., with_vma_count: _Optional[bool] = ...) -> None: ...
 
 class ProcessInfo(_message.Message):
     __slots__ = ("pid", "start_time", "comm", "cgroup", "container_id", "rss_bytes", "swap_bytes", "vma_count", "uid", "ppid", "cpu_time_ns", "major_faults")

@@ -152,6 +152,8 @@ class VmControlServicer:
         """The node's user processes (no kernel threads, no zombies) with identity,
         a cheap memory rollup and activity (CPU time, major faults), and the
         memory pressure of their cgroups; only those the caller may read.
+        Each process costs a few reads of small /proc files; the VMA count is
+        not cheap (see ListProcessesRequest.with_vma_count) and only on request.
 
         Retry: safe; read-only.
         """

@@ -92,10 +92,10 @@ class AsyncClient:
         return await self._invoke(calls.advise_ranges(pid, ranges, advice, cookie, filter, dry_run, scope), timeout)
 
     async def list_processes(
-        self, cgroup_prefix: str | None = None, *, timeout: float | None = None
+        self, cgroup_prefix: str | None = None, *, vma_count: bool = False, timeout: float | None = None
     ) -> list[ProcessInfo]:
         """See :meth:`Client.list_processes`."""
-        return await self._invoke(calls.list_processes(cgroup_prefix), timeout)
+        return await self._invoke(calls.list_processes(cgroup_prefix, vma_count), timeout)
 
     async def node_info(self, *, timeout: float | None = None) -> NodeInfo:
         """See :meth:`Client.node_info`."""

@@ -142,12 +142,13 @@ def advise_ranges(
     return Call("AdviseRanges", request, AdviceResult, False)
 
 
-def list_processes(cgroup_prefix: str | None) -> Call[list[ProcessInfo]]:
+def list_processes(cgroup_prefix: str | None, vma_count: bool = False) -> Call[list[ProcessInfo]]:
     """Processes in the cgroup ``cgroup_prefix`` names or below it. The reply
     is held to that rule here too (:mod:`vmctl_client.cgroup_paths`): an agent
     older than it matched string prefixes, and ``/app`` must never bring in
-    ``/app-evil``'s processes, to ``reclaim`` least of all."""
-    request = pb.ListProcessesRequest(cgroup_prefix=cgroup_prefix or "")
+    ``/app-evil``'s processes, to ``reclaim`` least of all. ``vma_count``
+    asks the agent to count every process's VMAs (dear: see the proto)."""
+    request = pb.ListProcessesRequest(cgroup_prefix=cgroup_prefix or "", with_vma_count=vma_count)
 
     def wrap(reply: Any) -> list[ProcessInfo]:
         pressures = reply.cgroup_memory_pressure

@@ -178,7 +178,9 @@ COMMANDS: dict[str, Command] = {
         reclaim_exit_code,
     ),
     "ps": Command(
-        lambda client, args, _: client.list_processes(args.cgroup),
+        lambda client, args, _: client.list_processes(
+            args.cgroup, vma_count=getattr(args, "vma_count", False) or getattr(args, "output", "table") == "wide"
+        ),
         lambda processes: {"processes": [p.to_json() for p in processes]},
         lambda processes, _, wide: render.ps_table(processes, wide),
     ),

@@ -187,16 +187,23 @@ def pressure_cell(pressure: dict[str, dict[str, float]] | None) -> str:
 
 
 def ps_table(processes: Sequence[ProcessInfo], wide: bool = False) -> str:
-    headers = ["PID", "COMM", "RSS", "SWAP", "VMAS", "CGROUP"]
-    right = [True, False, True, True, True, False]
+    # VMAS only where counted (-o wide, --vma-count): the agent reads every whole maps file for it.
+    counted = wide or any(p.vma_count for p in processes)
+    headers = ["PID", "COMM", "RSS", "SWAP", "CGROUP"]
+    right = [True, False, True, True, False]
+    if counted:
+        headers[4:4] = ["VMAS"]
+        right[4:4] = [True]
     if wide:
-        headers[5:5] = ["UID", "PPID", "START_TIME", "CONTAINER", "CPU", "MAJFLT", "CG_PSI10"]
-        right[5:5] = [True, True, True, False, True, True, True]
+        headers[-1:-1] = ["UID", "PPID", "START_TIME", "CONTAINER", "CPU", "MAJFLT", "CG_PSI10"]
+        right[-1:-1] = [True, True, True, False, True, True, True]
     rows = []
     for p in processes:
-        row = [str(p.pid), p.comm, human_bytes(p.rss), human_bytes(p.swap), str(p.vma_count), p.cgroup]
+        row = [str(p.pid), p.comm, human_bytes(p.rss), human_bytes(p.swap), p.cgroup]
+        if counted:
+            row[4:4] = [str(p.vma_count)]
         if wide:
-            row[5:5] = [
+            row[-1:-1] = [
                 str(p.uid),
                 str(p.ppid),
                 str(p.start_time),

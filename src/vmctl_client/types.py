@@ -389,7 +389,8 @@ _NO_PRESSURE: Mapping[str, pb.MemoryPressure] = {}
 class ProcessInfo:
     """One ListProcesses entry: identity, cgroup, a cheap rollup in bytes
     (``rss``, ``swap``), activity (``cpu_time_ns``, ``major_faults``: compare
-    two samples) and its cgroup's ``cgroup_memory_pressure``. Every field of
+    two samples) and its cgroup's ``cgroup_memory_pressure``; ``vma_count`` is
+    0 unless the call asked for it (``list_processes(vma_count=True)``). Every field of
     the message reads through as well, under its own name (``rss_bytes``)."""
 
     __slots__ = ("_m", "_pressures")
@@ -445,7 +446,7 @@ class ProcessInfo:
             "ppid": self.ppid,
             "rss": self.rss,
             "swap": self.swap,
-            "vma_count": self.vma_count,
+            "vma_count": self.vma_count or None,  # 0: not counted (not asked for)
             "cpu_time_ns": self.cpu_time_ns,
             "major_faults": self.major_faults,
         }

@@ -27,7 +27,7 @@ try:
     from vmctl_server.core.cookie import CookieSigner
     from vmctl_server.core.snapshot import SnapshotReader, SourceSupport
     from vmctl_server.core.snapshot_cache import SnapshotCache
-    from vmctl_server.runtime import kernel_probe, logs, malloc_trim, metrics
+    from vmctl_server.runtime import kernel_probe, logs, malloc_trim, meters
     from vmctl_server.transport import listeners, servers
     from vmctl_server.transport.service import SERVICE_NAME, Pipeline, VmControlService
     from vmctl_server.transport.unixgate import UnixGateway, claim_unix_path
@@ -90,7 +90,9 @@ def build_parts(args: argparse.Namespace) -> Parts:
     caps = kernel_probe.probe()
     if not caps.advice_permitted:
         log.warning("remote advice will fail: %s", "; ".join(f"{k}: {v}" for k, v in caps.probe_errors.items()))
-    metrics.describe_agent(
+    if args.metrics_listen:
+        meters.enable()  # prometheus-client is loaded only when metrics are served
+    meters.describe_agent(
         native_tables=backend.native,
         native_advise_loop=backend.native,
         pagemap_scan=caps.pagemap_scan,
@@ -100,7 +102,7 @@ def build_parts(args: argparse.Namespace) -> Parts:
     sources = SourceSupport(pagemap_scan=caps.pagemap_scan, procmap_query=caps.procmap_query)
     reader = SnapshotReader(backend.tables, sources)
     snapshots = SnapshotCache(args.snapshot_cache_bytes)
-    metrics.watch_snapshot_cache(snapshots)
+    meters.watch_snapshot_cache(snapshots)
     advisor = Advisor(signer, reader, backend.ranges, caps.advices, max_ranges=args.max_ranges, snapshots=snapshots)
     trimmer = malloc_trim.HeapTrimmer()
     workers = futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="vmctl-rpc")

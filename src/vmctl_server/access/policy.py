@@ -54,8 +54,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import yaml
-
 from vmctl_api.words import ADVICES
 from vmctl_server.access.identity import RESERVED_SCHEMES, Caller
 from vmctl_server.core import cgroups
@@ -361,6 +359,8 @@ def _rule(value: Any, index: int) -> Rule:
 
 
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    import yaml  # only an agent with a policy file loads it
+
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:

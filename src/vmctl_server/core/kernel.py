@@ -323,6 +323,73 @@ def procmap_query_vma(maps_fd: int, address: int) -> QueriedVma | None:
     )
 
 
+PROCMAP_QUERY_COVERING_OR_NEXT_VMA = 0x10
+
+
+@dataclass(frozen=True)
+class LayoutVma:
+    """One VMA as the loop of procmap_query_layout gives it; ``flags`` are
+    layout.PERM_* (the ioctl's own bits)."""
+
+    start: int
+    end: int
+    flags: int
+    offset: int
+    dev_major: int
+    dev_minor: int
+    inode: int
+    name: bytes
+
+
+def procmap_query_layout(maps_fd: int, names: bool = True) -> list[LayoutVma]:
+    """Every VMA of ``maps_fd``'s process with its name, one PROCMAP_QUERY each
+    (the loop vmctl_table_query makes in C). OSError with the ioctl's errno
+    when it fails (ENOTTY: no PROCMAP_QUERY; ENAMETOOLONG: a name beyond PATH_MAX).
+    With ``names`` False a file VMA's name is not asked (b""), and a VMA
+    without a file is asked again with it (vmctl_table_query_layout's loop)."""
+    name = ffi.new("char[]", VMA_NAME_MAX)
+    query = cast(_ProcmapQuery, ffi.new("struct procmap_query *"))
+    request = ffi.cast("unsigned long", PROCMAP_QUERY)
+    found: list[LayoutVma] = []
+    address = 0
+    with_name = names
+    while True:
+        query.size = ffi.sizeof("struct procmap_query")
+        query.query_flags = PROCMAP_QUERY_COVERING_OR_NEXT_VMA
+        query.query_addr = address
+        query.vma_name_addr = int(ffi.cast("uintptr_t", name)) if with_name else 0
+        query.vma_name_size = VMA_NAME_MAX if with_name else 0
+        query.build_id_addr = query.build_id_size = 0
+        if _libc.ioctl(maps_fd, request, query) < 0:
+            err = ffi.errno
+            if err == errno_mod.EINTR:
+                continue
+            if err == errno_mod.ENOENT:  # no VMA at or above address: the end
+                return found
+            raise OSError(err, f"PROCMAP_QUERY: {os.strerror(err)}")
+        if not with_name and not (query.inode or query.dev_major or query.dev_minor):
+            with_name = True  # no file: the name gives the kind; ask again
+            continue
+        if query.vma_end <= query.vma_start or query.vma_start < address:
+            raise OSError(errno_mod.EIO, "PROCMAP_QUERY went backwards")
+        size = query.vma_name_size if with_name else 0  # counts the terminating NUL; 0 for no name
+        text: bytes = ffi.string(name, size - 1) if size > 1 else b""  # type: ignore[assignment]
+        with_name = names
+        found.append(
+            LayoutVma(
+                query.vma_start,
+                query.vma_end,
+                query.vma_flags & 0xF,
+                query.vma_offset,
+                query.dev_major,
+                query.dev_minor,
+                query.inode,
+                text,
+            )
+        )
+        address = query.vma_end
+
+
 def _ioctl_error(name: str, err: int) -> Exception:
     if err in (errno_mod.ENOTTY, errno_mod.EOPNOTSUPP):
         return KernelUnsupported(f"this kernel has no {name} ioctl")

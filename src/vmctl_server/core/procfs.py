@@ -49,6 +49,22 @@ def open_fd(pid: int, name: str, flags: int = os.O_RDONLY) -> int:
         raise _gone_or_denied(pid, exc) from exc
 
 
+def exe_elf_class(pid: int) -> int:
+    """EI_CLASS of the process's executable (1: 32-bit, 2: 64-bit), or 0 when
+    it cannot be read (a process gone, an executable that is not ELF)."""
+    try:
+        fd = os.open(f"{PROC}/{pid}/exe", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        head = os.pread(fd, 5, 0)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+    return head[4] if len(head) == 5 and head[:4] == b"\x7fELF" else 0
+
+
 @dataclass(frozen=True)
 class ProcStat:
     pid: int

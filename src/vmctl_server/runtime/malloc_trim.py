@@ -96,6 +96,11 @@ class HeapTrimmer:
         return _LIBC is not None
 
     def start(self) -> HeapTrimmer:
+        """Its baseline: the RSS now, idle, once what starting freed (imports,
+        the kernel probe, parsing the flags and the policy) is given back."""
+        if self.available:
+            assert _LIBC is not None
+            _LIBC.malloc_trim(0)
         self.baseline = rss_bytes()
         if self.available:
             self._thread.start()

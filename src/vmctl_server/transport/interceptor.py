@@ -42,7 +42,8 @@ import grpc
 from google.protobuf import descriptor_pool
 
 from vmctl_server.core.faults import LimitExceeded
-from vmctl_server.runtime import logs, metrics
+from vmctl_server.runtime import logs
+from vmctl_server.runtime import meters as metrics  # the real series only when served
 from vmctl_server.transport import grpc_status
 
 log = logging.getLogger("vmctl.access")

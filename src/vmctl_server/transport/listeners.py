@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from vmctl_server.runtime import metrics
+from vmctl_server.runtime import meters
 from vmctl_server.transport.interceptor import ObservingInterceptor, SideCallCaps
 
 log = logging.getLogger("vmctl.agent")
@@ -76,7 +76,7 @@ async def start_listeners(
         stops.append(lambda: server.stop(HEALTH_STOP_GRACE))
         log.info("health probes on %s:%d", health_listen[0], port, extra={"fields": {"health_port": port}})
     if metrics_listen:
-        httpd = metrics.serve(*metrics_listen)
+        httpd = meters.enable().serve(*metrics_listen)
         stops.append(lambda: asyncio.to_thread(httpd.shutdown))  # it blocks until its thread ends
         log.info(
             "metrics on http://%s:%d/metrics",

@@ -67,7 +67,8 @@ from vmctl_server.core.procfs import Pressure
 from vmctl_server.core.sampling import SamplerLocks, check_fits, clear, window_seconds
 from vmctl_server.core.snapshot import Identity, Snapshot, SnapshotReader, check_attr_mask, check_pid, claims_for
 from vmctl_server.core.targets import Target, read_target
-from vmctl_server.runtime import logs, metrics
+from vmctl_server.runtime import logs
+from vmctl_server.runtime import meters as metrics  # the real series only when served
 from vmctl_server.transport import grpc_status, interceptor
 
 log = logging.getLogger(__name__)
@@ -450,7 +451,7 @@ class VmControlService:
         request = _parse(pb.ListProcessesRequest, data)
         # Only what the caller may read, judged on the facts the policy sees.
         readable = None if policy.reads_any_process(caller) else functools.partial(policy.may_read, caller)
-        processes = list_processes(request.cgroup_prefix, readable)
+        processes = list_processes(request.cgroup_prefix, readable, vma_count=request.with_vma_count)
         reply = pb.ListProcessesResponse(processes=[pb.ProcessInfo(**vars(p)) for p in processes])
         for path, pressure in cgroup_memory_pressure(p.cgroup for p in processes).items():
             reply.cgroup_memory_pressure[path].CopyFrom(_memory_pressure(pressure))

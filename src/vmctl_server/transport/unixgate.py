@@ -72,7 +72,7 @@ from typing import Any
 
 from vmctl_server.access.identity import peer_name
 from vmctl_server.core import files
-from vmctl_server.runtime import metrics
+from vmctl_server.runtime import meters as metrics  # the real series only when served
 
 log = logging.getLogger("vmctl.gate")
 

@@ -41,6 +41,7 @@ class NativeVmaTable:
     native = True
 
     def __init__(self, table: FFI.CData, filled_mask: int) -> None:
+        self._layout_only = False  # from query(names=False): no paths to encode
         self._table = table
         self._len = int(lib.vmctl_table_len(table))
         self.filled_mask = filled_mask
@@ -81,6 +82,36 @@ class NativeVmaTable:
             raise procfs._gone_or_denied(pid, OSError(-rc, f"reading /proc/{pid}/{source}: {os.strerror(-rc)}"))
         return cls(ffi.gc(out[0], lib.vmctl_table_free), ATTR_RESIDENCY | ATTR_ACCOUNTING if smaps else 0)
 
+    @classmethod
+    def query(cls, pid: int, tail: bytes, *, names: bool = True) -> NativeVmaTable:
+        """The layout of /proc/PID/maps from a PROCMAP_QUERY loop in C, then
+        ``tail`` (maps lines: the gate VMA) parsed: the table :meth:`read`
+        makes of the maps text, at the kernel's cost without the text. OSError
+        when the ioctl fails (the caller reads the maps text instead). With
+        ``names`` False the table is for :meth:`layout_records` alone: file
+        VMAs are not asked their paths (the dear part), and it encodes nothing."""
+        fd = procfs.open_fd(pid, "maps")
+        try:
+            out = ffi.new("struct vmctl_table **")
+            bad_line = ffi.new("size_t *")
+            loop = lib.vmctl_table_query if names else lib.vmctl_table_query_layout
+            rc = loop(fd, tail, len(tail), out, bad_line)
+        finally:
+            os.close(fd)
+        if rc < 0:
+            if bad_line[0]:
+                raise ValueError(f"the gate VMA's maps text is malformed at line {bad_line[0]}")
+            if rc == -errno.ENOMEM:
+                raise MemoryError("no memory for the VMA table")
+            raise procfs._gone_or_denied(pid, OSError(-rc, f"PROCMAP_QUERY on /proc/{pid}/maps: {os.strerror(-rc)}"))
+        table = cls(ffi.gc(out[0], lib.vmctl_table_free), 0)
+        table._layout_only = not names
+        return table
+
+    def _check_paths(self) -> None:
+        if self._layout_only:
+            raise ValueError("this table holds the layout records alone (query with names=False): no paths")
+
     def layout_records(self) -> bytes:
         out = ffi.new("char[]", self._len * LAYOUT_RECORD.size)
         lib.vmctl_table_layout(self._table, out)
@@ -110,6 +141,7 @@ class NativeVmaTable:
     def encode(self, mask: int, prefix: bytes = b"") -> bytes:
         """``prefix``, then the wire bytes of ``repeated Vma vmas = 4`` for the
         groups in ``mask``: a whole reply in one copy out of C."""
+        self._check_paths()
         out = ffi.new("char **")
         size = ffi.new("size_t *")
         if lib.vmctl_table_encode(self._table, mask & self.filled_mask, prefix, len(prefix), out, size) < 0:
@@ -124,6 +156,7 @@ class NativeVmaTable:
         """The wire bytes of ``vmas`` for the groups in ``mask``, cut at VMA
         boundaries into chunks of at most ``max_bytes``: encoded in one C call
         and copied out once, a bytes object per chunk, none per VMA."""
+        self._check_paths()
         out = ffi.new("char **")
         size = ffi.new("size_t *")
         ends = ffi.new("size_t **")

@@ -9,13 +9,23 @@ itself, which is what makes it a trustworthy reference for the C encoder.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api.words import ATTR_ACCESS, ATTR_ACCOUNTING, ATTR_BUILD_ID, ATTR_RESIDENCY, KIND_FILE
 from vmctl_server.core import kernel, procfs
-from vmctl_server.core.layout import KERNEL_HALF, LAYOUT_RECORD, perm_flags, vma_kind
+from vmctl_server.core.layout import (
+    KERNEL_HALF,
+    LAYOUT_RECORD,
+    PERM_EXEC,
+    PERM_READ,
+    PERM_SHARED,
+    PERM_WRITE,
+    perm_flags,
+    vma_kind,
+)
 
 # smaps keys reported in kB, by the Vma field that carries them in bytes.
 SMAPS_KB_FIELDS = {
@@ -84,6 +94,7 @@ class PyVmaTable:
     native = False
 
     def __init__(self, rows: list[dict[str, Any]], filled_mask: int) -> None:
+        self._layout_only = False  # from query(names=False): no paths to encode
         self.rows = rows
         self.filled_mask = filled_mask
 
@@ -121,6 +132,30 @@ class PyVmaTable:
         data = procfs.read_bytes(pid, source)
         return cls.from_smaps(data) if source == "smaps" else cls.from_maps(data)
 
+    @classmethod
+    def query(cls, pid: int, tail: bytes, *, names: bool = True) -> PyVmaTable:
+        """The layout of /proc/PID/maps from PROCMAP_QUERY, one ioctl per VMA,
+        then ``tail`` (maps lines: the gate VMA): the rows :meth:`read` makes
+        of the maps text. OSError when the ioctl fails. With ``names`` False,
+        for :meth:`layout_records` alone: file VMAs' paths are not asked
+        (left empty) and it encodes nothing."""
+        fd = procfs.open_fd(pid, "maps")
+        try:
+            try:
+                queried = kernel.procmap_query_layout(fd, names=names)
+            except OSError as exc:
+                raise procfs._gone_or_denied(pid, exc) from exc
+        finally:
+            os.close(fd)
+        rows = [_queried_row(q) for q in queried]
+        table = cls(rows + cls.from_maps(tail).rows, 0)
+        table._layout_only = not names
+        return table
+
+    def _check_paths(self) -> None:
+        if self._layout_only:
+            raise ValueError("this table holds the layout records alone (query with names=False): no paths")
+
     def layout_records(self) -> bytes:
         pack = LAYOUT_RECORD.pack
         return b"".join(
@@ -157,6 +192,7 @@ class PyVmaTable:
     def encode(self, mask: int, prefix: bytes = b"") -> bytes:
         """``prefix``, then the wire bytes of ``repeated Vma vmas = 4`` for the
         groups in ``mask``."""
+        self._check_paths()
         response = pb.GetVmaInfoResponse()
         add = response.vmas.add
         for values in self._values(mask):
@@ -167,6 +203,7 @@ class PyVmaTable:
         """The wire bytes of ``vmas`` for the groups in ``mask``, cut at VMA
         boundaries into chunks of at most ``max_bytes``, each holding as many
         VMAs as fit: every VMA serialized on its own, then gathered."""
+        self._check_paths()
         chunks: list[bytes] = []
         pending: list[bytes] = []
         pending_size = 0
@@ -197,6 +234,23 @@ class PyVmaTable:
             fields.append("accessed_bytes")
         for r in self.rows:
             yield {f: r[f] for f in fields if f in r}
+
+
+def _queried_row(q: kernel.LayoutVma) -> dict[str, Any]:
+    """A PROCMAP_QUERY answer as the row parse_header makes of its maps line:
+    the name as seq_path prints it, a newline as \\012."""
+    perms = "".join(
+        (
+            "r" if q.flags & PERM_READ else "-",
+            "w" if q.flags & PERM_WRITE else "-",
+            "x" if q.flags & PERM_EXEC else "-",
+            "s" if q.flags & PERM_SHARED else "p",
+        )
+    )
+    return parse_header(
+        b"%x-%x %s %08x %02x:%02x %d %s"
+        % (q.start, q.end, perms.encode(), q.offset, q.dev_major, q.dev_minor, q.inode, q.name.replace(b"\n", b"\\012"))
+    )
 
 
 def _attribute_runs(rows: list[dict[str, Any]], runs: list[tuple[int, int, int]]) -> None:

@@ -92,6 +92,25 @@ int vmctl_table_from_smaps(const char *data, size_t len, struct vmctl_table **ou
  */
 int vmctl_table_read(int fd, int smaps, size_t chunk, struct vmctl_table **out, size_t *bad_line);
 void vmctl_table_free(struct vmctl_table *table);
+
+/*
+ * The layout alone (what /proc/PID/maps says) from a PROCMAP_QUERY loop on
+ * maps_fd, one ioctl per VMA with its name, then tail (maps text: the gate
+ * VMA, [vsyscall], which maps prints and PROCMAP_QUERY never finds) parsed
+ * as maps lines. The table equals the one vmctl_table_read makes of the
+ * maps text: names are escaped as seq_path escapes them ("\n" as "\\012").
+ * 0 and *out; -errno of a failed ioctl (-ENOTTY: no PROCMAP_QUERY in this
+ * kernel; -ENAMETOOLONG: a name beyond PATH_MAX), for the caller to read
+ * the maps text instead; -EINVAL with *bad_line for a malformed tail; -ENOMEM.
+ */
+int vmctl_table_query(int maps_fd, const char *tail, size_t tail_len, struct vmctl_table **out, size_t *bad_line);
+/*
+ * The same table for its layout records alone (vmctl_table_layout): a file
+ * VMA's name is not asked (its path is left empty), so the kernel does not
+ * print paths; only VMAs without a file are asked their names, for their kind.
+ */
+int vmctl_table_query_layout(int maps_fd, const char *tail, size_t tail_len, struct vmctl_table **out,
+			     size_t *bad_line);
 size_t vmctl_table_len(const struct vmctl_table *table);
 
 /* Packed layout records, 48 bytes per VMA (layout.LAYOUT_RECORD), into out. */
