@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vmctl_client.errors import ProcessGoneError, StaleCookieError, VmctlError
+from vmctl_client.errors import ProcessChangedError, ProcessGoneError, StaleCookieError, VmctlError
 from vmctl_client.reclaim import KINDS_BY_FILTER, ProcessReclaim, reclaim_process
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ class AutoReclaimer:
         for key, process in members.items():
             try:
                 self._step_process(now, key, process, holding)
-            except ProcessGoneError:
+            except (ProcessGoneError, ProcessChangedError):  # exited, or its pid names another process now
                 self._watched.pop(key, None)
             except VmctlError as error:
                 self._failed(now, key, process, error)
