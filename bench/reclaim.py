@@ -668,14 +668,19 @@ def split_at_first_action(chunks: list[dict[str, Any]], first: float | None) -> 
 
 
 def judge(values: list[float], goal: float, higher_is_better: bool) -> dict[str, Any]:
-    """Met, NOT met, or unresolved: the median against the goal, unless the rounds' spread is wider
-    than the median's distance from the goal (then the rounds do not settle it either way)."""
+    """Met or NOT met when every round says so; when the rounds disagree, the median against the
+    goal, unless their spread is wider than the median's distance from the goal (then they do not
+    settle it either way: unresolved)."""
     finite = [v for v in values if math.isfinite(v)]
     med = statistics.median(values) if values else math.nan
+    meets = [v >= goal if higher_is_better else v <= goal for v in values]
     ok = med >= goal if higher_is_better else med <= goal
     margin = abs(med - goal) if math.isfinite(med) else math.inf
     spread = (max(values) - min(values)) if len(finite) == len(values) and values else math.inf
-    verdict = "unresolved" if len(values) > 1 and spread > margin else "met" if ok else "NOT met"
+    if all(meets) or not any(meets):
+        verdict = "met" if all(meets) else "NOT met"
+    else:
+        verdict = "unresolved" if spread > margin else "met" if ok else "NOT met"
     return {"verdict": verdict, "median": med, "spread": spread, "margin": margin, "values": values}
 
 

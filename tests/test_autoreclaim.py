@@ -127,26 +127,36 @@ def test_a_process_whose_memory_comes_back_is_left_alone(agent, spawn_target, zr
     target.verify()
 
 
-def test_a_busy_process_gets_cold_advice_for_what_it_did_not_touch(agent, spawn_target):
-    busy = spawn_target()
-    hot, _ = busy.map_anon(8 * MiB, seed=46)
-    cold_start, cold_end = busy.map_anon(8 * MiB, seed=47)
-    busy.call("spin")
-    busy.call("heat", start=hot)
+def test_busy_processes_get_cold_advice_for_what_they_did_not_touch(agent, spawn_target):
+    """Two busy targets, each with a region it reads over and over and one it leaves alone: one
+    step samples both (at once) and advises cold exactly the untouched regions."""
+    busy = [spawn_target(), spawn_target()]
+    regions = {}
+    for i, target in enumerate(busy):
+        hot, _ = target.map_anon(8 * MiB, seed=46 + 2 * i)
+        regions[target.pid] = (hot, target.map_anon(8 * MiB, seed=47 + 2 * i))
+        target.call("spin")
+        target.call("heat", start=hot)
     name = unique_name("cold")
     seen: list[Action] = []
     settings = LoopSettings(cgroups=(f"/{name}",), idle_seconds=5, interval=0.25, cold_unaccessed=True, window=0.5)
     with cgroup(name) as path, agent.client() as client:
-        join(path, busy)
+        join(path, *busy)
         loop = AutoReclaimer(client, settings, on_action=seen.append)
-        wait_for(lambda: loop.step() or any(a.event == "cold" for a in seen), "cold advice for the busy target")
-    busy.call("cool", start=hot)
-    busy.call("rest")
-    (cold,) = [a for a in seen if a.event == "cold"]
-    assert [cold_start, cold_end] in cold.details["ranges"]
-    assert not any(start <= hot < end for start, end in cold.details["ranges"])
-    assert cold.details["cold_bytes"] >= 8 * MiB and loop.summary.pageouts == 0
-    busy.verify()
+        wait_for(lambda: loop.step() or any(a.event == "cold" for a in seen), "cold advice for the busy targets")
+    for target in busy:
+        target.call("cool", start=regions[target.pid][0])
+        target.call("rest")
+    cold = {a.pid: a for a in seen if a.event == "cold"}
+    assert set(cold) == {t.pid for t in busy}  # both in the same step
+    for target in busy:
+        hot, (cold_start, cold_end) = regions[target.pid]
+        ranges = cold[target.pid].details["ranges"]
+        assert [cold_start, cold_end] in ranges
+        assert not any(start <= hot < end for start, end in ranges)
+        assert cold[target.pid].details["cold_bytes"] >= 8 * MiB
+        target.verify()
+    assert loop.summary.pageouts == 0 and loop.summary.cold_advices == 2
 
 
 @pytest.mark.skipif(not memcg_v1.available(), reason="no cgroup v1 memory controller to make real pressure with")

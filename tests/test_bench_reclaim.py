@@ -69,6 +69,9 @@ def test_rounds_rotate_the_order():
 def test_a_spread_wider_than_the_margin_is_unresolved_not_passed():
     assert reclaim.judge([0.99, 0.985, 0.995], 0.97, higher_is_better=True)["verdict"] == "met"
     assert reclaim.judge([0.99, 0.94, 1.0], 0.97, higher_is_better=True)["verdict"] == "unresolved"
+    # Every round past the goal settles it, however far apart the rounds are.
+    assert reclaim.judge([1.102, 0.986, 0.991, 1.041, 0.986], 0.97, higher_is_better=True)["verdict"] == "met"
+    assert reclaim.judge([0.90, 0.80, 0.95], 0.97, higher_is_better=True)["verdict"] == "NOT met"
     assert reclaim.judge([0.90, 0.91, 0.92], 0.97, higher_is_better=True)["verdict"] == "NOT met"
     assert reclaim.judge([12.0, 13.0, 12.5], 22, higher_is_better=False)["verdict"] == "met"
     assert reclaim.judge([12.0, math.inf, 12.5], 22, higher_is_better=False)["verdict"] == "unresolved"

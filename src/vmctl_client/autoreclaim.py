@@ -38,6 +38,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,9 +47,13 @@ from vmctl_client.reclaim import KINDS_BY_FILTER, ProcessReclaim, reclaim_proces
 
 if TYPE_CHECKING:
     from vmctl_client.client import Client
-    from vmctl_client.types import ProcessInfo, Vma
+    from vmctl_client.types import AdviceResult, ProcessInfo, Vma
 
 NS_PER_S = 1_000_000_000
+# Busy processes sampled at once with --cold-unaccessed. A sample is mostly a window of
+# waiting (on the agent's event loop, holding none of its workers), so a few at a time
+# keep a step short without many calls in flight against the agent's limits.
+SAMPLES_AT_ONCE = 8
 
 # The events an Action names.
 START, PAGEOUT, COLD, HOLD, RESUME, BACKOFF, ERROR = "start", "pageout", "cold", "hold", "resume", "backoff", "error"
@@ -147,6 +152,13 @@ class _Watched:
         while len(self.cpu) > 2 and now - self.cpu[1][0] >= span:
             self.cpu.popleft()
 
+    def due_for_sample(self, now: float, every: float) -> bool:
+        """At most one access sample per ``every`` seconds; True (and counted as taken) when due."""
+        if self.sampled_at is not None and now - self.sampled_at < every:
+            return False
+        self.sampled_at = now
+        return True
+
     def idle(self, now: float, span: float, cpu_percent: float) -> bool | None:
         """True idle, False busy, None not watched long enough to say."""
         since, cpu_then = self.cpu[0]
@@ -185,13 +197,16 @@ class AutoReclaimer:
         members = self._members()
         self._forget_all_but(members)
         holding = self._hold_for_pressure()
+        to_sample: list[tuple[tuple[int, int], ProcessInfo]] = []
         for key, process in members.items():
             try:
-                self._step_process(now, key, process, holding)
+                if self._step_process(now, key, process, holding):
+                    to_sample.append((key, process))
             except (ProcessGoneError, ProcessChangedError):  # exited, or its pid names another process now
                 self._watched.pop(key, None)
             except VmctlError as error:
                 self._failed(now, key, process, error)
+        self._sample_and_cool(now, to_sample)
         self.summary.steps += 1
         self.summary.processes = len(self._seen)
 
@@ -221,7 +236,8 @@ class AutoReclaimer:
         self.summary.holds += holding
         return holding
 
-    def _step_process(self, now: float, key: tuple[int, int], process: ProcessInfo, holding: bool) -> None:
+    def _step_process(self, now: float, key: tuple[int, int], process: ProcessInfo, holding: bool) -> bool:
+        """Page the process out if it is due; True if it is busy and due for a cold sample."""
         settings = self.settings
         watched = self._watched.get(key)
         if watched is None:
@@ -230,14 +246,14 @@ class AutoReclaimer:
         watched.observe(now, process.cpu_time_ns, settings.idle_seconds)
         self._check_refaults(now, key, watched, process)
         if now < watched.left_alone_until:
-            return
+            return False
         idle = watched.idle(now, settings.idle_seconds, settings.idle_cpu_percent)
         if idle is False:
             watched.paged_out = False  # the next idle period may page it out again
-            if settings.cold_unaccessed:
-                self._maybe_cold(now, key, watched)
-        elif idle and not watched.paged_out and not holding:
+            return settings.cold_unaccessed and watched.due_for_sample(now, settings.idle_seconds)
+        if idle and not watched.paged_out and not holding:
             self._page_out(now, key, watched, process)
+        return False
 
     # ---- pageout and its refaults ----------------------------------------------------
 
@@ -298,18 +314,36 @@ class AutoReclaimer:
 
     # ---- cold advice for the untouched memory of busy processes ------------------------
 
-    def _maybe_cold(self, now: float, key: tuple[int, int], watched: _Watched) -> None:
-        if watched.sampled_at is not None and now - watched.sampled_at < self.settings.idle_seconds:
+    def _sample_and_cool(self, now: float, due: list[tuple[tuple[int, int], ProcessInfo]]) -> None:
+        """Sample the busy processes due for it, several at once (each sample is a window of
+        waiting, in the agent's event loop, not on its workers), then record what was cooled."""
+        if not due:
             return
-        watched.sampled_at = now
+        with ThreadPoolExecutor(max_workers=min(SAMPLES_AT_ONCE, len(due))) as pool:
+            futures = [(key, process, pool.submit(self._sample_and_advise, key)) for key, process in due]
+        for key, process, future in futures:
+            try:
+                cooled = future.result()
+            except (ProcessGoneError, ProcessChangedError):
+                self._watched.pop(key, None)
+                continue
+            except VmctlError as error:
+                self._failed(now, key, process, error)
+                continue
+            if cooled is not None and key in self._watched:
+                self._record_cold(key, self._watched[key], *cooled)
+
+    def _sample_and_advise(self, key: tuple[int, int]) -> tuple[list[Vma], AdviceResult] | None:
+        """Cold advice for the anonymous VMAs the process did not touch in a window; None if none."""
         pid, start_time = key
         info = self.client.get_vma_info(pid, ("rss", "accessed"), window=self.settings.window)
         if info.process.start_time != start_time:
-            self._watched.pop(key, None)  # the pid names another process now; the next listing shows it
-            return
+            raise ProcessChangedError(
+                f"pid {pid} names another process now", code="FAILED_PRECONDITION", reason="PROCESS_CHANGED"
+            )
         untouched = [v for v in info.vmas if _untouched_anonymous(v, self.settings.min_rss)]
         if not untouched:
-            return
+            return None
         try:
             # Scope ranges: the process is busy, its layout may well move between the sample and the advice.
             result = self.client.advise_ranges(
@@ -321,8 +355,13 @@ class AutoReclaimer:
                 dry_run=self.settings.dry_run,
                 scope="ranges",
             )
+        except ProcessChangedError:
+            raise
         except StaleCookieError:
-            return  # the process changed, or its snapshot was evicted and the whole layout moved: next time
+            return None  # its snapshot was evicted and the whole layout moved meanwhile: next time
+        return untouched, result
+
+    def _record_cold(self, key: tuple[int, int], watched: _Watched, untouched: list[Vma], result: AdviceResult) -> None:
         cold_bytes = sum(v.rss for v in untouched)
         self.summary.cold_advices += 1
         self.summary.cold_bytes += cold_bytes
