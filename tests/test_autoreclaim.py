@@ -128,8 +128,8 @@ def test_a_process_whose_memory_comes_back_is_left_alone(agent, spawn_target, zr
 
 
 def test_busy_processes_get_cold_advice_for_what_they_did_not_touch(agent, spawn_target):
-    """Two busy targets, each with a region it reads over and over and one it leaves alone: one
-    step samples both (at once) and advises cold exactly the untouched regions."""
+    """Two busy targets, each with a region it reads over and over and one it leaves alone: the
+    loop samples both and advises cold exactly the untouched regions."""
     busy = [spawn_target(), spawn_target()]
     regions = {}
     for i, target in enumerate(busy):
@@ -143,12 +143,14 @@ def test_busy_processes_get_cold_advice_for_what_they_did_not_touch(agent, spawn
     with cgroup(name) as path, agent.client() as client:
         join(path, *busy)
         loop = AutoReclaimer(client, settings, on_action=seen.append)
-        wait_for(lambda: loop.step() or any(a.event == "cold" for a in seen), "cold advice for the busy targets")
+        wait_for(
+            lambda: loop.step() or {a.pid for a in seen if a.event == "cold"} == {t.pid for t in busy},
+            "cold advice for both busy targets",
+        )
     for target in busy:
         target.call("cool", start=regions[target.pid][0])
         target.call("rest")
     cold = {a.pid: a for a in seen if a.event == "cold"}
-    assert set(cold) == {t.pid for t in busy}  # both in the same step
     for target in busy:
         hot, (cold_start, cold_end) = regions[target.pid]
         ranges = cold[target.pid].details["ranges"]
@@ -156,7 +158,7 @@ def test_busy_processes_get_cold_advice_for_what_they_did_not_touch(agent, spawn
         assert not any(start <= hot < end for start, end in ranges)
         assert cold[target.pid].details["cold_bytes"] >= 8 * MiB
         target.verify()
-    assert loop.summary.pageouts == 0 and loop.summary.cold_advices == 2
+    assert loop.summary.pageouts == 0 and loop.summary.cold_advices == 2  # once each: one sample per idle-seconds
 
 
 @pytest.mark.skipif(not memcg_v1.available(), reason="no cgroup v1 memory controller to make real pressure with")
