@@ -54,19 +54,26 @@ def test_idle_processes_are_paged_out_and_the_busy_one_keeps_its_memory(agent, s
     busy.call("spin")  # CPU time
     busy.call("heat", start=regions[busy.pid][0])  # and its memory in use
     name = unique_name("idle")
-    with cgroup(name) as path:
-        join(path, idle_a, idle_b, busy)
-        run = vmctl(
-            "--target", agent.address, "autoreclaim", "--cgroup", f"/{name}", "--idle-seconds", "1",
-            "--interval", "0.5", "--duration", "4", "-o", "json",
-        )  # fmt: skip
+    tiny = subprocess.Popen(["sleep", "300"])  # idle, but nothing of 1M (--min-rss) resident: passed over
+    try:
+        with cgroup(name) as path:
+            join(path, idle_a, idle_b, busy)
+            (path / "cgroup.procs").write_text(str(tiny.pid))
+            run = vmctl(
+                "--target", agent.address, "autoreclaim", "--cgroup", f"/{name}", "--idle-seconds", "1",
+                "--interval", "0.5", "--duration", "4", "-o", "json",
+            )  # fmt: skip
+    finally:
+        tiny.kill()
+        tiny.wait()
     assert run.returncode == 0, run.stderr
     lines = events(run.stdout)
     summary = lines[-1]
     assert summary["event"] == "summary" and summary["target"] == agent.address
     pageouts = {e["pid"]: e for e in lines if e["event"] == "pageout"}
-    assert set(pageouts) == {idle_a.pid, idle_b.pid}  # once each: one idle period
-    assert summary["pageouts"] == 2 and summary["steps"] >= 6 and summary["processes"] == 3
+    assert set(pageouts) == {idle_a.pid, idle_b.pid}  # once each: one idle period; nothing for tiny
+    assert summary["pageouts"] == 2 and summary["steps"] >= 6 and summary["processes"] == 4
+    assert not [e for e in lines if e.get("pid") == tiny.pid]
     for target in (idle_a, idle_b):
         event = pageouts[target.pid]
         assert event["cgroup"] == f"/{name}" and event["idle_seconds"] >= 1

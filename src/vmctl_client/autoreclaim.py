@@ -270,6 +270,8 @@ class AutoReclaimer:
             scope="ranges",  # a busy allocator elsewhere in the process does not stop it
         )
         watched.paged_out = True
+        if not outcome.vmas_chosen:
+            return  # nothing with --min-rss resident: no action to report, and none until it is busy again
         freed = max(outcome.rss_before - outcome.rss_after, 0)
         watched.paged_at, watched.faults_at_pageout, watched.paged_bytes = now, process.major_faults, freed
         self.summary.pageouts += 1
