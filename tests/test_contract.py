@@ -82,8 +82,7 @@ def test_other_languages_can_generate_from_the_proto():
 
 def _fields(message) -> list[tuple]:
     return [
-        (f.name, f.number, f.type, f.is_repeated, f.message_type and f.message_type.full_name)
-        for f in message.fields
+        (f.name, f.number, f.type, f.is_repeated, f.message_type and f.message_type.full_name) for f in message.fields
     ]
 
 

@@ -80,6 +80,7 @@ def refused(*args: str, socket_dir: pathlib.Path) -> str:
         agent = subprocess.Popen(
             [*AGENT, "--listen", f"unix://{socket_dir}/agent.sock", *args], stdout=subprocess.DEVNULL, stderr=stderr
         )
+
         def exited_before_serving() -> bool:
             assert not _got_past_the_checks(socket_dir), "the agent accepted its files and is starting to serve"
             return agent.poll() is not None

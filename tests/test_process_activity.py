@@ -104,9 +104,7 @@ def test_each_cgroups_memory_pressure_is_reported_once_and_absent_where_the_kern
         assert processes[unwatched.pid].cgroup_memory_pressure is None  # absent, not zero
         document = json.loads(vmctl("--target", agent.address, "-o", "json", "ps", "--cgroup", f"/{name}").stdout)
         by_pid = {p["pid"]: p for p in document["processes"]}
-        assert "cgroup_memory_pressure" in by_pid[watched.pid] and "cgroup_memory_pressure" not in by_pid[
-            unwatched.pid
-        ]
+        assert "cgroup_memory_pressure" in by_pid[watched.pid] and "cgroup_memory_pressure" not in by_pid[unwatched.pid]
         assert {"cpu_time_ns", "major_faults"} <= set(by_pid[unwatched.pid])
         table = vmctl("--target", agent.address, "-o", "wide", "ps", "--cgroup", f"/{name}").stdout.splitlines()
         headers = table[0].split()

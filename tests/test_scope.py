@@ -16,9 +16,8 @@ from collections.abc import Iterator
 import pytest
 from support.audit_lines import audit_records
 from support.pidns import PidNamespace
-from support.processes import LineProcess, smaps_region, start_ticks, ticks_since_boot
+from support.processes import LineProcess, smaps_region
 from support.vmctl_cli import vmctl
-from support.waiting import wait_for
 
 from vmctl_api import vmctl_pb2 as pb
 from vmctl_api import words
@@ -190,13 +189,8 @@ def test_a_reused_pid_is_refused_under_ranges_scope(zram_swap) -> None:
         agent = ns.start_agent()
         pid = 31337
         with agent.client() as client:
-            first = ns.spawn_target(pid=pid)
-            first_started = start_ticks(first.host_pid)
-            old = client.get_vma_info(pid)
+            old, second = ns.reuse_pid(client, pid)
             old_stack = next(v for v in old.vmas if v.path == "[stack]")
-            ns.exit_target(first)
-            wait_for(lambda: ticks_since_boot() > first_started, "the clock to tick past the first start time")
-            second = ns.spawn_target(pid=pid)
             start, end = second.map_anon(4 << 20, seed=9)
             with pytest.raises(ProcessChangedError) as caught:
                 client.advise_ranges(pid, [(start, end), old_stack], "pageout", cookie=old.cookie, scope="ranges")

@@ -20,9 +20,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
 from .agents import Agent
-from .processes import TARGET_SCRIPT, Target, child_of, smaps_region, status_kb
+from .processes import TARGET_SCRIPT, Target, child_of, smaps_region, start_ticks, status_kb, ticks_since_boot
+from .waiting import wait_for
+
+if TYPE_CHECKING:
+    from vmctl_client import Client, VmaInfo
 
 
 class NamespacedTarget(Target):
@@ -93,6 +98,16 @@ class PidNamespace:
         """End a target and wait until its pid is free again (reaped)."""
         target.call("exit")
         target.proc.wait(30)
+
+    def reuse_pid(self, client: Client, pid: int) -> tuple[VmaInfo, NamespacedTarget]:
+        """A target at ``pid``, read by ``client`` (the snapshot is returned), then gone, and
+        another target at the same pid, started a clock tick later: its start time differs."""
+        first = self.spawn_target(pid=pid)
+        first_started = start_ticks(first.host_pid)
+        old = client.get_vma_info(pid)
+        self.exit_target(first)
+        wait_for(lambda: ticks_since_boot() > first_started, "the clock to tick past the first start time")
+        return old, self.spawn_target(pid=pid)
 
     def close(self) -> None:
         if self.agent is not None:

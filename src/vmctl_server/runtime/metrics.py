@@ -58,6 +58,8 @@ import logging
 import socket
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
+from typing import TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -127,15 +129,22 @@ MADVISE_CALLS = Counter(
     "vmctl_process_madvise_calls", "process_madvise system calls made", ("advice",), registry=REGISTRY
 )
 
-COOKIE_CHECKS = Counter(
-    "vmctl_cookie_checks",
-    "AdviseRanges calls read past their headers, by cookie outcome: "
-    + "; ".join(f"{k}: {v}" for k, v in COOKIE_OUTCOMES.items()),
-    ("outcome",),
-    registry=REGISTRY,
+
+Word = TypeVar("Word", bound=str)
+
+
+def _counter_by_word(name: str, what: str, label: str, words: Mapping[Word, str]) -> Counter:
+    """A counter by one label whose values are ``words`` (each with its meaning, listed in the
+    help), every one present at 0 from the start, so rates and alerts see every word."""
+    counter = Counter(name, f"{what}: " + "; ".join(f"{k}: {v}" for k, v in words.items()), (label,), registry=REGISTRY)
+    for word in words:
+        counter.labels(word)
+    return counter
+
+
+COOKIE_CHECKS = _counter_by_word(
+    "vmctl_cookie_checks", "AdviseRanges calls read past their headers, by cookie outcome", "outcome", COOKIE_OUTCOMES
 )
-for _outcome in COOKIE_OUTCOMES:
-    COOKIE_CHECKS.labels(_outcome)  # present at 0 from the start, so rates and alerts see every outcome
 
 
 def record_advice(
@@ -149,15 +158,9 @@ def record_advice(
         MADVISE_CALLS.labels(advice).inc(syscalls)
 
 
-SCOPE_CHECKS_TOTAL = Counter(
-    "vmctl_advice_scope_checks",
-    "AdviseRanges calls whose cookie's layout was checked, by how: "
-    + "; ".join(f"{k}: {v}" for k, v in SCOPE_CHECKS.items()),
-    ("scope",),
-    registry=REGISTRY,
+SCOPE_CHECKS_TOTAL = _counter_by_word(
+    "vmctl_advice_scope_checks", "AdviseRanges calls whose cookie's layout was checked, by how", "scope", SCOPE_CHECKS
 )
-for _scope in SCOPE_CHECKS:
-    SCOPE_CHECKS_TOTAL.labels(_scope)
 RANGES_CHANGED = Counter(
     "vmctl_advice_ranges_changed",
     "Ranges AdviseRanges left out with reason RANGE_CHANGED (SCOPE_RANGES)",
@@ -236,24 +239,18 @@ GATEWAY_REFUSAL_REASONS = {
 GATEWAY_CONNECTIONS = Gauge(
     "vmctl_gateway_connections", "Unix-socket connections the gateway relays now", registry=REGISTRY
 )
-GATEWAY_CLOSED = Counter(
+GATEWAY_CLOSED = _counter_by_word(
     "vmctl_gateway_connections_closed",
-    "Relayed unix-socket connections ended, by reason: "
-    + "; ".join(f"{k}: {v}" for k, v in GATEWAY_CLOSE_REASONS.items()),
-    ("reason",),
-    registry=REGISTRY,
+    "Relayed unix-socket connections ended, by reason",
+    "reason",
+    GATEWAY_CLOSE_REASONS,
 )
-GATEWAY_REFUSED = Counter(
+GATEWAY_REFUSED = _counter_by_word(
     "vmctl_gateway_connections_refused",
-    "Unix-socket connections closed unread at admission, by reason: "
-    + "; ".join(f"{k}: {v}" for k, v in GATEWAY_REFUSAL_REASONS.items()),
-    ("reason",),
-    registry=REGISTRY,
+    "Unix-socket connections closed unread at admission, by reason",
+    "reason",
+    GATEWAY_REFUSAL_REASONS,
 )
-for _reason in GATEWAY_CLOSE_REASONS:
-    GATEWAY_CLOSED.labels(_reason)
-for _reason in GATEWAY_REFUSAL_REASONS:
-    GATEWAY_REFUSED.labels(_reason)
 
 AGENT_INFO.info({"version": __version__})
 
