@@ -44,10 +44,8 @@ def main() -> None:
     for host in fleet.run(lambda c: reclaim(c, cgroup=CGROUP, advice="cold", min_rss=MIB)):
         if host.ok:
             report = host.value
-            print(
-                f"{host.target}: {len(report.processes)} processes, advised {report.advised_bytes} bytes"
-                f" in {report.syscalls} process_madvise calls"
-            )
+            print(f"{host.target}: {len(report.processes)} processes, advised {report.advised_bytes} bytes"
+                  f" in {report.syscalls} process_madvise calls")
         else:
             print(f"{host.target}: failed: {host.error.code} {host.error.reason} {host.error.message}")
 
