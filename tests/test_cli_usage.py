@@ -126,7 +126,7 @@ def test_a_cookie_is_only_checked_for_base64_here():
     assert arguments.parse_cookie(" QUJD\n") == b"ABC"  # pasted with a newline
 
 
-@given(st.text(max_size=40))
+@given(st.text(max_size=40) | st.sampled_from(["0\x1f", "5\x1f%", "1.5\x1c"]))
 def test_every_value_parser_answers_a_usage_error_or_a_value(text):
     """Whatever the text, a parser returns a value or raises argparse's usage error, nothing else."""
     parsers = [
@@ -140,6 +140,9 @@ def test_every_value_parser_answers_a_usage_error_or_a_value(text):
         arguments.positive(int),
         arguments.positive(float),
         arguments.count,
+        arguments.seconds_or_zero,
+        arguments.percent,
+        arguments.listen_address,
     ]
     for parse in parsers:
         try:

@@ -126,7 +126,8 @@ def positive(kind: type[int] | type[float], most: float = math.inf) -> Callable[
     shape = _DECIMAL if kind is int else _DECIMAL_FRACTION
 
     def parse(text: str) -> int | float:
-        value = kind(text) if shape.match(text.strip()) else 0
+        stripped = text.strip()  # str.strip takes more than int() and float() do (e.g. "\x1f")
+        value = kind(stripped) if shape.match(stripped) else 0
         if not 0 < value <= most:
             raise _usage(f"{text!r}: must be a positive number" + (f" up to {most:g}" if most < math.inf else ""))
         return value
@@ -136,9 +137,10 @@ def positive(kind: type[int] | type[float], most: float = math.inf) -> Callable[
 
 def seconds_or_zero(text: str) -> float:
     """Seconds, zero or more (``--duration 0``: no end)."""
-    if not _DECIMAL_FRACTION.match(text.strip()) or float(text) > SECONDS_LIMIT:
+    stripped = text.strip()
+    if not _DECIMAL_FRACTION.match(stripped) or float(stripped) > SECONDS_LIMIT:
         raise _usage(f"{text!r}: must be a number of seconds from 0 to {SECONDS_LIMIT}")
-    return float(text)
+    return float(stripped)
 
 
 def percent(text: str) -> float:
@@ -161,7 +163,7 @@ def count(text: str) -> int:
     """A whole number, zero or more."""
     if not _DECIMAL.match(text.strip()):
         raise _usage(f"{text!r} is not a whole number (0, 1, 2, ...)")
-    return int(text)
+    return int(text.strip())
 
 
 def readable_file(text: str) -> str:
